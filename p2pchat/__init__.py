@@ -1,0 +1,1 @@
+"""p2pchat: a self-hostable secure chat system on Twisted."""

@@ -1,0 +1,488 @@
+"""The discovery server's rules: accounts, lockouts, presence, blocks, routing and the mailbox.
+
+Nothing here touches a socket. Sessions call in with plain values; the directory calls back
+through the small L{Member} interface, reads time from an injected clock, and persists
+through the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+from twisted.logger import Logger
+
+from p2pchat.crypto import valid_envelope_key, valid_fingerprint
+from p2pchat.discovery.store.base import Account, MailboxFull, UsernameTaken
+from p2pchat.wire import Code, encode_event
+
+log = Logger()
+
+USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+MIN_PASSWORD = 8
+MAX_PASSWORD = 1024
+MAX_FAILURES = 3
+TOKEN_LIFETIME = 30 * 24 * 3600.0
+KEEP_TOKENS = 5  # sessions tokens per user: one per device, a few devices
+
+
+class Refusal(Exception):
+    """A request the rules refuse; becomes an error reply with C{code} and C{message}."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Limits:
+    """The server's tunables; each is a command-line option (see tap.py)."""
+
+    block_duration: float = 60.0
+    idle_timeout: float = 0.0
+    keepalive_timeout: float = 45.0
+    mailbox_limit: int = 10000
+    open_registration: bool = True
+    message_rate: float = 50.0
+    message_burst: int = 200
+    login_rate: float = 30.0  # password attempts per address per minute
+    max_line: int = 65536
+    max_queued_bytes: int = 1 << 20
+    mailbox_window: int = 256
+
+
+class Member(Protocol):
+    """What the directory needs from a logged-in connection."""
+
+    username: str
+    host: str
+    port: int
+    live: bool  # False while the stored mailbox is still being delivered
+
+    def write(self, frame: bytes) -> None: ...
+
+    def kick(self, reason: str, message: str) -> None: ...
+
+
+def valid_username(name: str) -> bool:
+    return bool(USERNAME_RE.match(name))
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenBucket:
+    """A rate limit: C{rate} per second, bursts of C{burst}; C{rate <= 0} means no limit."""
+
+    def __init__(self, clock, rate: float, burst: float) -> None:
+        self._clock = clock
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._stamp = clock.seconds()
+
+    def take(self) -> bool:
+        if self.rate <= 0:
+            return True
+        now = self._clock.seconds()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class Lockouts:
+    """Consecutive failed logins per username, and the blocks they cause."""
+
+    def __init__(self, clock, duration: float) -> None:
+        self._clock = clock
+        self.duration = duration
+        self._failures: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+
+    def remaining(self, username: str) -> float:
+        """Seconds left on C{username}'s block, 0 when it is not blocked."""
+        until = self._until.get(username)
+        if until is None:
+            return 0.0
+        left = until - self._clock.seconds()
+        if left <= 0:
+            del self._until[username]
+            return 0.0
+        return left
+
+    def failed(self, username: str) -> int:
+        """Count a failure; return how many attempts are left (0: the account is now blocked)."""
+        count = self._failures.get(username, 0) + 1
+        if count >= MAX_FAILURES:
+            self._failures.pop(username, None)
+            self._until[username] = self._clock.seconds() + self.duration
+            return 0
+        self._failures[username] = count
+        return MAX_FAILURES - count
+
+    def succeeded(self, username: str) -> None:
+        self._failures.pop(username, None)
+
+
+class AddressLimits:
+    """Password attempts per source address, so one host cannot guess across many accounts."""
+
+    def __init__(self, clock, per_minute: float) -> None:
+        self._clock = clock
+        self._per_minute = per_minute
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def allow(self, host: str) -> bool:
+        if self._per_minute <= 0:
+            return True
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) > 10000:
+                self._buckets.clear()
+            bucket = self._buckets[host] = TokenBucket(
+                self._clock, self._per_minute / 60.0, self._per_minute
+            )
+        return bucket.take()
+
+
+class Directory:
+    """
+    The server's shared state and rules.
+
+    @ivar online: username -> the L{Member} logged in under that name.
+    """
+
+    def __init__(self, store, clock, limits: Limits, hasher) -> None:
+        self.store = store
+        self.clock = clock
+        self.limits = limits
+        self.hasher = hasher
+        self.accounts: dict[str, Account] = {}
+        self.online: dict[str, Member] = {}
+        self.last_seen: dict[str, float] = {}
+        self._blocking: dict[str, set[str]] = {}  # blocker -> users they block
+        self._blocked_by: dict[str, set[str]] = {}  # user -> users who block them
+        self._tokens: dict[str, tuple[str, float]] = {}  # token hash -> (username, expires)
+        self._user_tokens: dict[str, list[str]] = {}  # username -> token hashes, oldest first
+        self.lockouts = Lockouts(clock, limits.block_duration)
+        self.address_limits = AddressLimits(clock, limits.login_rate)
+
+    # -- start-up ----------------------------------------------------------------
+
+    def load(self, snapshot) -> None:
+        self.accounts = dict(snapshot.accounts)
+        self.last_seen = dict(snapshot.last_seen)
+        self._tokens = dict(snapshot.tokens)
+        for hashed, (username, expires) in sorted(snapshot.tokens.items(), key=lambda kv: kv[1][1]):
+            self._user_tokens.setdefault(username, []).append(hashed)
+        for blocker, blocked in snapshot.blocks:
+            self._blocking.setdefault(blocker, set()).add(blocked)
+            self._blocked_by.setdefault(blocked, set()).add(blocker)
+
+    async def import_credentials(self, lines: Iterable[str]) -> tuple[int, int]:
+        """
+        Create the accounts of a credentials file (C{username password} per line) that do not
+        exist yet. Existing accounts are left alone: the file seeds the store, it is not the store.
+
+        @return: (imported, skipped)
+        """
+        imported = skipped = 0
+        for number, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(None, 1)
+            if len(parts) != 2 or not valid_username(parts[0]):
+                log.warn("credentials line {number}: expected 'username password'; skipped", number=number)
+                skipped += 1
+                continue
+            username, password = parts
+            if username in self.accounts:
+                skipped += 1
+                continue
+            account = Account(username, await self.hasher.hash(password), None, None, self.clock.seconds())
+            await self.store.create_account(account)
+            self.accounts[username] = account
+            imported += 1
+        return imported, skipped
+
+    # -- relationships -------------------------------------------------------------
+
+    def blocks(self, blocker: str, blocked: str) -> bool:
+        return blocked in self._blocking.get(blocker, ())
+
+    def visible_to(self, viewer: str, names: Iterable[str]) -> list[str]:
+        """C{names} minus C{viewer} and those who block C{viewer}, sorted."""
+        hidden = self._blocked_by.get(viewer, set())
+        return sorted(n for n in names if n != viewer and n not in hidden)
+
+    def _other(self, me: str, name: str) -> Account:
+        """The account C{me} names in a request, or the refusal for self / unknown user."""
+        if name == me:
+            raise Refusal(Code.SELF, "that is you")
+        account = self.accounts.get(name)
+        if account is None:
+            raise Refusal(Code.UNKNOWN_USER, f"there is no user named {name!r}")
+        return account
+
+    def _reachable(self, me: str, name: str) -> Account:
+        account = self._other(me, name)
+        if self.blocks(name, me):
+            raise Refusal(Code.BLOCKED_BY_USER, f"{name} has blocked you")
+        return account
+
+    # -- accounts --------------------------------------------------------------------
+
+    def _check_password_rate(self, host: str) -> None:
+        if not self.address_limits.allow(host):
+            raise Refusal(Code.RATE_LIMITED, "too many password attempts from your address; wait a minute")
+        if self.hasher.busy:
+            raise Refusal(Code.RATE_LIMITED, "the server is busy checking passwords; try again shortly")
+
+    @staticmethod
+    def _check_keys(fingerprint: str, envelope_key: str) -> None:
+        if not valid_fingerprint(fingerprint):
+            raise Refusal(Code.INVALID_KEY, "fingerprint must be 64 lowercase hex digits (SHA-256 of the identity key)")
+        if not valid_envelope_key(envelope_key):
+            raise Refusal(Code.INVALID_KEY, "envelope_key must be an X25519 public key in unpadded base64url")
+
+    async def register(self, host: str, username: str, password: str, fingerprint: str, envelope_key: str) -> dict:
+        if not self.limits.open_registration:
+            raise Refusal(Code.REGISTRATION_CLOSED, "registration is closed on this server; ask its operator for an account")
+        if not valid_username(username):
+            raise Refusal(
+                Code.INVALID_USERNAME,
+                "a username is 1 to 32 characters from A-Z a-z 0-9 _ . - and starts with a letter or digit",
+            )
+        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+            raise Refusal(Code.WEAK_PASSWORD, f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+        self._check_keys(fingerprint, envelope_key)
+        if username in self.accounts:
+            raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken")
+        self._check_password_rate(host)
+        account = Account(username, await self.hasher.hash(password), fingerprint, envelope_key, self.clock.seconds())
+        if username in self.accounts:  # registered by someone else while we hashed
+            raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken")
+        try:
+            await self.store.create_account(account)
+        except UsernameTaken:
+            raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken") from None
+        self.accounts[username] = account
+        log.info("registered {username}", username=username)
+        return {"username": username}
+
+    def _refuse_if_locked(self, username: str) -> None:
+        left = self.lockouts.remaining(username)
+        if left:
+            raise Refusal(
+                Code.ACCOUNT_LOCKED,
+                f"{username} is blocked after {MAX_FAILURES} failed logins; try again in {int(left + 0.999)} s",
+            )
+
+    async def login(
+        self, member: Member, username: str, password: str,
+        fingerprint: str | None = None, envelope_key: str | None = None,
+    ) -> dict:
+        """Check the password; on success C{member} is online under C{username}."""
+        self._refuse_if_locked(username)
+        self._check_password_rate(member.host)
+        if (fingerprint is None) != (envelope_key is None):
+            raise Refusal(Code.BAD_REQUEST, "send both fingerprint and envelope_key, or neither")
+        if fingerprint is not None:
+            self._check_keys(fingerprint, envelope_key)
+        account = self.accounts.get(username)
+        good = await self.hasher.verify(password, account.password_hash if account else None)
+        # Another connection may have locked the account while we were hashing.
+        self._refuse_if_locked(username)
+        if not good:
+            if account is None:
+                raise Refusal(Code.BAD_CREDENTIALS, "wrong username or password")
+            left = self.lockouts.failed(username)
+            if left == 0:
+                log.info("{username} blocked after failed logins", username=username)
+                raise Refusal(
+                    Code.TOO_MANY_ATTEMPTS,
+                    f"wrong password {MAX_FAILURES} times: {username} is blocked for "
+                    f"{int(self.limits.block_duration)} s",
+                )
+            raise Refusal(Code.BAD_CREDENTIALS, f"wrong username or password ({left} attempts left)")
+        self.lockouts.succeeded(username)
+        if fingerprint is None and account.fingerprint is None:
+            raise Refusal(Code.KEYS_REQUIRED, "this account has no keys yet: log in with fingerprint and envelope_key")
+        if username in self.online:
+            raise Refusal(Code.ALREADY_ONLINE, f"{username} is already logged in elsewhere")
+        if fingerprint is not None and (fingerprint, envelope_key) != (account.fingerprint, account.envelope_key):
+            await self.store.set_keys(username, fingerprint, envelope_key)
+            account = self.accounts[username] = Account(
+                username, account.password_hash, fingerprint, envelope_key, account.created_at
+            )
+            log.info("{username} bound new keys", username=username)
+        if username in self.online:  # logged in elsewhere while the keys were written
+            raise Refusal(Code.ALREADY_ONLINE, f"{username} is already logged in elsewhere")
+        return await self._enter(member, username)
+
+    async def resume(self, member: Member, username: str, token: str) -> dict:
+        """Log in with a session token; an existing session of that user is replaced."""
+        entry = self._tokens.get(token_hash(token))
+        if entry is None or entry[0] != username or entry[1] <= self.clock.seconds():
+            raise Refusal(Code.INVALID_TOKEN, "that session token is unknown or expired; log in with your password")
+        old = self.online.get(username)
+        if old is not None:
+            self._leave(old, "replaced", announce=False)
+            old.kick("replaced", "you logged in from somewhere else")
+        return await self._enter(member, username, announce=old is None)
+
+    async def _enter(self, member: Member, username: str, announce: bool = True) -> dict:
+        now = self.clock.seconds()
+        member.username = username
+        self.online[username] = member
+        token = secrets.token_urlsafe(32)
+        hashed = token_hash(token)
+        self._tokens[hashed] = (username, now + TOKEN_LIFETIME)
+        mine = self._user_tokens.setdefault(username, [])
+        mine.append(hashed)
+        while len(mine) > KEEP_TOKENS:
+            self._tokens.pop(mine.pop(0), None)
+        if announce:
+            self._announce(username, {"status": "online"})
+        log.info("{username} logged in from {host}", username=username, host=member.host)
+        try:
+            await self.store.add_token(username, hashed, now + TOKEN_LIFETIME, keep=KEEP_TOKENS)
+            await self.store.record_login(username, now)
+            mailbox = await self.store.mailbox_count(username)
+        except BaseException:
+            self.leave(member, "disconnected")
+            raise
+        return {"username": username, "token": token, "mailbox": mailbox}
+
+    def leave(self, member: Member, reason: str) -> None:
+        """C{member} logged out, timed out or disconnected."""
+        if self.online.get(member.username) is member:
+            self._leave(member, reason, announce=True)
+
+    def _leave(self, member: Member, reason: str, announce: bool) -> None:
+        username = member.username
+        del self.online[username]
+        now = self.clock.seconds()
+        self.last_seen[username] = now
+        if announce:
+            self._announce(username, {"status": "offline", "reason": reason})
+            log.info("{username} logged out ({reason})", username=username, reason=reason)
+        self.store.record_logout(username, now).addErrback(
+            lambda f: log.failure("recording the logout of {username}", f, username=username)
+        )
+
+    def _announce(self, subject: str, fields: dict[str, Any]) -> None:
+        frame = encode_event("presence", user=subject, **fields)
+        blocked = self._blocking.get(subject, ())
+        for name, other in self.online.items():
+            if name != subject and name not in blocked:
+                other.write(frame)
+
+    # -- presence queries --------------------------------------------------------------
+
+    def who(self, me: str) -> dict:
+        return {"users": self.visible_to(me, self.online)}
+
+    def whosince(self, me: str, seconds: float) -> dict:
+        since = self.clock.seconds() - seconds
+        names = set(self.online)
+        names.update(name for name, at in self.last_seen.items() if at >= since)
+        return {"users": self.visible_to(me, names)}
+
+    # -- blocks ----------------------------------------------------------------------
+
+    async def block(self, me: str, name: str) -> dict:
+        self._other(me, name)
+        if self.blocks(me, name):
+            raise Refusal(Code.ALREADY_BLOCKED, f"you already block {name}")
+        await self.store.add_block(me, name)
+        self._blocking.setdefault(me, set()).add(name)
+        self._blocked_by.setdefault(name, set()).add(me)
+        return {"user": name}
+
+    async def unblock(self, me: str, name: str) -> dict:
+        self._other(me, name)
+        if not self.blocks(me, name):
+            raise Refusal(Code.NOT_BLOCKED, f"you do not block {name}")
+        await self.store.remove_block(me, name)
+        self._blocking[me].discard(name)
+        self._blocked_by[name].discard(me)
+        return {"user": name}
+
+    def blocked_list(self, me: str) -> dict:
+        return {"users": sorted(self._blocking.get(me, ()))}
+
+    # -- directory lookups --------------------------------------------------------------
+
+    def lookup(self, me: str, name: str) -> dict:
+        account = self._reachable(me, name)
+        member = self.online.get(name)
+        if member is None:
+            raise Refusal(Code.OFFLINE, f"{name} is offline")
+        return {
+            "user": name, "host": member.host, "port": member.port,
+            "fingerprint": account.fingerprint, "envelope_key": account.envelope_key,
+        }
+
+    def keys(self, me: str, name: str) -> dict:
+        account = self._reachable(me, name)
+        if account.fingerprint is None:
+            raise Refusal(Code.KEYS_UNKNOWN, f"{name} has not published keys yet")
+        return {"user": name, "fingerprint": account.fingerprint, "envelope_key": account.envelope_key}
+
+    # -- relay and mailbox ------------------------------------------------------------------
+
+    async def send(self, me: str, to: str, msg_id: str, envelope: str) -> dict:
+        self._reachable(me, to)
+        sent_at = self.clock.seconds()
+        try:
+            seq, duplicate = await self.store.put_envelope(to, me, msg_id, envelope, sent_at, self.limits.mailbox_limit)
+        except MailboxFull:
+            raise Refusal(
+                Code.MAILBOX_FULL,
+                f"{to}'s mailbox is full ({self.limits.mailbox_limit} messages waiting); try again later",
+            ) from None
+        member = self.online.get(to)
+        if duplicate:
+            return {"status": "stored" if member is None else "delivered", "seq": seq, "duplicate": True}
+        if member is None:
+            return {"status": "stored", "seq": seq, "duplicate": False}
+        if member.live:
+            member.write(envelope_frame(seq, me, msg_id, envelope, sent_at))
+        # A member still receiving its mailbox gets this one from the store, after the older ones.
+        return {"status": "delivered", "seq": seq, "duplicate": False}
+
+    async def ack(self, me: str, seqs: list[int]) -> dict:
+        return {"acked": await self.store.ack_envelopes(me, seqs)}
+
+    def broadcast(self, me: str, text: str) -> dict:
+        frame = encode_event("broadcast", **{"from": me, "text": text, "sent_at": self.clock.seconds()})
+        delivered = skipped = 0
+        blockers = self._blocked_by.get(me, ())
+        for name, member in self.online.items():
+            if name == me:
+                continue
+            if name in blockers:
+                skipped += 1
+            else:
+                member.write(frame)
+                delivered += 1
+        return {"delivered": delivered, "skipped": skipped}
+
+    def shutdown(self) -> None:
+        for member in list(self.online.values()):
+            self._leave(member, "shutdown", announce=False)
+            member.kick("shutdown", "the server is shutting down")
+
+
+def envelope_frame(seq: int, sender: str, msg_id: str, envelope: str, sent_at: float) -> bytes:
+    return encode_event("envelope", seq=seq, msg_id=msg_id, envelope=envelope, sent_at=sent_at, **{"from": sender})

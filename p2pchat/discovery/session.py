@@ -1,0 +1,361 @@
+"""One connection's state: hello -> unauthenticated -> authenticated -> closed.
+
+The session turns decoded requests into calls on the L{Directory}, keeps replies in request
+order, runs the keep-alive and idle timers on an injected clock, and feeds the stored
+mailbox to its user at the pace of their acknowledgements. It writes bytes to a
+L{Connection} and never sees a socket.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from p2pchat.discovery.directory import Directory, Refusal, TokenBucket, envelope_frame
+from p2pchat.wire import (
+    PROTOCOL_VERSION, Code, Request, WireError, decode_request, encode_error, encode_event, encode_result,
+)
+
+log = Logger()
+
+# Requests that change who this connection is: later requests wait until they are answered.
+_BARRIERS = frozenset({"hello", "register", "login", "resume", "logout"})
+_BEFORE_LOGIN = frozenset({"hello", "register", "login", "resume", "ping"})
+# Requests that do not count as the user doing something (idle timeout).
+_NOT_ACTIVITY = frozenset({"ping", "ack"})
+
+
+class Connection(Protocol):
+    """What a session needs from its transport."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None:
+        """Flush what was written, then close."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class _Slot:
+    __slots__ = ("frame", "after")
+
+    def __init__(self) -> None:
+        self.frame: bytes | None = None
+        self.after: Callable[[], None] | None = None
+
+
+class Session:
+    """
+    @ivar username: set once logged in.
+    @ivar live: C{False} while the stored mailbox is being delivered; live envelopes wait in the
+        store behind the older ones until then.
+    """
+
+    def __init__(self, directory: Directory, clock, connection: Connection, host: str) -> None:
+        self.directory = directory
+        self.limits = directory.limits
+        self.clock = clock
+        self.connection = connection
+        self.host = host
+        self.port = 0
+        self.username: str | None = None
+        self.live = False
+        self.closed = False
+        self._greeted = False
+        self._slots: deque[_Slot] = deque()
+        self._barrier = False
+        self._waiting: deque[bytes] = deque()
+        now = clock.seconds()
+        self._last_heard = now
+        self._last_active = now
+        self._watch_call = None
+        self._rate: TokenBucket | None = None
+        # mailbox delivery
+        self._mailbox_after = 0
+        self._mailbox_unacked: set[int] = set()
+        self._mailbox_fetching = False
+
+    # -- connection events ------------------------------------------------------------------
+
+    def connected(self) -> None:
+        self.connection.write(
+            encode_event(
+                "hello", protocol=PROTOCOL_VERSION, server="p2pdiscovery", max_line=self.limits.max_line,
+                keepalive_interval=self.limits.keepalive_timeout / 3, keepalive_timeout=self.limits.keepalive_timeout,
+                idle_timeout=self.limits.idle_timeout,
+            )
+        )
+        self._schedule_watch()
+
+    def line_received(self, line: bytes) -> None:
+        if self.closed:
+            return
+        self._last_heard = self.clock.seconds()
+        if self._barrier:
+            self._waiting.append(line)
+            self.connection.pause_reading()
+            return
+        self._handle(line)
+
+    def line_too_long(self) -> None:
+        self._reply_now(None, encode_error(None, Code.LINE_TOO_LONG, f"a line may be at most {self.limits.max_line} bytes"))
+        self._close("disconnected")
+
+    def connection_lost(self) -> None:
+        if self._watch_call is not None and self._watch_call.active():
+            self._watch_call.cancel()
+        self._watch_call = None
+        self.closed = True
+        if self.username is not None:
+            self.directory.leave(self, "disconnected")
+
+    # -- Member interface ------------------------------------------------------------------
+
+    def write(self, frame: bytes) -> None:
+        if not self.closed:
+            self.connection.write(frame)
+
+    def kick(self, reason: str, message: str) -> None:
+        """Tell the client why, then close. The directory has already let the user go."""
+        if not self.closed:
+            self.connection.write(encode_event("bye", reason=reason, message=message))
+            self._close(None)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            request = decode_request(line)
+        except WireError as e:
+            self._reply_now(e.request_id, encode_error(e.request_id, e.code, e.message))
+            return
+        slot = _Slot()
+        self._slots.append(slot)
+        try:
+            outcome = self._dispatch(request, slot)
+        except Refusal as e:
+            self._fill(slot, encode_error(request.id, e.code, e.message))
+            return
+        except Exception:
+            log.failure("request {op} failed", op=request.op)
+            self._fill(slot, encode_error(request.id, Code.INTERNAL_ERROR, "the server failed; nothing was changed"))
+            return
+        if isinstance(outcome, Deferred):
+            barrier = request.op in _BARRIERS
+            if barrier:
+                self._barrier = True
+            outcome.addCallbacks(
+                lambda result: encode_result(request.id, result),
+                lambda failure: self._error_frame(request, failure),
+            ).addCallback(lambda frame: self._fill(slot, frame))
+            if barrier:
+                outcome.addCallback(lambda _: self._release())
+        else:
+            self._fill(slot, encode_result(request.id, outcome))
+
+    def _error_frame(self, request: Request, failure) -> bytes:
+        if failure.check(Refusal):
+            return encode_error(request.id, failure.value.code, failure.value.message)
+        log.failure("request {op} failed", failure, op=request.op)
+        return encode_error(request.id, Code.INTERNAL_ERROR, "the server failed; nothing was changed")
+
+    def _release(self) -> None:
+        self._barrier = False
+        while self._waiting and not self._barrier and not self.closed:
+            self._handle(self._waiting.popleft())
+        if not self._barrier:
+            self.connection.resume_reading()
+
+    def _dispatch(self, request: Request, slot: _Slot) -> Any:
+        op, args = request.op, request.args
+        if not self._greeted:
+            if op != "hello":
+                raise Refusal(Code.HELLO_REQUIRED, 'send {"id":1,"op":"hello","protocol":1} first')
+        if op == "hello":
+            if args["protocol"] != PROTOCOL_VERSION:
+                slot.after = lambda: self._close(None)
+                raise Refusal(Code.UNSUPPORTED_VERSION, f"this server speaks protocol {PROTOCOL_VERSION} only")
+            self._greeted = True
+            return {"protocol": PROTOCOL_VERSION}
+        if op == "ping":
+            return {"time": self.clock.seconds()}
+        me = self.username
+        if me is None:
+            if op not in _BEFORE_LOGIN:
+                raise Refusal(Code.NOT_AUTHENTICATED, "log in first")
+        elif op in ("register", "login", "resume"):
+            raise Refusal(Code.ALREADY_AUTHENTICATED, f"you are already logged in as {me}")
+        if me is not None and op not in _NOT_ACTIVITY:
+            self._last_active = self.clock.seconds()
+        handler = getattr(self, "_op_" + op)
+        return handler(me, slot, **args)
+
+    def _op_register(self, me, slot, username, password, fingerprint, envelope_key):
+        return Deferred.fromCoroutine(
+            self.directory.register(self.host, username, password, fingerprint, envelope_key)
+        )
+
+    def _op_login(self, me, slot, username, password, port, fingerprint=None, envelope_key=None):
+        self.port = port
+        d = Deferred.fromCoroutine(self.directory.login(self, username, password, fingerprint, envelope_key))
+        return d.addCallback(self._logged_in, slot)
+
+    def _op_resume(self, me, slot, username, token, port):
+        self.port = port
+        d = Deferred.fromCoroutine(self.directory.resume(self, username, token))
+        return d.addCallback(self._logged_in, slot)
+
+    def _logged_in(self, result: dict, slot: _Slot) -> dict:
+        if self.closed:  # the client went away while its password was checked
+            self.directory.leave(self, "disconnected")
+            return result
+        self._last_active = self.clock.seconds()
+        self._rate = TokenBucket(self.clock, self.limits.message_rate, self.limits.message_burst)
+        self._schedule_watch()
+        slot.after = self._pump_mailbox
+        return result
+
+    def _op_logout(self, me, slot):
+        def bye():
+            self.directory.leave(self, "logout")
+            self.kick("logout", "goodbye")
+
+        slot.after = bye
+        return {}
+
+    def _op_who(self, me, slot):
+        return self.directory.who(me)
+
+    def _op_whosince(self, me, slot, seconds):
+        return self.directory.whosince(me, seconds)
+
+    def _op_block(self, me, slot, user):
+        return Deferred.fromCoroutine(self.directory.block(me, user))
+
+    def _op_unblock(self, me, slot, user):
+        return Deferred.fromCoroutine(self.directory.unblock(me, user))
+
+    def _op_blocks(self, me, slot):
+        return self.directory.blocked_list(me)
+
+    def _op_lookup(self, me, slot, user):
+        return self.directory.lookup(me, user)
+
+    def _op_keys(self, me, slot, user):
+        return self.directory.keys(me, user)
+
+    def _check_rate(self) -> None:
+        if not self._rate.take():
+            raise Refusal(
+                Code.RATE_LIMITED,
+                f"you are sending faster than {self.limits.message_rate:g} messages a second; slow down",
+            )
+
+    def _op_send(self, me, slot, to, msg_id, envelope):
+        self._check_rate()
+        return Deferred.fromCoroutine(self.directory.send(me, to, msg_id, envelope))
+
+    def _op_broadcast(self, me, slot, text):
+        self._check_rate()
+        return self.directory.broadcast(me, text)
+
+    def _op_ack(self, me, slot, seqs):
+        self._mailbox_unacked.difference_update(seqs)
+        d = Deferred.fromCoroutine(self.directory.ack(me, seqs))
+        self._pump_mailbox()
+        return d
+
+    # -- replies in order ---------------------------------------------------------------
+
+    def _reply_now(self, request_id, frame: bytes) -> None:
+        slot = _Slot()
+        self._slots.append(slot)
+        self._fill(slot, frame)
+
+    def _fill(self, slot: _Slot, frame: bytes) -> None:
+        slot.frame = frame
+        while self._slots and self._slots[0].frame is not None:
+            done = self._slots.popleft()
+            if self.closed:
+                continue
+            self.connection.write(done.frame)
+            if done.after is not None:
+                done.after()
+
+    # -- mailbox ------------------------------------------------------------------------
+
+    def _pump_mailbox(self) -> None:
+        """Send the next stored envelopes, keeping at most C{mailbox_window} unacknowledged."""
+        if self.live or self.closed or self._mailbox_fetching or self.username is None:
+            return
+        room = self.limits.mailbox_window - len(self._mailbox_unacked)
+        if room < self.limits.mailbox_window // 2 and self._mailbox_unacked:
+            return
+        self._mailbox_fetching = True
+        d = self.directory.store.fetch_envelopes(self.username, self._mailbox_after, room)
+        d.addCallback(self._mailbox_fetched, room)
+        d.addErrback(lambda f: log.failure("mailbox of {user}", f, user=self.username))
+
+    def _mailbox_fetched(self, rows, asked: int) -> None:
+        self._mailbox_fetching = False
+        if self.closed:
+            return
+        for row in rows:
+            self.connection.write(envelope_frame(row.seq, row.sender, row.msg_id, row.envelope, row.sent_at))
+            self._mailbox_unacked.add(row.seq)
+            self._mailbox_after = row.seq
+        if len(rows) < asked:
+            # Everything stored before this read has been sent; what is stored after it
+            # reaches us (in store order) after this callback and goes out live.
+            self.live = True
+        else:
+            self._pump_mailbox()
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def _schedule_watch(self) -> None:
+        if self.closed:
+            return
+        if self._watch_call is not None and self._watch_call.active():
+            self._watch_call.cancel()
+        deadline = self._last_heard + self.limits.keepalive_timeout
+        if self.username is not None and self.limits.idle_timeout > 0:
+            deadline = min(deadline, self._last_active + self.limits.idle_timeout)
+        self._watch_call = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._watch)
+
+    def _watch(self) -> None:
+        self._watch_call = None
+        now = self.clock.seconds()
+        if self._barrier:
+            # Our own slow work (a queued password check) is not the client's silence.
+            self._last_heard = now
+        if now - self._last_heard >= self.limits.keepalive_timeout:
+            self._leave_and_kick(
+                "keepalive_timeout", f"nothing heard from you for {self.limits.keepalive_timeout:g} s"
+            )
+            return
+        if (
+            self.username is not None and self.limits.idle_timeout > 0
+            and now - self._last_active >= self.limits.idle_timeout
+        ):
+            self._leave_and_kick("idle_timeout", f"logged out after {self.limits.idle_timeout:g} s without a command")
+            return
+        self._schedule_watch()
+
+    def _leave_and_kick(self, reason: str, message: str) -> None:
+        if self.username is not None:
+            self.directory.leave(self, reason)
+        self.kick(reason, message)
+
+    def _close(self, reason: str | None) -> None:
+        if self.closed:
+            return
+        if reason is not None and self.username is not None:
+            self.directory.leave(self, reason)
+        self.closed = True
+        self.connection.close()

@@ -1,0 +1,176 @@
+"""`twistd p2pdiscovery`: command-line options and the service that runs the discovery server."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from p2pchat.crypto import CryptoError, cert_fingerprint, format_fingerprint, load_or_create_identity
+from p2pchat.discovery.directory import Directory, Limits
+from p2pchat.discovery.passwords import PasswordHasher
+from p2pchat.discovery.protocol import DiscoveryFactory
+from p2pchat.discovery.store.sqlite import SQLiteStore
+from p2pchat.tls import server_certificate_options
+
+log = Logger()
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "p2pchat", "discovery")
+
+
+def _number(kind, minimum, name):
+    def coerce(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"--{name} takes a number, not {value!r}") from None
+        if number < minimum or number != number:
+            raise ValueError(f"--{name} must be at least {minimum}")
+        return number
+
+    coerce.coerceDoc = ""
+    return coerce
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the p2pchat discovery server: accounts, presence, blocks, relay and a durable mailbox, "
+        "over TLS with a self-signed certificate made on first start."
+    )
+    optFlags = [
+        ["no-registration", None, "Close open registration: only accounts that exist (or come from --credentials) log in."],
+        ["insecure-plaintext", None, "Serve plaintext TCP instead of TLS (debugging only: passwords travel in clear)."],
+    ]
+    optParameters = [
+        ["port", "p", "5000", "A port number, or a Twisted server endpoint description (e.g. tcp:5000:interface=127.0.0.1)."],
+        ["data-dir", "d", None, "Where the database, key and certificate live. [default: $XDG_DATA_HOME/p2pchat/discovery]"],
+        ["credentials", "c", None, "A file of 'username password' lines to import as accounts (hashed; the file is not the store)."],
+        ["block-duration", None, 60.0, "Seconds an account stays blocked after 3 failed logins.", _number(float, 0, "block-duration")],
+        ["timeout", None, 0.0, "Log out a user who sends no command for this many seconds; 0 = never.", _number(float, 0, "timeout")],
+        ["keepalive-timeout", None, 45.0, "Drop a connection silent for this many seconds (clients ping every third of it).", _number(float, 3, "keepalive-timeout")],
+        ["mailbox-limit", None, 10000, "Envelopes stored for one user at most.", _number(int, 1, "mailbox-limit")],
+        ["message-rate", None, 50.0, "Messages (send, broadcast) per second per user; 0 = no limit.", _number(float, 0, "message-rate")],
+        ["message-burst", None, 200, "Messages a user may send at once before --message-rate applies.", _number(int, 1, "message-burst")],
+        ["login-rate", None, 30.0, "Password attempts (login, register) per minute per address; 0 = no limit.", _number(float, 0, "login-rate")],
+        ["max-line", None, 65536, "Longest request line in bytes.", _number(int, 1024, "max-line")],
+        ["max-queued-bytes", None, 1 << 20, "Bytes queued for a client that does not read before it is cut off.", _number(int, 65536, "max-queued-bytes")],
+        ["hash-threads", None, 1, "Threads that hash passwords.", _number(int, 1, "hash-threads")],
+        ["sync", None, "normal", "SQLite durability: 'normal' survives a killed server, 'full' also a power cut."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["sync"] not in ("normal", "full"):
+            raise usage.UsageError("--sync is 'normal' or 'full'")
+        if self["data-dir"] is None:
+            self["data-dir"] = default_data_dir()
+        if self["credentials"] is not None and not os.path.isfile(self["credentials"]):
+            raise usage.UsageError(f"--credentials: no such file: {self['credentials']}")
+        port = self["port"]
+        if port.isdigit():
+            if not 0 <= int(port) <= 65535:
+                raise usage.UsageError("--port must be between 0 and 65535")
+            self["port"] = f"tcp:{port}"
+
+    def limits(self) -> Limits:
+        return Limits(
+            block_duration=self["block-duration"], idle_timeout=self["timeout"],
+            keepalive_timeout=self["keepalive-timeout"], mailbox_limit=self["mailbox-limit"],
+            open_registration=not self["no-registration"], message_rate=self["message-rate"],
+            message_burst=self["message-burst"], login_rate=self["login-rate"], max_line=self["max-line"],
+            max_queued_bytes=self["max-queued-bytes"],
+        )
+
+
+class DiscoveryService(Service):
+    """Opens the store, imports credentials, then listens; undoes it all in reverse on stop."""
+
+    def __init__(self, config: Options, reactor) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.store = None
+        self.hasher = None
+        self.directory = None
+        self.listening = None
+        self._started: Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = Deferred.fromCoroutine(self._start())
+        self._started.addErrback(self._failed)
+
+    def _failed(self, failure) -> None:
+        if failure.check(CryptoError, OSError, usage.UsageError):
+            log.critical("p2pdiscovery cannot start: {why}", why=str(failure.value))
+        else:
+            log.failure("p2pdiscovery cannot start", failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _start(self) -> None:
+        config = self.config
+        data_dir = config["data-dir"]
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        identity = load_or_create_identity(data_dir, "server", "p2pchat discovery server")
+        fingerprint = cert_fingerprint(identity.certificate)
+        log.info("certificate fingerprint sha256:{fp}", fp=fingerprint)
+        log.info("(for people: {fp})", fp=format_fingerprint(fingerprint))
+
+        database = os.path.join(data_dir, "discovery.sqlite3")
+        # Password hashes live there: owner-only, like the key (SQLite gives -wal and -shm the same mode).
+        os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(database, 0o600)
+        self.store = SQLiteStore(database, self.reactor, synchronous=config["sync"])
+        snapshot = await self.store.start(self.reactor.seconds())
+        self.hasher = PasswordHasher(self.reactor, threads=config["hash-threads"])
+        self.hasher.start()
+        self.directory = Directory(self.store, self.reactor, config.limits(), self.hasher)
+        self.directory.load(snapshot)
+        if config["credentials"]:
+            with open(config["credentials"], encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+            imported, skipped = await self.directory.import_credentials(lines)
+            log.info("credentials: {imported} accounts imported, {skipped} lines skipped",
+                     imported=imported, skipped=skipped)
+
+        factory = DiscoveryFactory(self.directory, self.reactor)
+        if not config["insecure-plaintext"]:
+            factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, factory)
+        else:
+            log.warn("serving PLAINTEXT: passwords and tokens travel in clear")
+        endpoint = endpoints.serverFromString(self.reactor, config["port"])
+        self.listening = await endpoint.listen(factory)
+        address = self.listening.getHost()
+        log.info("p2pdiscovery listening on {host}:{port}", host=address.host, port=address.port)
+
+    async def _stop(self) -> None:
+        if self._started is not None and not self._started.called:
+            self._started.cancel()
+        if self.listening is not None:
+            await self.listening.stopListening()
+        if self.directory is not None:
+            self.directory.shutdown()
+        if self.store is not None:
+            await self.store.stop()
+        if self.hasher is not None:
+            self.hasher.stop()
+
+    def stopService(self):
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+
+def makeService(config: Options, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    DiscoveryService(config, reactor).setServiceParent(top)
+    return top

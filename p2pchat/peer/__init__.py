@@ -1,0 +1,1 @@
+"""The peer: console, messenger, direct links, history."""

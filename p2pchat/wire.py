@@ -1,0 +1,311 @@
+"""Sans-IO codec for the discovery protocol: one JSON object per line <-> typed frames.
+
+Everything here is pure: bytes in, frames or L{WireError} out. PROTOCOL.md is the
+specification; the schemas below are its tables in code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 65536
+MAX_ID_LENGTH = 64
+MAX_INT_ID = 2**53
+
+
+class Code:
+    """Stable error codes (PROTOCOL.md, "Error codes")."""
+
+    BAD_JSON = "bad_json"
+    BAD_UTF8 = "bad_utf8"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    LINE_TOO_LONG = "line_too_long"
+    HELLO_REQUIRED = "hello_required"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    NOT_AUTHENTICATED = "not_authenticated"
+    ALREADY_AUTHENTICATED = "already_authenticated"
+    INVALID_USERNAME = "invalid_username"
+    WEAK_PASSWORD = "weak_password"
+    INVALID_KEY = "invalid_key"
+    USERNAME_TAKEN = "username_taken"
+    REGISTRATION_CLOSED = "registration_closed"
+    BAD_CREDENTIALS = "bad_credentials"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    ACCOUNT_LOCKED = "account_locked"
+    ALREADY_ONLINE = "already_online"
+    KEYS_REQUIRED = "keys_required"
+    INVALID_TOKEN = "invalid_token"
+    SELF = "self"
+    UNKNOWN_USER = "unknown_user"
+    OFFLINE = "offline"
+    BLOCKED_BY_USER = "blocked_by_user"
+    KEYS_UNKNOWN = "keys_unknown"
+    ALREADY_BLOCKED = "already_blocked"
+    NOT_BLOCKED = "not_blocked"
+    MAILBOX_FULL = "mailbox_full"
+    RATE_LIMITED = "rate_limited"
+    INTERNAL_ERROR = "internal_error"
+
+
+class WireError(Exception):
+    """
+    A frame that cannot be accepted.
+
+    @ivar code: one of L{Code}.
+    @ivar message: a sentence for people.
+    @ivar request_id: the id of the offending request when it could be read, else C{None}.
+    """
+
+    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int | str
+    op: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: Any
+    ok: bool
+    result: Mapping[str, Any] | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    fields: Mapping[str, Any]
+
+
+# -- field checks -------------------------------------------------------------
+
+
+def _text(min_len: int = 0, max_len: int = MAX_LINE) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return "must be a string"
+        if not min_len <= len(value) <= max_len:
+            return f"must be {min_len} to {max_len} characters long"
+        return None
+
+    return check
+
+
+def _integer(low: int, high: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        if not low <= value <= high:
+            return f"must be between {low} and {high}"
+        return None
+
+    return check
+
+
+def _number(low: float, high: float) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if not low <= value <= high:
+            return f"must be between {low:g} and {high:g}"
+        return None
+
+    return check
+
+
+def _int_list(max_items: int) -> Callable[[Any], str | None]:
+    item = _integer(0, MAX_INT_ID)
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list):
+            return "must be a list of integers"
+        if len(value) > max_items:
+            return f"may hold at most {max_items} items"
+        if any(item(v) for v in value):
+            return "must be a list of integers"
+        return None
+
+    return check
+
+
+_NAME = _text(1, 256)
+_PORT = _integer(0, 65535)
+
+MAX_ACK = 1000
+MAX_BROADCAST = 4096
+MAX_MSG_ID = 64
+
+# op -> {argument: (check, required)}
+REQUEST_SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], str | None], bool]]] = {
+    "hello": {"protocol": (_integer(0, MAX_INT_ID), True)},
+    "register": {
+        "username": (_NAME, True),
+        "password": (_text(0, MAX_LINE), True),
+        "fingerprint": (_text(0, 256), True),
+        "envelope_key": (_text(0, 256), True),
+    },
+    "login": {
+        "username": (_NAME, True),
+        "password": (_text(0, MAX_LINE), True),
+        "port": (_PORT, True),
+        "fingerprint": (_text(0, 256), False),
+        "envelope_key": (_text(0, 256), False),
+    },
+    "resume": {
+        "username": (_NAME, True),
+        "token": (_text(1, 256), True),
+        "port": (_PORT, True),
+    },
+    "ping": {},
+    "who": {},
+    "whosince": {"seconds": (_number(0, 1e9), True)},
+    "block": {"user": (_NAME, True)},
+    "unblock": {"user": (_NAME, True)},
+    "blocks": {},
+    "lookup": {"user": (_NAME, True)},
+    "keys": {"user": (_NAME, True)},
+    "send": {
+        "to": (_NAME, True),
+        "msg_id": (_text(1, MAX_MSG_ID), True),
+        "envelope": (_text(1, MAX_LINE), True),
+    },
+    "ack": {"seqs": (_int_list(MAX_ACK), True)},
+    "broadcast": {"text": (_text(1, MAX_BROADCAST), True)},
+    "logout": {},
+}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(line: bytes) -> Any:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError(Code.BAD_UTF8, "the line is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise WireError(Code.BAD_JSON, "the line is not a JSON object") from None
+
+
+def _valid_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 0 <= value < MAX_INT_ID
+    return isinstance(value, str) and 1 <= len(value) <= MAX_ID_LENGTH and _encodable(value)
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        return False
+    return True
+
+
+def decode_request(line: bytes) -> Request:
+    """
+    Parse and validate one request line (without its newline).
+
+    @raise WireError: with the reason, and the request id when it could be read.
+    """
+    obj = _loads(line.rstrip(b"\r"))
+    if not isinstance(obj, dict):
+        raise WireError(Code.BAD_JSON, "the line is not a JSON object")
+    request_id = obj.get("id")
+    if not _valid_id(request_id):
+        raise WireError(
+            Code.BAD_REQUEST,
+            "'id' must be a string of 1 to 64 characters or a non-negative integer",
+        )
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise WireError(Code.BAD_REQUEST, "'op' must be a string", request_id)
+    schema = REQUEST_SCHEMAS.get(op)
+    if schema is None:
+        shown = op if len(op) <= 32 else op[:32] + "…"
+        raise WireError(Code.UNKNOWN_OP, f"unknown operation {shown!r}", request_id)
+    args = {}
+    for name, (check, required) in schema.items():
+        if name not in obj:
+            if required:
+                raise WireError(Code.BAD_REQUEST, f"'{name}' is missing", request_id)
+            continue
+        value = obj[name]
+        problem = check(value)
+        if problem is None and isinstance(value, str) and not _encodable(value):
+            problem = "must be valid Unicode"
+        if problem is not None:
+            raise WireError(Code.BAD_REQUEST, f"'{name}' {problem}", request_id)
+        args[name] = value
+    return Request(request_id, op, args)
+
+
+def _dumps(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def encode_result(request_id: Any, result: Mapping[str, Any] | None = None) -> bytes:
+    return _dumps({"id": request_id, "ok": True, "result": dict(result or {})})
+
+
+def encode_error(request_id: Any, code: str, message: str) -> bytes:
+    return _dumps({"id": request_id, "ok": False, "error": {"code": code, "message": message}})
+
+
+def encode_event(name: str, **fields: Any) -> bytes:
+    return _dumps({"event": name, **fields})
+
+
+def encode_request(request_id: int | str, op: str, **args: Any) -> bytes:
+    """Client side: one request line, newline included."""
+    line = _dumps({"id": request_id, "op": op, **args})
+    if len(line) - 1 > MAX_LINE:
+        raise WireError(Code.LINE_TOO_LONG, f"the request is longer than {MAX_LINE} bytes")
+    return line
+
+
+def decode_frame(line: bytes) -> Reply | Event:
+    """
+    Client side: parse one line from the server into a L{Reply} or an L{Event}.
+
+    @raise WireError: when the server sent something that is neither.
+    """
+    obj = _loads(line.rstrip(b"\r"))
+    if not isinstance(obj, dict):
+        raise WireError(Code.BAD_JSON, "the server sent something other than a JSON object")
+    if "event" in obj:
+        name = obj["event"]
+        if not isinstance(name, str):
+            raise WireError(Code.BAD_JSON, "the server sent an event without a name")
+        fields = {k: v for k, v in obj.items() if k != "event"}
+        return Event(name, fields)
+    if "id" in obj and isinstance(obj.get("ok"), bool):
+        if obj["ok"]:
+            result = obj.get("result")
+            return Reply(obj["id"], True, result if isinstance(result, dict) else {})
+        error = obj.get("error")
+        if not isinstance(error, dict):
+            error = {}
+        return Reply(
+            obj["id"],
+            False,
+            code=str(error.get("code", Code.INTERNAL_ERROR)),
+            message=str(error.get("message", "")),
+        )
+    raise WireError(Code.BAD_JSON, "the server sent a frame that is neither a reply nor an event")
