@@ -1,0 +1,450 @@
+"""The discovery server's store on one SQLite file, run by one writer thread with group commit."""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .base import (
+    Account,
+    MailboxFull,
+    Snapshot,
+    StoredEnvelope,
+    StoreError,
+    UnknownAccount,
+    UsernameTaken,
+)
+
+log = Logger()
+
+# Most queued operations run in one transaction: one commit (one sync with synchronous=full) for them all.
+MAX_BATCH = 512
+
+SYNCHRONOUS = ("normal", "full")
+
+# MIGRATIONS[n] takes a database from schema version n to n + 1. Append only; never edit a released step.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """CREATE TABLE accounts (
+            username TEXT PRIMARY KEY,
+            password_hash TEXT,
+            fingerprint TEXT,
+            envelope_key TEXT,
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE blocks (
+            blocker TEXT NOT NULL,
+            blocked TEXT NOT NULL,
+            PRIMARY KEY (blocker, blocked)) WITHOUT ROWID""",
+        """CREATE TABLE tokens (
+            token_hash TEXT PRIMARY KEY,
+            username TEXT NOT NULL,
+            expires_at REAL NOT NULL)""",
+        "CREATE INDEX tokens_by_username ON tokens (username)",
+        """CREATE TABLE sessions (
+            id INTEGER PRIMARY KEY,
+            username TEXT NOT NULL,
+            login_at REAL NOT NULL,
+            logout_at REAL)""",
+        # Serves both closing a user's open rows (NULLs sort first) and MAX(logout_at) per user.
+        "CREATE INDEX sessions_by_username ON sessions (username, logout_at)",
+        # AUTOINCREMENT so a seq is never handed out twice, even after the highest row is acked.
+        """CREATE TABLE envelopes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            msg_id TEXT NOT NULL,
+            envelope TEXT NOT NULL,
+            sent_at REAL NOT NULL,
+            UNIQUE (recipient, sender, msg_id))""",
+        "CREATE INDEX envelopes_by_recipient ON envelopes (recipient, seq)",
+        # Kept by triggers so the mailbox limit costs one key lookup per put, never a COUNT(*),
+        # and rolls back with the envelope row itself.
+        """CREATE TABLE mailbox_counts (
+            recipient TEXT PRIMARY KEY,
+            n INTEGER NOT NULL) WITHOUT ROWID""",
+        """CREATE TRIGGER envelopes_counted AFTER INSERT ON envelopes BEGIN
+            INSERT INTO mailbox_counts (recipient, n) VALUES (NEW.recipient, 1)
+                ON CONFLICT (recipient) DO UPDATE SET n = n + 1;
+        END""",
+        """CREATE TRIGGER envelopes_uncounted AFTER DELETE ON envelopes BEGIN
+            UPDATE mailbox_counts SET n = n - 1 WHERE recipient = OLD.recipient;
+        END""",
+    ),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# An operation for the writer thread: a function of the connection, its arguments, and the Deferred
+# that gets its result.
+_Op = tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]
+
+
+class SQLiteStore:
+    """
+    Persistence on a SQLite file in WAL mode.
+
+    Every method queues an operation for the writer thread and returns a Deferred fired in the
+    reactor thread once the operation's transaction has committed. The thread runs all the
+    operations queued so far in one transaction, each inside its own SAVEPOINT so that one
+    failing operation is undone alone.
+
+    @ivar commits: how many transactions the writer thread has committed (for tests and benchmarks).
+    """
+
+    def __init__(self, path: str, reactor: Any, synchronous: str = "normal") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
+        self._path = path
+        self._reactor = reactor
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        self._ready = False
+        self._stop_waiters: list[Deferred[None]] | None = None
+        self.commits = 0
+
+    # Life cycle
+
+    def start(self, now: float) -> Deferred[Snapshot]:
+        """
+        Open or create the file (its directory must exist), migrate it, close the login sessions a
+        crash left open with C{now} as their logout time, drop expired tokens and load the snapshot.
+        """
+        if self._thread is not None:
+            return fail(StoreError("the store is started already"))
+        started: Deferred[Snapshot] = Deferred()
+        self._thread = threading.Thread(
+            target=self._run, args=(now, started), name=f"SQLiteStore {self._path}", daemon=True
+        )
+        self._thread.start()
+        return started
+
+    def stop(self) -> Deferred[None]:
+        """Finish every operation queued so far, close the file and end the writer thread."""
+        if self._thread is None:
+            return succeed(None)
+        if self._stop_waiters is None:
+            self._ready = False
+            self._stop_waiters = []
+            self._queue.put(None)
+        stopped: Deferred[None] = Deferred()
+        self._stop_waiters.append(stopped)
+        return stopped
+
+    # Accounts
+
+    def create_account(self, account: Account) -> Deferred[None]:
+        """Store a new account; L{UsernameTaken} if its username exists."""
+        return self._submit(_create_account, account)
+
+    def set_password_hash(self, username: str, password_hash: str) -> Deferred[None]:
+        """Replace an account's password hash; L{UnknownAccount} if there is no such account."""
+        return self._submit(_set_password_hash, username, password_hash)
+
+    def set_keys(self, username: str, fingerprint: str, envelope_key: str) -> Deferred[None]:
+        """Bind an account to an identity fingerprint and envelope key; L{UnknownAccount} if none."""
+        return self._submit(_set_keys, username, fingerprint, envelope_key)
+
+    def add_token(self, username: str, token_hash: str, expires_at: float, keep: int = 5) -> Deferred[None]:
+        """Store a session token, then keep only the newest C{keep} tokens of that user."""
+        return self._submit(_add_token, username, token_hash, expires_at, keep)
+
+    # Blocks and presence
+
+    def add_block(self, blocker: str, blocked: str) -> Deferred[None]:
+        """Record that C{blocker} blocks C{blocked}; recording it twice changes nothing."""
+        return self._submit(_add_block, blocker, blocked)
+
+    def remove_block(self, blocker: str, blocked: str) -> Deferred[None]:
+        return self._submit(_remove_block, blocker, blocked)
+
+    def record_login(self, username: str, at: float) -> Deferred[None]:
+        """Open a row of login history."""
+        return self._submit(_record_login, username, at)
+
+    def record_logout(self, username: str, at: float) -> Deferred[None]:
+        """Close the user's open rows of login history."""
+        return self._submit(_record_logout, username, at)
+
+    # Mailboxes
+
+    def put_envelope(
+        self, recipient: str, sender: str, msg_id: str, envelope: str, sent_at: float, limit: int
+    ) -> Deferred[tuple[int, bool]]:
+        """
+        Store an envelope; fire with C{(seq, duplicate)}. While an envelope with the same
+        recipient, sender and msg_id is stored, store nothing and fire with its seq and C{True}.
+        L{MailboxFull} when the recipient holds C{limit} envelopes or more.
+        """
+        return self._submit(_put_envelope, recipient, sender, msg_id, envelope, sent_at, limit)
+
+    def fetch_envelopes(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredEnvelope]]:
+        """At most C{limit} of the recipient's envelopes with a seq above C{after_seq}, oldest first."""
+        return self._submit(_fetch_envelopes, recipient, after_seq, limit)
+
+    def ack_envelopes(self, recipient: str, seqs: list[int]) -> Deferred[int]:
+        """Delete the recipient's own envelopes among C{seqs}; fire with how many went."""
+        return self._submit(_ack_envelopes, recipient, list(seqs))
+
+    def mailbox_count(self, recipient: str) -> Deferred[int]:
+        return self._submit(_mailbox_count, recipient)
+
+    # Reactor thread side
+
+    def _submit(self, operation: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if not self._ready:
+            return fail(StoreError("the store is not running"))
+        result: Deferred[Any] = Deferred()
+        self._queue.put((operation, args, result))
+        return result
+
+    def _started(self, outcome: Snapshot | Failure, started: Deferred[Snapshot]) -> None:
+        if isinstance(outcome, Failure):
+            self._ended(None)
+            started.errback(outcome)
+        elif self._stop_waiters is not None:
+            started.errback(StoreError("the store was stopped while it started"))
+        else:
+            self._ready = True
+            log.info("store {path} open, schema version {version}", path=self._path, version=SCHEMA_VERSION)
+            started.callback(outcome)
+
+    @staticmethod
+    def _deliver(deferreds: list[Deferred[Any]], outcomes: list[Any]) -> None:
+        for deferred, outcome in zip(deferreds, outcomes):
+            if isinstance(outcome, Failure):
+                deferred.errback(outcome)
+            else:
+                deferred.callback(outcome)
+
+    def _ended(self, outcome: Failure | None) -> None:
+        # The thread's last act was to schedule this call, so joining it here returns at once.
+        self._thread.join()
+        self._thread = None
+        self._queue = queue.SimpleQueue()  # drops a stop request that a failed start never read
+        waiters, self._stop_waiters = self._stop_waiters or [], None
+        for stopped in waiters:
+            if outcome is None:
+                stopped.callback(None)
+            else:
+                stopped.errback(outcome)
+
+    # Writer thread side
+
+    def _run(self, now: float, started: Deferred[Snapshot]) -> None:
+        try:
+            snapshot = self._open(now)
+        except BaseException:
+            failure = Failure()
+            self._close()
+            self._reactor.callFromThread(self._started, failure, started)
+            return
+        self._reactor.callFromThread(self._started, snapshot, started)
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH and batch[-1] is not None:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = batch[-1] is None
+            if stopping:
+                batch.pop()
+            if batch:
+                outcomes = self._run_batch(batch)
+                self._reactor.callFromThread(self._deliver, [op[2] for op in batch], outcomes)
+            if stopping:
+                try:
+                    self._close()
+                except BaseException:
+                    self._reactor.callFromThread(self._ended, Failure())
+                else:
+                    self._reactor.callFromThread(self._ended, None)
+                return
+
+    def _open(self, now: float) -> Snapshot:
+        # Autocommit mode: this class writes every BEGIN, SAVEPOINT and COMMIT itself.
+        self._db = db = sqlite3.connect(self._path, isolation_level=None)
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"{self._path}: SQLite refused WAL mode (journal mode is {mode!r})")
+        db.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _migrate(db, self._path)
+            db.execute("UPDATE sessions SET logout_at = ? WHERE logout_at IS NULL", (now,))
+            db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,))
+            snapshot = _load_snapshot(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return snapshot
+
+    def _run_batch(self, batch: list[_Op]) -> list[Any]:
+        db = self._db
+        outcomes: list[Any] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for operation, args, _ in batch:
+                db.execute("SAVEPOINT op")
+                try:
+                    outcomes.append(operation(db, *args))
+                except Exception:
+                    outcomes.append(Failure())
+                    db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+            db.execute("COMMIT")
+        except Exception:
+            # The transaction itself failed (disk full, I/O error...): nothing of the batch is stored.
+            failure = Failure()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            return [failure] * len(batch)
+        self.commits += 1
+        return outcomes
+
+    def _close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()
+
+
+def _migrate(db: sqlite3.Connection, path: str) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = db.execute("SELECT version FROM schema_version").fetchone()
+    version = 0 if row is None else row[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, newer than the {SCHEMA_VERSION} this p2pchat"
+            " understands: run a newer p2pchat on it"
+        )
+    for step in MIGRATIONS[version:]:
+        for statement in step:
+            db.execute(statement)
+    if row is None:
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    else:
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _load_snapshot(db: sqlite3.Connection) -> Snapshot:
+    return Snapshot(
+        accounts={
+            row[0]: Account(*row)
+            for row in db.execute(
+                "SELECT username, password_hash, fingerprint, envelope_key, created_at FROM accounts"
+            )
+        },
+        blocks={(blocker, blocked) for blocker, blocked in db.execute("SELECT blocker, blocked FROM blocks")},
+        tokens={
+            token_hash: (username, expires_at)
+            for token_hash, username, expires_at in db.execute(
+                "SELECT token_hash, username, expires_at FROM tokens"
+            )
+        },
+        last_seen=dict(db.execute("SELECT username, MAX(logout_at) FROM sessions GROUP BY username")),
+        mailbox_counts=dict(db.execute("SELECT recipient, n FROM mailbox_counts WHERE n > 0")),
+    )
+
+
+# The operations below run in the writer thread, inside the batch's transaction and their own savepoint.
+
+
+def _create_account(db: sqlite3.Connection, account: Account) -> None:
+    inserted = db.execute(
+        "INSERT INTO accounts (username, password_hash, fingerprint, envelope_key, created_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+        (account.username, account.password_hash, account.fingerprint, account.envelope_key, account.created_at),
+    ).rowcount
+    if not inserted:
+        raise UsernameTaken(account.username)
+
+
+def _set_password_hash(db: sqlite3.Connection, username: str, password_hash: str) -> None:
+    if not db.execute("UPDATE accounts SET password_hash = ? WHERE username = ?", (password_hash, username)).rowcount:
+        raise UnknownAccount(username)
+
+
+def _set_keys(db: sqlite3.Connection, username: str, fingerprint: str, envelope_key: str) -> None:
+    updated = db.execute(
+        "UPDATE accounts SET fingerprint = ?, envelope_key = ? WHERE username = ?",
+        (fingerprint, envelope_key, username),
+    ).rowcount
+    if not updated:
+        raise UnknownAccount(username)
+
+
+def _add_token(db: sqlite3.Connection, username: str, token_hash: str, expires_at: float, keep: int) -> None:
+    db.execute(
+        "INSERT INTO tokens (token_hash, username, expires_at) VALUES (?, ?, ?)", (token_hash, username, expires_at)
+    )
+    # rowid order is insertion order here: a new row always gets a rowid above the user's others.
+    db.execute(
+        "DELETE FROM tokens WHERE username = ? AND rowid NOT IN"
+        " (SELECT rowid FROM tokens WHERE username = ? ORDER BY rowid DESC LIMIT ?)",
+        (username, username, keep),
+    )
+
+
+def _add_block(db: sqlite3.Connection, blocker: str, blocked: str) -> None:
+    db.execute("INSERT INTO blocks (blocker, blocked) VALUES (?, ?) ON CONFLICT DO NOTHING", (blocker, blocked))
+
+
+def _remove_block(db: sqlite3.Connection, blocker: str, blocked: str) -> None:
+    db.execute("DELETE FROM blocks WHERE blocker = ? AND blocked = ?", (blocker, blocked))
+
+
+def _record_login(db: sqlite3.Connection, username: str, at: float) -> None:
+    db.execute("INSERT INTO sessions (username, login_at) VALUES (?, ?)", (username, at))
+
+
+def _record_logout(db: sqlite3.Connection, username: str, at: float) -> None:
+    db.execute("UPDATE sessions SET logout_at = ? WHERE username = ? AND logout_at IS NULL", (at, username))
+
+
+def _put_envelope(
+    db: sqlite3.Connection, recipient: str, sender: str, msg_id: str, envelope: str, sent_at: float, limit: int
+) -> tuple[int, bool]:
+    row = db.execute(
+        "SELECT seq FROM envelopes WHERE recipient = ? AND sender = ? AND msg_id = ?", (recipient, sender, msg_id)
+    ).fetchone()
+    if row is not None:
+        return row[0], True
+    if _mailbox_count(db, recipient) >= limit:
+        raise MailboxFull(recipient)
+    seq = db.execute(
+        "INSERT INTO envelopes (recipient, sender, msg_id, envelope, sent_at) VALUES (?, ?, ?, ?, ?)",
+        (recipient, sender, msg_id, envelope, sent_at),
+    ).lastrowid
+    return seq, False
+
+
+def _fetch_envelopes(db: sqlite3.Connection, recipient: str, after_seq: int, limit: int) -> list[StoredEnvelope]:
+    return [
+        StoredEnvelope(*row)
+        for row in db.execute(
+            "SELECT seq, recipient, sender, msg_id, envelope, sent_at FROM envelopes"
+            " WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (recipient, after_seq, limit),
+        )
+    ]
+
+
+def _ack_envelopes(db: sqlite3.Connection, recipient: str, seqs: list[int]) -> int:
+    return db.executemany(
+        "DELETE FROM envelopes WHERE recipient = ? AND seq = ?", [(recipient, seq) for seq in seqs]
+    ).rowcount
+
+
+def _mailbox_count(db: sqlite3.Connection, recipient: str) -> int:
+    row = db.execute("SELECT n FROM mailbox_counts WHERE recipient = ?", (recipient,)).fetchone()
+    return 0 if row is None else row[0]

@@ -1,0 +1,472 @@
+"""Tests for the discovery server's SQLite store, on real files and the real reactor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.trial import unittest
+
+import p2pchat
+from p2pchat.discovery.store import (
+    Account,
+    MailboxFull,
+    Snapshot,
+    SQLiteStore,
+    StoredEnvelope,
+    StoreError,
+    UnknownAccount,
+    UsernameTaken,
+)
+from p2pchat.discovery.store.sqlite import SCHEMA_VERSION
+
+FINGERPRINT = "ab" * 32
+ENVELOPE_KEY = "K" * 43
+
+
+def account(username: str, created_at: float = 1.0) -> Account:
+    return Account(username, "scrypt$" + username, FINGERPRINT, ENVELOPE_KEY, created_at)
+
+
+class StoreTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.path = os.path.join(directory, "discovery.sqlite")
+
+    async def start_store(self, now: float = 1000.0, synchronous: str = "normal") -> tuple[SQLiteStore, Snapshot]:
+        store = SQLiteStore(self.path, reactor, synchronous)
+        snapshot = await store.start(now)
+        self.addCleanup(store.stop)
+        return store, snapshot
+
+    async def restart(self, store: SQLiteStore, now: float = 2000.0) -> tuple[SQLiteStore, Snapshot]:
+        await store.stop()
+        return await self.start_store(now)
+
+    def query(self, sql: str) -> list[tuple]:
+        """Read the file with a connection of the test's own."""
+        db = sqlite3.connect(self.path)
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+
+
+class LifeCycleTests(StoreTestCase):
+    async def test_new_file_in_wal_mode_with_schema_version(self) -> None:
+        """start() creates the file in WAL mode, records the schema version and loads an empty snapshot."""
+        store, snapshot = await self.start_store()
+        self.assertEqual(snapshot, Snapshot({}, set(), {}, {}, {}))
+        self.assertEqual(self.query("PRAGMA journal_mode"), [("wal",)])
+        self.assertEqual(self.query("SELECT version FROM schema_version"), [(SCHEMA_VERSION,)])
+
+    async def test_newer_schema_refused(self) -> None:
+        """A file with a newer schema version than the code knows fails start() with a clear error and stays as it was."""
+        store, _ = await self.start_store()
+        await store.stop()
+        db = sqlite3.connect(self.path)
+        with db:
+            db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+        db.close()
+        newer = SQLiteStore(self.path, reactor)
+        error = await self.assertFailure(newer.start(1000.0), StoreError)
+        self.assertIn(f"schema version {SCHEMA_VERSION + 1}, newer than the {SCHEMA_VERSION}", str(error))
+        self.assertEqual(self.query("SELECT version FROM schema_version"), [(SCHEMA_VERSION + 1,)])
+        await newer.stop()
+
+    async def test_missing_directory_fails_start(self) -> None:
+        """start() does not create directories: a path in a missing directory fails."""
+        store = SQLiteStore(os.path.join(self.mktemp(), "discovery.sqlite"), reactor)
+        await self.assertFailure(store.start(1000.0), sqlite3.OperationalError)
+        await store.stop()
+
+    def test_synchronous_checked(self) -> None:
+        """Only "normal" and "full" are accepted for synchronous."""
+        self.assertRaises(ValueError, SQLiteStore, self.path, reactor, "off")
+
+    async def test_synchronous_full(self) -> None:
+        """A store with synchronous="full" works like the default."""
+        store, _ = await self.start_store(synchronous="full")
+        self.assertEqual(await store.put_envelope("bob", "alice", "m1", "e", 1.0, 10), (1, False))
+
+    async def test_refused_when_not_running(self) -> None:
+        """Operations before start() and after stop() fail with StoreError instead of waiting forever."""
+        store = SQLiteStore(self.path, reactor)
+        await self.assertFailure(store.mailbox_count("bob"), StoreError)
+        await store.start(1000.0)
+        await store.stop()
+        await self.assertFailure(store.mailbox_count("bob"), StoreError)
+
+    async def test_stop_drains_queue(self) -> None:
+        """stop() right after queueing operations lets every one of them complete and be stored."""
+        store, _ = await self.start_store()
+        puts = [store.put_envelope("bob", "alice", f"m{i}", "e", 1.0, 1000) for i in range(100)]
+        stopped = store.stop()
+        await gatherResults(puts)
+        await stopped
+        _, snapshot = await self.start_store()
+        self.assertEqual(snapshot.mailbox_counts, {"bob": 100})
+
+    async def test_stop_while_starting(self) -> None:
+        """stop() before start() has fired makes start() fail with StoreError and still ends the store."""
+        store = SQLiteStore(self.path, reactor)
+        started = store.start(1000.0)
+        await store.stop()
+        await self.assertFailure(started, StoreError)
+        await self.assertFailure(store.mailbox_count("bob"), StoreError)
+
+    async def test_restart_same_object(self) -> None:
+        """A stopped store can be started again and sees what it stored before."""
+        store, _ = await self.start_store()
+        await store.create_account(account("alice"))
+        await store.stop()
+        snapshot = await store.start(1000.0)
+        self.assertEqual(list(snapshot.accounts), ["alice"])
+
+
+class AccountTests(StoreTestCase):
+    async def test_create_account_persists(self) -> None:
+        """A created account is in the snapshot of the next start, field for field."""
+        store, _ = await self.start_store()
+        alice = account("alice", created_at=12.5)
+        await store.create_account(alice)
+        await store.create_account(Account("bob", None, None, None, 13.0))
+        _, snapshot = await self.restart(store)
+        self.assertEqual(snapshot.accounts, {"alice": alice, "bob": Account("bob", None, None, None, 13.0)})
+
+    async def test_username_taken(self) -> None:
+        """Creating an existing username fails with UsernameTaken and keeps the first account; case matters."""
+        store, _ = await self.start_store()
+        await store.create_account(account("alice", created_at=1.0))
+        await self.assertFailure(store.create_account(account("alice", created_at=2.0)), UsernameTaken)
+        await store.create_account(account("Alice"))
+        _, snapshot = await self.restart(store)
+        self.assertEqual(snapshot.accounts["alice"].created_at, 1.0)
+        self.assertEqual(sorted(snapshot.accounts), ["Alice", "alice"])
+
+    async def test_set_password_hash_and_keys(self) -> None:
+        """set_password_hash and set_keys change the stored account."""
+        store, _ = await self.start_store()
+        await store.create_account(Account("alice", None, None, None, 1.0))
+        await store.set_password_hash("alice", "scrypt$new")
+        await store.set_keys("alice", "cd" * 32, "Z" * 43)
+        _, snapshot = await self.restart(store)
+        self.assertEqual(snapshot.accounts["alice"], Account("alice", "scrypt$new", "cd" * 32, "Z" * 43, 1.0))
+
+    async def test_unknown_account(self) -> None:
+        """set_password_hash and set_keys on a missing account fail with UnknownAccount and create nothing."""
+        store, _ = await self.start_store()
+        await self.assertFailure(store.set_password_hash("zed", "scrypt$x"), UnknownAccount)
+        await self.assertFailure(store.set_keys("zed", FINGERPRINT, ENVELOPE_KEY), UnknownAccount)
+        _, snapshot = await self.restart(store)
+        self.assertEqual(snapshot.accounts, {})
+
+    def test_password_hash_not_in_repr(self) -> None:
+        """An account's repr, which may end up in a log, leaves the password hash out."""
+        self.assertNotIn("scrypt$alice", repr(account("alice")))
+
+
+class TokenTests(StoreTestCase):
+    async def test_keeps_newest_tokens(self) -> None:
+        """add_token keeps only the newest `keep` tokens of that user and leaves other users' alone."""
+        store, _ = await self.start_store()
+        await store.add_token("bob", "bob-token", 5000.0)
+        for i in range(7):
+            await store.add_token("alice", f"t{i}", 5000.0 - i, keep=3)
+        _, snapshot = await self.restart(store)
+        self.assertEqual(
+            snapshot.tokens,
+            {
+                "t4": ("alice", 4996.0),
+                "t5": ("alice", 4995.0),
+                "t6": ("alice", 4994.0),
+                "bob-token": ("bob", 5000.0),
+            },
+        )
+
+    async def test_expired_tokens_dropped_at_start(self) -> None:
+        """Tokens expired at start time are neither in the snapshot nor in the file."""
+        store, _ = await self.start_store()
+        await store.add_token("alice", "old", 1500.0)
+        await store.add_token("alice", "fresh", 2500.0)
+        _, snapshot = await self.restart(store, now=2000.0)
+        self.assertEqual(snapshot.tokens, {"fresh": ("alice", 2500.0)})
+        self.assertEqual(self.query("SELECT token_hash FROM tokens"), [("fresh",)])
+
+
+class BlockTests(StoreTestCase):
+    async def test_add_remove_blocks(self) -> None:
+        """Blocks persist, adding one twice is harmless, and removing one removes only it."""
+        store, _ = await self.start_store()
+        await store.add_block("alice", "bob")
+        await store.add_block("alice", "bob")
+        await store.add_block("alice", "carol")
+        await store.add_block("bob", "alice")
+        await store.remove_block("alice", "carol")
+        await store.remove_block("carol", "alice")
+        _, snapshot = await self.restart(store)
+        self.assertEqual(snapshot.blocks, {("alice", "bob"), ("bob", "alice")})
+
+
+class PresenceTests(StoreTestCase):
+    async def test_last_seen_is_last_logout(self) -> None:
+        """last_seen holds each user's latest logout; a logout closes every open row of that user."""
+        store, _ = await self.start_store()
+        await store.record_login("alice", 100.0)
+        await store.record_logout("alice", 150.0)
+        await store.record_login("alice", 200.0)
+        await store.record_login("alice", 210.0)
+        await store.record_logout("alice", 300.0)
+        await store.record_login("bob", 120.0)
+        await store.record_logout("bob", 130.0)
+        _, snapshot = await self.restart(store, now=1000.0)
+        self.assertEqual(snapshot.last_seen, {"alice": 300.0, "bob": 130.0})
+
+    async def test_kill_closes_open_sessions_at_next_start(self) -> None:
+        """
+        After a kill -9, a session left open gets last_seen = the next start's time, and an envelope
+        whose put had been confirmed is still stored.
+        """
+        child = (
+            "import os, signal, sys\n"
+            "from twisted.internet import reactor\n"
+            "from twisted.internet.defer import Deferred\n"
+            "from p2pchat.discovery.store import SQLiteStore\n"
+            "async def main():\n"
+            "    store = SQLiteStore(sys.argv[1], reactor)\n"
+            "    await store.start(100.0)\n"
+            "    await store.record_login('alice', 110.0)\n"
+            "    await store.record_login('bob', 111.0)\n"
+            "    await store.record_logout('bob', 112.0)\n"
+            "    await store.put_envelope('alice', 'bob', 'm1', 'sealed', 120.0, 10)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "Deferred.fromCoroutine(main()).addErrback(lambda f: (f.printTraceback(), os._exit(3)))\n"
+            "reactor.run()\n"
+        )
+        ended: Deferred[object] = Deferred()
+        stderr: list[bytes] = []
+
+        class Child(ProcessProtocol):
+            def errReceived(self, data: bytes) -> None:
+                stderr.append(data)
+
+            def processEnded(self, reason) -> None:
+                ended.callback(reason.value)
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(p2pchat.__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        reactor.spawnProcess(Child(), sys.executable, [sys.executable, "-c", child, self.path], env=env)
+        ended.addTimeout(60, reactor)
+        reason = await ended
+        self.assertIsInstance(reason, ProcessTerminated, b"".join(stderr))
+        self.assertEqual(reason.signal, signal.SIGKILL, b"".join(stderr))
+
+        store, snapshot = await self.start_store(now=500.0)
+        self.assertEqual(snapshot.last_seen, {"alice": 500.0, "bob": 112.0})
+        self.assertEqual(snapshot.mailbox_counts, {"alice": 1})
+        self.assertEqual(
+            await store.fetch_envelopes("alice", 0, 10), [StoredEnvelope(1, "alice", "bob", "m1", "sealed", 120.0)]
+        )
+
+
+class MailboxTests(StoreTestCase):
+    async def test_put_fetch_ack(self) -> None:
+        """Put envelopes come back oldest first after a seq, and an ack removes exactly the acked ones."""
+        store, _ = await self.start_store()
+        self.assertEqual(await store.put_envelope("bob", "alice", "m1", "e1", 10.0, 10), (1, False))
+        self.assertEqual(await store.put_envelope("bob", "carol", "m1", "e2", 11.0, 10), (2, False))
+        self.assertEqual(await store.put_envelope("bob", "alice", "m2", "e3", 12.0, 10), (3, False))
+        self.assertEqual(await store.mailbox_count("bob"), 3)
+        self.assertEqual(
+            await store.fetch_envelopes("bob", 0, 10),
+            [
+                StoredEnvelope(1, "bob", "alice", "m1", "e1", 10.0),
+                StoredEnvelope(2, "bob", "carol", "m1", "e2", 11.0),
+                StoredEnvelope(3, "bob", "alice", "m2", "e3", 12.0),
+            ],
+        )
+        self.assertEqual([e.seq for e in await store.fetch_envelopes("bob", 1, 1)], [2])
+        self.assertEqual(await store.ack_envelopes("bob", [1, 3, 3, 99]), 2)
+        self.assertEqual(await store.ack_envelopes("bob", []), 0)
+        self.assertEqual([e.seq for e in await store.fetch_envelopes("bob", 0, 10)], [2])
+        self.assertEqual(await store.mailbox_count("bob"), 1)
+        self.assertEqual(await store.mailbox_count("nobody"), 0)
+
+    async def test_duplicate_stored_once(self) -> None:
+        """A second put of a stored (recipient, sender, msg_id) answers the first seq and stores nothing; after the ack it is new again."""
+        store, _ = await self.start_store()
+        self.assertEqual(await store.put_envelope("bob", "alice", "m1", "first", 1.0, 10), (1, False))
+        self.assertEqual(await store.put_envelope("bob", "alice", "m1", "second", 2.0, 10), (1, True))
+        self.assertEqual(await store.put_envelope("carol", "alice", "m1", "other", 3.0, 10), (2, False))
+        self.assertEqual([e.envelope for e in await store.fetch_envelopes("bob", 0, 10)], ["first"])
+        self.assertEqual(await store.mailbox_count("bob"), 1)
+        await store.ack_envelopes("bob", [1])
+        self.assertEqual(await store.put_envelope("bob", "alice", "m1", "again", 4.0, 10), (3, False))
+
+    async def test_mailbox_full(self) -> None:
+        """At the limit a put fails with MailboxFull (a duplicate still answers), other mailboxes are unaffected, an ack makes room."""
+        store, _ = await self.start_store()
+        for i in range(3):
+            await store.put_envelope("bob", "alice", f"m{i}", "e", 1.0, 3)
+        await self.assertFailure(store.put_envelope("bob", "alice", "m3", "e", 1.0, 3), MailboxFull)
+        await self.assertFailure(store.put_envelope("bob", "alice", "m3", "e", 1.0, 2), MailboxFull)
+        self.assertEqual(await store.put_envelope("bob", "alice", "m0", "e", 1.0, 3), (1, True))
+        self.assertEqual(await store.put_envelope("carol", "alice", "m0", "e", 1.0, 3), (4, False))
+        self.assertEqual(await store.mailbox_count("bob"), 3)
+        await store.ack_envelopes("bob", [2])
+        self.assertEqual(await store.put_envelope("bob", "alice", "m3", "e", 1.0, 3), (5, False))
+
+    async def test_zero_limit(self) -> None:
+        """A limit of 0 refuses even the first envelope of an empty mailbox."""
+        store, _ = await self.start_store()
+        await self.assertFailure(store.put_envelope("bob", "alice", "m0", "e", 1.0, 0), MailboxFull)
+
+    async def test_ack_only_own_rows(self) -> None:
+        """Acking another recipient's seqs deletes nothing of theirs."""
+        store, _ = await self.start_store()
+        bob_seq, _ = await store.put_envelope("bob", "alice", "m1", "e", 1.0, 10)
+        carol_seq, _ = await store.put_envelope("carol", "alice", "m1", "e", 1.0, 10)
+        self.assertEqual(await store.ack_envelopes("carol", [bob_seq]), 0)
+        self.assertEqual(await store.ack_envelopes("carol", [bob_seq, carol_seq]), 1)
+        self.assertEqual(await store.mailbox_count("bob"), 1)
+        self.assertEqual(await store.mailbox_count("carol"), 0)
+
+    async def test_mailbox_persists(self) -> None:
+        """Envelopes and counts survive a restart; an emptied mailbox is absent from the counts."""
+        store, _ = await self.start_store()
+        await store.put_envelope("bob", "alice", "m1", "e1", 1.5, 10)
+        await store.put_envelope("bob", "alice", "m2", "e2", 2.5, 10)
+        await store.put_envelope("carol", "alice", "m1", "e3", 3.5, 10)
+        await store.ack_envelopes("carol", [3])
+        store, snapshot = await self.restart(store)
+        self.assertEqual(snapshot.mailbox_counts, {"bob": 2})
+        self.assertEqual(
+            await store.fetch_envelopes("bob", 0, 10),
+            [StoredEnvelope(1, "bob", "alice", "m1", "e1", 1.5), StoredEnvelope(2, "bob", "alice", "m2", "e2", 2.5)],
+        )
+
+    async def test_seq_never_reused(self) -> None:
+        """Seqs strictly increase, and the highest seq, once acked, is not handed out again even after a restart."""
+        store, _ = await self.start_store()
+        seqs = [(await store.put_envelope("bob", "alice", f"m{i}", "e", 1.0, 10))[0] for i in range(3)]
+        self.assertEqual(seqs, [1, 2, 3])
+        await store.ack_envelopes("bob", [2, 3])
+        store, _ = await self.restart(store)
+        self.assertEqual(await store.put_envelope("bob", "alice", "m9", "e", 1.0, 10), (4, False))
+        await store.ack_envelopes("bob", [1, 4])
+        store, _ = await self.restart(store)
+        self.assertEqual(await store.put_envelope("carol", "alice", "m9", "e", 1.0, 10), (5, False))
+
+    async def test_twenty_thousand_envelopes_paged(self) -> None:
+        """20000 envelopes put without waiting come back page by page, in put order, none missing or doubled."""
+        store, _ = await self.start_store()
+        puts = []
+        for i in range(20000):
+            puts.append(store.put_envelope("bob", "alice", f"m{i}", f"envelope {i}", float(i), 100000))
+            if i % 20 == 0:
+                puts.append(store.put_envelope("carol", "alice", f"m{i}", "e", float(i), 100000))
+        await gatherResults(puts)
+        fetched: list[StoredEnvelope] = []
+        after = 0
+        while page := await store.fetch_envelopes("bob", after, 256):
+            fetched.extend(page)
+            after = page[-1].seq
+        self.assertEqual([e.msg_id for e in fetched], [f"m{i}" for i in range(20000)])
+        seqs = [e.seq for e in fetched]
+        self.assertTrue(all(a < b for a, b in zip(seqs, seqs[1:])))
+        self.assertEqual(await store.mailbox_count("bob"), 20000)
+
+
+class GroupCommitTests(StoreTestCase):
+    async def test_batches_share_transactions(self) -> None:
+        """1000 puts issued without waiting commit in far fewer than 1000 transactions, with seqs in issue order."""
+        store, _ = await self.start_store()
+        before = store.commits
+        results = await gatherResults(
+            [store.put_envelope("bob", "alice", f"m{i}", "e", 1.0, 10000) for i in range(1000)]
+        )
+        self.assertEqual([seq for seq, _ in results], list(range(1, 1001)))
+        self.assertLess(store.commits - before, 100)
+
+    async def test_failing_operation_undone_alone(self) -> None:
+        """In one transaction, operations that fail are undone alone: the others around them are stored."""
+        store, _ = await self.start_store()
+        before = store.commits
+        outcomes = await DeferredList(
+            [
+                store.create_account(account("alice")),
+                store.create_account(account("alice")),
+                store.put_envelope("bob", "alice", "m1", "e", 1.0, 1),
+                store.put_envelope("bob", "alice", "m2", "e", 1.0, 1),
+                store.create_account(account("bob")),
+                store.put_envelope("carol", "alice", "m1", "e", 1.0, 1),
+                # Deletes carol's envelope, then fails on a seq SQLite cannot hold: the delete must be undone.
+                store.ack_envelopes("carol", [2, 2**64]),
+            ],
+            consumeErrors=True,
+        )
+        self.assertEqual(store.commits - before, 1)
+        self.assertEqual([ok for ok, _ in outcomes], [True, False, True, False, True, True, False])
+        outcomes[1][1].trap(UsernameTaken)
+        outcomes[3][1].trap(MailboxFull)
+        outcomes[6][1].trap(OverflowError)
+        _, snapshot = await self.restart(store)
+        self.assertEqual(sorted(snapshot.accounts), ["alice", "bob"])
+        self.assertEqual(snapshot.mailbox_counts, {"bob": 1, "carol": 1})
+
+
+class HostileInputTests(StoreTestCase):
+    HOSTILE = [
+        "",
+        "'; DROP TABLE accounts; --",
+        '"quoted" \\ back%slash_ *',
+        "nul\x00inside",
+        "line\nbreak\r\n\t",
+        "\u202eright-to-left\u200f",
+        "emoji 🐍🏳️‍🌈",
+        "\U0010ffff\ufeff\ufffd",
+        "x" * 100000,
+    ]
+
+    async def test_any_unicode_round_trips(self) -> None:
+        """Any Unicode string, SQL-looking or not, is stored and read back unchanged in every field."""
+        store, _ = await self.start_store()
+        for i, text in enumerate(self.HOSTILE):
+            name = f"{text}{i}"
+            await store.create_account(Account(name, text, text, text, 1.0))
+            await store.add_block(name, text)
+            await store.add_token(name, f"token{i}{text}", 5000.0)
+            await store.record_login(name, 10.0)
+            await store.record_logout(name, 20.0)
+            await store.put_envelope(text, name, text, text, 1.0, 100)
+        store, snapshot = await self.restart(store)
+        self.assertEqual(len(snapshot.accounts), len(self.HOSTILE))
+        for i, text in enumerate(self.HOSTILE):
+            name = f"{text}{i}"
+            self.assertEqual(snapshot.accounts[name], Account(name, text, text, text, 1.0))
+            self.assertIn((name, text), snapshot.blocks)
+            self.assertEqual(snapshot.tokens[f"token{i}{text}"], (name, 5000.0))
+            self.assertEqual(snapshot.last_seen[name], 20.0)
+            [stored] = await store.fetch_envelopes(text, 0, 10)
+            self.assertEqual((stored.sender, stored.msg_id, stored.envelope), (name, text, text))
+
+    async def test_lone_surrogate_fails_alone(self) -> None:
+        """A string SQLite cannot encode (a lone surrogate) fails its own operation and none of its neighbours'."""
+        store, _ = await self.start_store()
+        outcomes = await DeferredList(
+            [
+                store.put_envelope("bob", "alice", "m1", "e", 1.0, 10),
+                store.put_envelope("bob", "alice", "m2", "\ud800", 1.0, 10),
+                store.put_envelope("bob", "alice", "m3", "e", 1.0, 10),
+            ],
+            consumeErrors=True,
+        )
+        self.assertEqual([ok for ok, _ in outcomes], [True, False, True])
+        self.assertEqual([e.msg_id for e in await store.fetch_envelopes("bob", 0, 10)], ["m1", "m3"])
