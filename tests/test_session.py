@@ -1,0 +1,686 @@
+"""The server's rules through its sessions: a real SQLite store and real scrypt, a fake clock
+for every timer, and in-memory connections instead of sockets."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from p2pchat.discovery.directory import Directory, Limits
+from p2pchat.discovery.passwords import PasswordHasher
+from p2pchat.discovery.session import Session
+from p2pchat.discovery.store.sqlite import SQLiteStore
+from p2pchat.wire import Event, decode_frame, encode_request
+
+from .support import TIMEOUT, fake_keys, with_timeout
+
+PASSWORD = "correct horse"
+
+
+class MemoryConnection:
+    """A session's connection kept in memory: decoded frames, and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.frames = []
+        self.closed = False
+        self.paused = False
+        self.session: Session | None = None
+        self._reply_waiters: dict = {}
+        self._event_waiters: list = []
+
+    def write(self, data: bytes) -> None:
+        for line in data.splitlines():
+            frame = decode_frame(line)
+            self.frames.append(frame)
+            # Like a real transport, the other end reads what we wrote later, not during write().
+            if isinstance(frame, Event):
+                for entry in list(self._event_waiters):
+                    if entry[0] == frame.name:
+                        self._event_waiters.remove(entry)
+                        reactor.callLater(0, entry[1].callback, frame)
+                        break
+            elif frame.id in self._reply_waiters:
+                reactor.callLater(0, self._reply_waiters.pop(frame.id).callback, frame)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.session.connection_lost()
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def events(self, name: str) -> list[Event]:
+        return [f for f in self.frames if isinstance(f, Event) and f.name == name]
+
+
+class Client:
+    """One connection to the session under test, with a request helper."""
+
+    def __init__(self, harness: "Harness", host: str) -> None:
+        self.conn = MemoryConnection()
+        self.session = Session(harness.directory, harness.clock, self.conn, host)
+        self.conn.session = self.session
+        self.session.connected()
+        self._next = 0
+
+    def send_line(self, line: bytes) -> None:
+        self.session.line_received(line)
+
+    def request(self, op: str, **args) -> Deferred:
+        self._next += 1
+        d = Deferred()
+        self.conn._reply_waiters[self._next] = d
+        self.send_line(encode_request(self._next, op, **args).rstrip(b"\n"))
+        return with_timeout(d, TIMEOUT, f"reply to {op}")
+
+    async def ok(self, op: str, **args) -> dict:
+        reply = await self.request(op, **args)
+        if not reply.ok:
+            raise AssertionError(f"{op} refused: {reply.code}: {reply.message}")
+        return reply.result
+
+    async def refused(self, op: str, **args) -> str:
+        reply = await self.request(op, **args)
+        if reply.ok:
+            raise AssertionError(f"{op} accepted: {reply.result}")
+        return reply.code
+
+    def event(self, name: str) -> Deferred:
+        for frame in self.conn.events(name):
+            if frame not in getattr(self, "_seen", []):
+                self.__dict__.setdefault("_seen", []).append(frame)
+                return Deferred.fromCoroutine(_value(frame))
+        d = Deferred()
+        self.conn._event_waiters.append((name, d))
+
+        def seen(frame):
+            self.__dict__.setdefault("_seen", []).append(frame)
+            return frame
+
+        return with_timeout(d.addCallback(seen), TIMEOUT, f"event {name}")
+
+
+async def _value(x):
+    return x
+
+
+class Harness:
+    """A directory over a real store in a temporary directory, with a fake clock."""
+
+    def __init__(self, testcase: TestCase, **limits) -> None:
+        self.testcase = testcase
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        limits.setdefault("keepalive_timeout", 1e6)  # only the timer tests want it short
+        self.limits = Limits(**limits)
+        self.path = os.path.join(testcase.mktemp(), "discovery.sqlite3")
+        os.makedirs(os.path.dirname(self.path))
+        self.keys: dict[str, tuple[str, str]] = {}
+
+    async def start(self) -> "Harness":
+        self.store = SQLiteStore(self.path, reactor)
+        snapshot = await self.store.start(self.clock.seconds())
+        self.hasher = PasswordHasher(reactor, threads=2)
+        self.hasher.start()
+        self.testcase.addCleanup(self.hasher.stop)
+        self.testcase.addCleanup(self.store.stop)
+        self.directory = Directory(self.store, self.clock, self.limits, self.hasher)
+        self.directory.load(snapshot)
+        return self
+
+    def connect(self, host: str = "127.0.0.1") -> Client:
+        return Client(self, host)
+
+    async def user(self, name: str, port: int = 4000, host: str = "127.0.0.1") -> Client:
+        """A logged-in client for C{name}, registering it first if needed."""
+        client = self.connect(host)
+        await client.ok("hello", protocol=1)
+        if name not in self.directory.accounts:
+            fp, ek = self.keys.setdefault(name, fake_keys())
+            await client.ok("register", username=name, password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        await client.ok("login", username=name, password=PASSWORD, port=port)
+        return client
+
+
+def harness_test(**limits):
+    """Decorate an C{async def test(self, h)} to run with a started L{Harness}."""
+
+    def wrap(f):
+        def test(self):
+            async def run():
+                h = await Harness(self, **limits).start()
+                await f(self, h)
+
+            return Deferred.fromCoroutine(run())
+
+        test.__doc__ = f.__doc__
+        test.__name__ = f.__name__
+        return test
+
+    return wrap
+
+
+class FirstExchangeTests(TestCase):
+    @harness_test(keepalive_timeout=45)
+    async def test_hello_event_first(self, h):
+        """The server speaks first with a hello event naming the protocol and its limits."""
+        c = h.connect()
+        hello = c.conn.frames[0]
+        self.assertEqual(hello.name, "hello")
+        self.assertEqual(hello.fields["protocol"], 1)
+        self.assertEqual(hello.fields["keepalive_timeout"], 45.0)
+
+    @harness_test()
+    async def test_hello_required(self, h):
+        """Any request before hello is refused with hello_required."""
+        c = h.connect()
+        self.assertEqual(await c.refused("who"), "hello_required")
+        self.assertEqual(await c.refused("login", username="a", password="b", port=0), "hello_required")
+        await c.ok("hello", protocol=1)
+
+    @harness_test()
+    async def test_unsupported_version(self, h):
+        """Another version is refused and the connection closes after the reply."""
+        c = h.connect()
+        self.assertEqual(await c.refused("hello", protocol=2), "unsupported_version")
+        self.assertTrue(c.conn.closed)
+
+
+class AccountTests(TestCase):
+    @harness_test()
+    async def test_register_and_login(self, h):
+        """A registered user logs in with a token and an empty mailbox, and is online."""
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        self.assertEqual(await c.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek),
+                         {"username": "alice"})
+        result = await c.ok("login", username="alice", password=PASSWORD, port=4000)
+        self.assertEqual((result["username"], result["mailbox"], len(result["token"])), ("alice", 0, 43))
+        self.assertIn("alice", h.directory.online)
+        self.assertNotIn(PASSWORD, repr(h.directory.accounts["alice"]))
+
+    @harness_test()
+    async def test_register_errors(self, h):
+        """Bad usernames, weak passwords, bad keys and taken names each get their own code."""
+        await h.user("alice")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        self.assertEqual(await c.refused("register", username="", password=PASSWORD, fingerprint=fp,
+                                         envelope_key=ek), "bad_request")
+        for name in ["-x", "a" * 33, "a b", "ä", "a/b"]:
+            self.assertEqual(await c.refused("register", username=name, password=PASSWORD, fingerprint=fp,
+                                             envelope_key=ek), "invalid_username", name)
+        self.assertEqual(await c.refused("register", username="bob", password="short", fingerprint=fp,
+                                         envelope_key=ek), "weak_password")
+        self.assertEqual(await c.refused("register", username="bob", password=PASSWORD, fingerprint="xyz",
+                                         envelope_key=ek), "invalid_key")
+        self.assertEqual(await c.refused("register", username="bob", password=PASSWORD, fingerprint=fp,
+                                         envelope_key="AAAA"), "invalid_key")
+        self.assertEqual(await c.refused("register", username="alice", password=PASSWORD, fingerprint=fp,
+                                         envelope_key=ek), "username_taken")
+        self.assertNotIn("bob", h.directory.accounts)
+
+    @harness_test(open_registration=False)
+    async def test_registration_closed(self, h):
+        """With registration closed, register is refused."""
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        self.assertEqual(await c.refused("register", username="bob", password=PASSWORD, fingerprint=fp,
+                                         envelope_key=ek), "registration_closed")
+
+    @harness_test()
+    async def test_before_and_after_login(self, h):
+        """Commands before login get not_authenticated; login after login gets already_authenticated."""
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        for op, args in [("who", {}), ("send", {"to": "x", "msg_id": "1", "envelope": "e"}), ("logout", {})]:
+            self.assertEqual(await c.refused(op, **args), "not_authenticated")
+        self.assertIn("time", await c.ok("ping"))
+        a = await h.user("alice")
+        self.assertEqual(await a.refused("login", username="alice", password=PASSWORD, port=1), "already_authenticated")
+
+    @harness_test()
+    async def test_second_login_denied(self, h):
+        """A password login of a user who is online is denied; the first session is untouched."""
+        first = await h.user("alice")
+        c = h.connect("10.0.0.9")
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("login", username="alice", password=PASSWORD, port=1), "already_online")
+        self.assertIs(h.directory.online["alice"], first.session)
+
+    @harness_test()
+    async def test_credentials_import(self, h):
+        """Imported accounts log in with their password once they send keys; the file lines are hashed."""
+        imported, skipped = await h.directory.import_credentials(
+            ["hans falcon*solo", "", "# comment", "bad/name password", "yoda wise@!man"]
+        )
+        self.assertEqual((imported, skipped), (2, 1))
+        self.assertNotIn("falcon*solo", h.directory.accounts["hans"].password_hash)
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("login", username="hans", password="falcon*solo", port=0), "keys_required")
+        fp, ek = fake_keys()
+        await c.ok("login", username="hans", password="falcon*solo", port=0, fingerprint=fp, envelope_key=ek)
+        self.assertEqual(h.directory.accounts["hans"].fingerprint, fp)
+
+
+class LockoutTests(TestCase):
+    @harness_test(block_duration=60)
+    async def test_three_failures_block(self, h):
+        """Two bad passwords, then the third blocks the account, even for the right password and
+        for a connection opened before; after block_duration it works again."""
+        await (await h.user("alice")).ok("logout")
+        early = h.connect("10.0.0.2")
+        await early.ok("hello", protocol=1)
+        c = h.connect("10.0.0.1")
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("login", username="alice", password="wrong1", port=0), "bad_credentials")
+        self.assertEqual(await c.refused("login", username="alice", password="wrong2", port=0), "bad_credentials")
+        self.assertEqual(await c.refused("login", username="alice", password="wrong3", port=0), "too_many_attempts")
+        self.assertEqual(await c.refused("login", username="alice", password=PASSWORD, port=0), "account_locked")
+        self.assertEqual(await early.refused("login", username="alice", password=PASSWORD, port=0), "account_locked")
+        h.clock.advance(59)
+        reply = await early.request("login", username="alice", password=PASSWORD, port=0)
+        self.assertEqual(reply.code, "account_locked")
+        self.assertIn("1 s", reply.message)
+        h.clock.advance(1)
+        await early.ok("login", username="alice", password=PASSWORD, port=0)
+
+    @harness_test()
+    async def test_success_resets(self, h):
+        """A successful login resets the count of consecutive failures."""
+        await (await h.user("alice")).ok("logout")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        for _ in range(2):
+            await c.refused("login", username="alice", password="nope", port=0)
+        await c.ok("login", username="alice", password=PASSWORD, port=0)
+        await c.ok("logout")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        for _ in range(2):
+            self.assertEqual(await c.refused("login", username="alice", password="nope", port=0), "bad_credentials")
+
+    @harness_test()
+    async def test_unknown_user(self, h):
+        """An unknown username gets the same bad_credentials as a wrong password."""
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        reply = await c.request("login", username="ghost", password="whatever", port=0)
+        self.assertEqual(reply.code, "bad_credentials")
+
+    @harness_test(login_rate=2)
+    async def test_login_rate(self, h):
+        """Password attempts from one address are rate limited."""
+        c = h.connect("10.1.1.1")
+        await c.ok("hello", protocol=1)
+        for _ in range(2):
+            await c.refused("login", username="ghost", password="whatever", port=0)
+        self.assertEqual(await c.refused("login", username="ghost", password="whatever", port=0), "rate_limited")
+        other = h.connect("10.1.1.2")
+        await other.ok("hello", protocol=1)
+        self.assertEqual(await other.refused("login", username="ghost", password="x", port=0), "bad_credentials")
+
+
+class ResumeTests(TestCase):
+    @harness_test()
+    async def test_resume_replaces(self, h):
+        """A valid token logs in without the password and replaces a session the server still has."""
+        a = h.connect()
+        await a.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        await a.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        token = (await a.ok("login", username="alice", password=PASSWORD, port=4000))["token"]
+        bob = await h.user("bob")
+        b = h.connect("10.0.0.7")
+        await b.ok("hello", protocol=1)
+        result = await b.ok("resume", username="alice", token=token, port=4001)
+        self.assertEqual(result["username"], "alice")
+        self.assertEqual((await a.event("bye")).fields["reason"], "replaced")
+        self.assertTrue(a.conn.closed)
+        self.assertIs(h.directory.online["alice"], b.session)
+        self.assertEqual([e.fields["status"] for e in bob.conn.events("presence")], [])
+        self.assertEqual((await bob.ok("lookup", user="alice"))["host"], "10.0.0.7")
+
+    @harness_test()
+    async def test_bad_token(self, h):
+        """A wrong token, or a token of another user, is invalid_token."""
+        alice = h.connect()
+        await alice.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        await alice.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        token = (await alice.ok("login", username="alice", password=PASSWORD, port=0))["token"]
+        await alice.ok("logout")
+        await h.user("bob")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("resume", username="alice", token="x" * 43, port=0), "invalid_token")
+        self.assertEqual(await c.refused("resume", username="bob", token=token, port=0), "invalid_token")
+        await c.ok("resume", username="alice", token=token, port=0)
+
+
+class PresenceTests(TestCase):
+    @harness_test()
+    async def test_login_logout_broadcast(self, h):
+        """Others hear of a login and a logout; the subject does not hear of itself."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        self.assertEqual((await alice.event("presence")).fields, {"user": "bob", "status": "online"})
+        await bob.ok("logout")
+        self.assertEqual((await alice.event("presence")).fields,
+                         {"user": "bob", "status": "offline", "reason": "logout"})
+        self.assertEqual(bob.conn.events("presence"), [])
+        self.assertTrue(bob.conn.closed)
+
+    @harness_test()
+    async def test_blocked_users_not_told(self, h):
+        """A user who blocked you does not appear in your presence events, who or whosince."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        await alice.event("presence")
+        await bob.ok("block", user="alice")
+        carol = await h.user("carol")
+        await carol.ok("logout")
+        await bob.ok("logout")
+        await h.user("bob")
+        names = [e.fields["user"] for e in alice.conn.events("presence")]
+        self.assertEqual(names, ["bob", "carol", "carol"])
+        self.assertEqual((await alice.ok("who"))["users"], [])
+        self.assertEqual((await alice.ok("whosince", seconds=1000))["users"], ["carol"])
+
+    @harness_test()
+    async def test_who(self, h):
+        """who lists online users but me."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        await h.user("carol")
+        self.assertEqual((await alice.ok("who"))["users"], ["bob", "carol"])
+
+    @harness_test()
+    async def test_whosince_window(self, h):
+        """Someone who logged out 100 s ago is in whosince 200 but not in whosince 50."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        await bob.ok("logout")
+        h.clock.advance(100)
+        await alice.ok("ping")
+        self.assertEqual((await alice.ok("whosince", seconds=200))["users"], ["bob"])
+        self.assertEqual((await alice.ok("whosince", seconds=100))["users"], ["bob"])
+        self.assertEqual((await alice.ok("whosince", seconds=50))["users"], [])
+        self.assertEqual(await alice.refused("whosince", seconds=-1), "bad_request")
+
+    @harness_test()
+    async def test_disconnect_is_logout(self, h):
+        """A connection that drops logs its user out, with reason disconnected."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        bob.session.connection_lost()
+        self.assertEqual((await alice.event("presence")).fields["status"], "online")
+        self.assertEqual((await alice.event("presence")).fields["reason"], "disconnected")
+        self.assertNotIn("bob", h.directory.online)
+
+
+class TimerTests(TestCase):
+    @harness_test(keepalive_timeout=45)
+    async def test_keepalive_expiry(self, h):
+        """A connection silent for keepalive_timeout is dropped and its user is offline; pings keep it."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        for _ in range(4):
+            h.clock.advance(30)
+            await alice.ok("ping")
+        self.assertFalse(alice.conn.closed)
+        self.assertEqual((await bob.event("bye")).fields["reason"], "keepalive_timeout")
+        self.assertTrue(bob.conn.closed)
+        self.assertNotIn("bob", h.directory.online)
+        offline = [e for e in alice.conn.events("presence") if e.fields["status"] == "offline"]
+        self.assertEqual(offline[0].fields["reason"], "keepalive_timeout")
+
+    @harness_test(keepalive_timeout=45)
+    async def test_unauthenticated_silence(self, h):
+        """A connection that never logs in is also dropped after keepalive_timeout."""
+        c = h.connect()
+        h.clock.advance(44.9)
+        self.assertFalse(c.conn.closed)
+        h.clock.advance(0.1)
+        self.assertTrue(c.conn.closed)
+
+    @harness_test(idle_timeout=30, keepalive_timeout=45)
+    async def test_idle_timeout(self, h):
+        """A user who sends no command for idle_timeout is logged out at that moment and told why;
+        pings and acks do not count, other commands do."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        h.clock.advance(20)
+        await bob.ok("who")
+        await alice.ok("ping")
+        await alice.ok("ack", seqs=[])
+        h.clock.advance(9.9)
+        self.assertFalse(alice.conn.closed)
+        h.clock.advance(0.1)
+        self.assertEqual((await alice.event("bye")).fields["reason"], "idle_timeout")
+        self.assertTrue(alice.conn.closed)
+        self.assertFalse(bob.conn.closed)
+        offline = [e for e in bob.conn.events("presence") if e.fields["status"] == "offline"]
+        self.assertEqual((offline[0].fields["user"], offline[0].fields["reason"]), ("alice", "idle_timeout"))
+        h.clock.advance(20)
+        self.assertEqual((await bob.event("bye")).fields["reason"], "idle_timeout")
+
+
+class BlockTests(TestCase):
+    @harness_test()
+    async def test_block_errors(self, h):
+        """Block and unblock refuse self, unknown users, and changes that change nothing."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        self.assertEqual(await alice.refused("block", user="alice"), "self")
+        self.assertEqual(await alice.refused("block", user="zed"), "unknown_user")
+        self.assertEqual(await alice.refused("unblock", user="bob"), "not_blocked")
+        await alice.ok("block", user="bob")
+        self.assertEqual(await alice.refused("block", user="bob"), "already_blocked")
+        self.assertEqual((await alice.ok("blocks"))["users"], ["bob"])
+        await alice.ok("unblock", user="bob")
+        self.assertEqual((await alice.ok("blocks"))["users"], [])
+
+    @harness_test()
+    async def test_blocked_cannot_reach(self, h):
+        """The blocked user cannot send to, look up or fetch keys of the blocker; never told otherwise."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        await alice.ok("block", user="bob")
+        self.assertEqual(await bob.refused("send", to="alice", msg_id="1", envelope="e"), "blocked_by_user")
+        self.assertEqual(await bob.refused("lookup", user="alice"), "blocked_by_user")
+        self.assertEqual(await bob.refused("keys", user="alice"), "blocked_by_user")
+        await alice.ok("send", to="bob", msg_id="1", envelope="e")
+        self.assertEqual(alice.conn.events("envelope"), [])
+        await alice.ok("unblock", user="bob")
+        await bob.ok("send", to="alice", msg_id="2", envelope="e")
+
+    @harness_test()
+    async def test_blocks_survive_restart(self, h):
+        """Blocks are stored: a new directory over the same store still enforces them."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        await alice.ok("block", user="bob")
+        await h.store.stop()
+        store = SQLiteStore(h.path, reactor)
+        snapshot = await store.start(h.clock.seconds())
+        self.addCleanup(store.stop)
+        self.assertIn(("alice", "bob"), snapshot.blocks)
+
+
+class LookupTests(TestCase):
+    @harness_test()
+    async def test_lookup(self, h):
+        """lookup gives an online user's address, port and keys; distinct errors otherwise."""
+        alice = await h.user("alice")
+        await h.user("bob", port=4555, host="127.0.0.5")
+        result = await alice.ok("lookup", user="bob")
+        self.assertEqual(result, {"user": "bob", "host": "127.0.0.5", "port": 4555,
+                                  "fingerprint": h.keys["bob"][0], "envelope_key": h.keys["bob"][1]})
+        self.assertEqual(await alice.refused("lookup", user="alice"), "self")
+        self.assertEqual(await alice.refused("lookup", user="zed"), "unknown_user")
+        carol = await h.user("carol")
+        await carol.ok("logout")
+        self.assertEqual(await alice.refused("lookup", user="carol"), "offline")
+        self.assertEqual((await alice.ok("keys", user="carol"))["fingerprint"], h.keys["carol"][0])
+
+
+class RelayTests(TestCase):
+    @harness_test()
+    async def test_delivered_online(self, h):
+        """An envelope to an online user arrives at once and the sender hears 'delivered'."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        result = await alice.ok("send", to="bob", msg_id="m1", envelope="sealed")
+        self.assertEqual((result["status"], result["duplicate"]), ("delivered", False))
+        event = await bob.event("envelope")
+        self.assertEqual((event.fields["from"], event.fields["msg_id"], event.fields["envelope"], event.fields["seq"]),
+                         ("alice", "m1", "sealed", result["seq"]))
+
+    @harness_test()
+    async def test_send_errors(self, h):
+        """Sending to yourself or to nobody is refused."""
+        alice = await h.user("alice")
+        self.assertEqual(await alice.refused("send", to="alice", msg_id="1", envelope="e"), "self")
+        self.assertEqual(await alice.refused("send", to="nobody", msg_id="1", envelope="e"), "unknown_user")
+
+    @harness_test()
+    async def test_stored_then_delivered_in_order(self, h):
+        """Envelopes to an offline user are stored and arrive in order at login; unacked ones come again."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        await bob.ok("logout")
+        for i in range(5):
+            self.assertEqual((await alice.ok("send", to="bob", msg_id=f"m{i}", envelope=f"e{i}"))["status"], "stored")
+        bob = h.connect()
+        await bob.ok("hello", protocol=1)
+        result = await bob.ok("login", username="bob", password=PASSWORD, port=0)
+        self.assertEqual(result["mailbox"], 5)
+        events = [await bob.event("envelope") for _ in range(5)]
+        self.assertEqual([e.fields["msg_id"] for e in events], [f"m{i}" for i in range(5)])
+        await bob.ok("ack", seqs=[e.fields["seq"] for e in events[:3]])
+        await bob.ok("logout")
+        bob = h.connect()
+        await bob.ok("hello", protocol=1)
+        self.assertEqual((await bob.ok("login", username="bob", password=PASSWORD, port=0))["mailbox"], 2)
+        again = [await bob.event("envelope") for _ in range(2)]
+        self.assertEqual([e.fields["msg_id"] for e in again], ["m3", "m4"])
+
+    @harness_test()
+    async def test_duplicate_stored_once(self, h):
+        """The same msg_id sent twice is stored once and reported as a duplicate."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")
+        first = await alice.ok("send", to="bob", msg_id="m1", envelope="e")
+        second = await alice.ok("send", to="bob", msg_id="m1", envelope="e")
+        self.assertEqual((second["seq"], second["duplicate"]), (first["seq"], True))
+        self.assertEqual(await h.store.mailbox_count("bob"), 1)
+
+    @harness_test(mailbox_limit=2)
+    async def test_mailbox_full(self, h):
+        """The sender gets mailbox_full once the recipient's mailbox holds the limit."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")
+        await alice.ok("send", to="bob", msg_id="1", envelope="e")
+        await alice.ok("send", to="bob", msg_id="2", envelope="e")
+        reply = await alice.request("send", to="bob", msg_id="3", envelope="e")
+        self.assertEqual(reply.code, "mailbox_full")
+        self.assertIn("2", reply.message)
+
+    @harness_test(mailbox_window=4)
+    async def test_mailbox_window_and_live_order(self, h):
+        """The mailbox comes at most window unacked at a time; acks let more come, and envelopes sent
+        meanwhile arrive after the stored ones."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")
+        for i in range(10):
+            await alice.ok("send", to="bob", msg_id=f"s{i}", envelope="e")
+        bob = h.connect()
+        await bob.ok("hello", protocol=1)
+        await bob.ok("login", username="bob", password=PASSWORD, port=0)
+        first = [await bob.event("envelope") for _ in range(4)]
+        await bob.ok("ping")
+        self.assertEqual(len(bob.conn.events("envelope")), 4)
+        live = await alice.ok("send", to="bob", msg_id="live", envelope="e")
+        self.assertEqual(live["status"], "delivered")
+        seen = list(first)
+        while len(seen) < 11:
+            await bob.ok("ack", seqs=[e.fields["seq"] for e in seen])
+            seen.append(await bob.event("envelope"))
+        self.assertEqual([e.fields["msg_id"] for e in seen], [f"s{i}" for i in range(10)] + ["live"])
+
+    @harness_test(message_rate=1, message_burst=3)
+    async def test_message_rate(self, h):
+        """Past the burst, sends are refused with rate_limited until the bucket refills."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        for i in range(3):
+            await alice.ok("send", to="bob", msg_id=str(i), envelope="e")
+        self.assertEqual(await alice.refused("send", to="bob", msg_id="x", envelope="e"), "rate_limited")
+        h.clock.advance(1)
+        await alice.ok("send", to="bob", msg_id="y", envelope="e")
+
+
+class BroadcastTests(TestCase):
+    @harness_test()
+    async def test_broadcast(self, h):
+        """Broadcast reaches everyone online but the sender and those who blocked the sender."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        carol = await h.user("carol")
+        await carol.ok("block", user="alice")
+        self.assertEqual(await alice.ok("broadcast", text="hi all"), {"delivered": 1, "skipped": 1})
+        self.assertEqual((await bob.event("broadcast")).fields["text"], "hi all")
+        self.assertEqual(carol.conn.events("broadcast"), [])
+        self.assertEqual(alice.conn.events("broadcast"), [])
+
+
+class BadInputTests(TestCase):
+    @harness_test()
+    async def test_garbage_changes_nothing(self, h):
+        """Garbage lines each get one error reply; the session keeps working afterwards."""
+        alice = await h.user("alice")
+        before = len(alice.conn.frames)
+        for line in [b"", b"{", b"\xff\xfe", b"[]", b'{"id":1}', b'{"id":1,"op":"nope"}', b'{"id":1,"op":"block"}']:
+            alice.send_line(line)
+        replies = alice.conn.frames[before:]
+        self.assertEqual([r.code for r in replies],
+                         ["bad_json", "bad_json", "bad_utf8", "bad_json", "bad_request", "unknown_op", "bad_request"])
+        self.assertEqual((await alice.ok("who"))["users"], [])
+        self.assertIn("alice", h.directory.online)
+
+    @harness_test()
+    async def test_line_too_long(self, h):
+        """An over-long line gets line_too_long and the connection closes."""
+        c = h.connect()
+        c.session.line_too_long()
+        self.assertEqual(c.conn.frames[-1].code, "line_too_long")
+        self.assertTrue(c.conn.closed)
+
+    @harness_test()
+    async def test_replies_in_order(self, h):
+        """Pipelined requests behind a login wait for it and are answered in order."""
+        fp, ek = fake_keys()
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        await c.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        login = c.request("login", username="alice", password=PASSWORD, port=0)
+        who = c.request("who")
+        self.assertTrue(c.conn.paused)
+        self.assertTrue((await login).ok)
+        self.assertTrue((await who).ok)
+        self.assertFalse(c.conn.paused)
+        ids = [f.id for f in c.conn.frames if not isinstance(f, Event)]
+        self.assertEqual(ids, sorted(ids))
