@@ -1,0 +1,230 @@
+"""End to end: the real `twistd -n p2pdiscovery` process on a loopback ephemeral port, spoken to
+over real TLS exactly as PROTOCOL.md says."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.trial.unittest import TestCase
+
+from p2pchat.tls import ServerTrust
+
+from .support import (
+    DiscoveryServer, LineClient, fake_keys, start_process, twistd_argv, with_timeout,
+)
+
+PASSWORD = "correct horse"
+
+
+class E2E(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.data_dir = self.mktemp()
+        self.keys: dict[str, tuple[str, str]] = {}
+
+    async def server(self, *options: str) -> DiscoveryServer:
+        return await DiscoveryServer(self, self.data_dir, *options).start()
+
+    async def connect(self, server: DiscoveryServer) -> LineClient:
+        trust = ServerTrust("127.0.0.1", pinned=server.fingerprint)
+        endpoint = wrapClientTLS(trust.creator(), TCP4ClientEndpoint(reactor, "127.0.0.1", server.port))
+        client = await with_timeout(connectProtocol(endpoint, LineClient()), what="connect")
+        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+        hello = await client.event("hello")
+        self.assertEqual(hello.fields["protocol"], 1)
+        reply = await client.request("hello", protocol=1)
+        self.assertTrue(reply.ok)
+        return client
+
+    async def user(self, server: DiscoveryServer, name: str, register: bool = True) -> LineClient:
+        client = await self.connect(server)
+        if register and name not in self.keys:
+            fp, ek = self.keys.setdefault(name, fake_keys())
+            reply = await client.request("register", username=name, password=PASSWORD, fingerprint=fp, envelope_key=ek)
+            self.assertTrue(reply.ok, reply)
+        reply = await client.request("login", username=name, password=PASSWORD, port=4000)
+        self.assertTrue(reply.ok, reply)
+        client.login_result = reply.result
+        return client
+
+
+def e2e(f):
+    def test(self):
+        return defer.Deferred.fromCoroutine(f(self))
+
+    test.__doc__ = f.__doc__
+    test.__name__ = f.__name__
+    return test
+
+
+class ServerProcessTests(E2E):
+    @e2e
+    async def test_chat_over_tls(self):
+        """Two users on the real server over TLS: presence, who, lookup, a relayed envelope and logout."""
+        server = await self.server()
+        alice = await self.user(server, "alice")
+        bob = await self.user(server, "bob")
+        self.assertEqual((await alice.event("presence")).fields, {"user": "bob", "status": "online"})
+        self.assertEqual((await alice.request("who")).result["users"], ["bob"])
+        found = (await alice.request("lookup", user="bob")).result
+        self.assertEqual((found["host"], found["port"], found["fingerprint"]), ("127.0.0.1", 4000, self.keys["bob"][0]))
+        sent = await alice.request("send", to="bob", msg_id="m1", envelope="sealed bytes")
+        self.assertEqual(sent.result["status"], "delivered")
+        got = await bob.event("envelope")
+        self.assertEqual((got.fields["from"], got.fields["envelope"]), ("alice", "sealed bytes"))
+        self.assertTrue((await bob.request("logout")).ok)
+        self.assertEqual((await bob.event("bye")).fields["reason"], "logout")
+        await with_timeout(bob.lost, what="server closes after logout")
+        self.assertEqual((await alice.event("presence")).fields["reason"], "logout")
+
+    @e2e
+    async def test_kill9_durability(self):
+        """Envelopes whose send was confirmed survive a kill -9 of the server and are delivered
+        exactly once after restart; accounts, blocks and login history survive too."""
+        server = await self.server()
+        alice = await self.user(server, "alice")
+        bob = await self.user(server, "bob")
+        carol = await self.user(server, "carol")
+        self.assertTrue((await carol.request("block", user="alice")).ok)
+        await bob.request("logout")
+        confirmed = []
+        for i in range(50):
+            reply = await alice.request("send", to="bob", msg_id=f"m{i}", envelope=f"envelope {i}")
+            self.assertEqual(reply.result["status"], "stored")
+            confirmed.append(f"m{i}")
+        # A resend of a confirmed id after the crash must not double it.
+        await server.kill("KILL")
+
+        server = await self.server()
+        alice = await self.user(server, "alice", register=False)
+        again = await alice.request("send", to="bob", msg_id="m7", envelope="envelope 7")
+        self.assertTrue(again.result["duplicate"])
+        self.assertEqual((await alice.request("send", to="carol", msg_id="x", envelope="e")).code, "blocked_by_user")
+        self.assertNotIn("carol", (await alice.request("whosince", seconds=3600)).result["users"])
+        bob = await self.user(server, "bob", register=False)
+        self.assertEqual((await bob.request("whosince", seconds=3600)).result["users"], ["alice", "carol"])
+        self.assertEqual(bob.login_result["mailbox"], 50)
+        got = [await bob.event("envelope") for _ in range(50)]
+        self.assertEqual([e.fields["msg_id"] for e in got], confirmed)
+        self.assertTrue((await bob.request("ack", seqs=[e.fields["seq"] for e in got])).ok)
+        self.assertEqual(bob.queued("envelope"), [])
+        await bob.request("logout")
+        await server.kill("TERM")
+
+        server = await self.server()
+        bob = await self.user(server, "bob", register=False)
+        self.assertEqual(bob.login_result["mailbox"], 0)
+
+    @e2e
+    async def test_garbage_burst(self):
+        """One client pours garbage (and finally an over-long line) while two others keep chatting:
+        the garbage gets error replies, then the connection closes; the chat loses nothing."""
+        server = await self.server("--message-rate", "0")
+        alice = await self.user(server, "alice")
+        bob = await self.user(server, "bob")
+        mallory = await self.connect(server)
+        garbage = [b"\xff\xfe\xfd", b"{", b"[]", b'{"id":1}', b'{"id":1,"op":"x"}', b"null", b'{"id":2,"op":"who"}',
+                   b'{"id":"' + b"a" * 100 + b'","op":"ping"}', os.urandom(200).replace(b"\n", b"")]
+        sends = []
+        for i in range(100):
+            for line in garbage:
+                mallory.send_raw(line + b"\n")
+            sends.append(alice.request("send", to="bob", msg_id=f"m{i}", envelope=f"hello {i}"))
+            sends.append(bob.request("send", to="alice", msg_id=f"r{i}", envelope=f"reply {i}"))
+        mallory.send_raw(b"x" * 70000 + b"\n")
+        results = await defer.gatherResults(sends)
+        self.assertTrue(all(r.ok and r.result["status"] == "delivered" for r in results))
+        to_bob = [await bob.event("envelope") for _ in range(100)]
+        to_alice = [await alice.event("envelope") for _ in range(100)]
+        self.assertEqual([e.fields["msg_id"] for e in to_bob], [f"m{i}" for i in range(100)])
+        self.assertEqual([e.fields["msg_id"] for e in to_alice], [f"r{i}" for i in range(100)])
+        await with_timeout(mallory.lost, what="over-long line closes the connection")
+        codes = [r.code for r in mallory.raw_replies[1:]]  # after the reply to hello
+        self.assertEqual(len(codes), 901)
+        self.assertEqual(codes[-1], "line_too_long")
+        self.assertNotIn(None, codes)
+        self.assertEqual((await alice.request("who")).result["users"], ["bob"])
+
+    @e2e
+    async def test_killed_client_leaves_no_ghost(self):
+        """A client process killed with kill -9 is offline at once for everyone else."""
+        server = await self.server()
+        alice = await self.user(server, "alice")
+        fp, ek = fake_keys()
+        script = CLIENT_SCRIPT.format(port=server.port, fp=fp, ek=ek)
+        child = start_process(self, [sys.executable, "-c", script])
+        await child.output.wait_for("logged in")
+        self.assertEqual((await alice.event("presence")).fields["status"], "online")
+        child.signal("KILL")
+        offline = await alice.event("presence", timeout=10)
+        self.assertEqual((offline.fields["user"], offline.fields["status"]), ("zoe", "offline"))
+        self.assertEqual((await alice.request("who")).result["users"], [])
+
+    @e2e
+    async def test_silent_client_dropped(self):
+        """A client that stays connected but silent (its network gone) is dropped after the
+        keep-alive timeout, and its user is offline."""
+        server = await self.server("--keepalive-timeout", "3")
+        alice = await self.user(server, "alice")
+        bob = await self.user(server, "bob")
+        await alice.event("presence")
+        pinger = task.LoopingCall(alice.request, "ping")  # alice keeps pinging; bob says nothing
+        pinger.start(1.0)
+        self.addCleanup(pinger.stop)
+        self.assertEqual((await bob.event("bye", timeout=10)).fields["reason"], "keepalive_timeout")
+        offline = await alice.event("presence", timeout=5)
+        self.assertEqual((offline.fields["user"], offline.fields["reason"]), ("bob", "keepalive_timeout"))
+
+    @e2e
+    async def test_credentials_and_closed_registration(self):
+        """Accounts from a credentials file log in (binding keys on first login); registration is closed."""
+        creds = self.mktemp()
+        with open(creds, "w") as f:
+            f.write("hans falcon*solo\nyoda wise@!man\n")
+        server = await self.server("--credentials", creds, "--no-registration")
+        client = await self.connect(server)
+        fp, ek = fake_keys()
+        reply = await client.request("register", username="eve", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        self.assertEqual(reply.code, "registration_closed")
+        self.assertEqual((await client.request("login", username="hans", password="Falcon*solo", port=0,
+                                               fingerprint=fp, envelope_key=ek)).code, "bad_credentials")
+        reply = await client.request("login", username="hans", password="falcon*solo", port=0,
+                                     fingerprint=fp, envelope_key=ek)
+        self.assertTrue(reply.ok, reply)
+        with open(os.path.join(self.data_dir, "discovery.sqlite3"), "rb") as f:
+            self.assertNotIn(b"falcon*solo", f.read())
+
+    @e2e
+    async def test_bad_option(self):
+        """A bad option value stops twistd with a clear message instead of starting."""
+        child = start_process(self, twistd_argv() + ["-n", "--pidfile=", "p2pdiscovery", "--block-duration", "soon"])
+        code = await with_timeout(child.when_ended(), what="twistd exit")
+        self.assertNotEqual(code, 0)
+        self.assertIn("--block-duration takes a number", "\n".join(child.output.lines))
+
+
+# A client in another process, so that kill -9 takes its socket away as a crash would.
+CLIENT_SCRIPT = r"""
+import json, socket, ssl, sys, time
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})))
+f = s.makefile("rwb")
+def call(**req):
+    f.write(json.dumps(req).encode() + b"\n"); f.flush()
+    while True:
+        frame = json.loads(f.readline())
+        if frame.get("id") == req["id"]:
+            return frame
+call(id=1, op="hello", protocol=1)
+call(id=2, op="register", username="zoe", password="correct horse", fingerprint="{fp}", envelope_key="{ek}")
+assert call(id=3, op="login", username="zoe", password="correct horse", port=0)["ok"]
+print("logged in", flush=True)
+while True:
+    time.sleep(1)
+"""
