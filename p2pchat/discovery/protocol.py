@@ -39,6 +39,10 @@ class DiscoveryProtocol(LineOnlyReceiver):
         self._abort_call = None
 
     def connectionMade(self) -> None:
+        # Replies and events are small lines: Nagle's algorithm would hold them back for an ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "unknown")
         self.session = Session(self.directory, self.clock, self, host)
