@@ -1,0 +1,592 @@
+"""The terminal: parses command lines, runs them on the messenger, and renders everything the
+user sees. Works line by line on pipes, and with a prompt and line editing on a terminal."""
+
+from __future__ import annotations
+
+import codecs
+import math
+import re
+import termios
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .messenger import CommandError, FingerprintInfo, Messenger
+
+if TYPE_CHECKING:
+    from .history import Entry
+
+log = Logger()
+
+MAX_INPUT = 64 * 1024  # bytes in one input line; longer lines are refused whole
+HISTORY_DEFAULT = 20
+HISTORY_MAX = 1000
+
+
+# -- parsing ----------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A command line that cannot be run as typed; the message says how to type it."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    aliases: tuple[str, ...]
+    params: str
+    summary: str
+
+    def usage(self) -> str:
+        return f"/{self.name} {self.params}".rstrip()
+
+
+SPECS = [
+    Spec("msg", ("message", "send"), "USER TEXT", "send a message: directly when possible, else sealed through the server"),
+    Spec("broadcast", (), "TEXT", "send TEXT to everyone online"),
+    Spec("who", ("whoelse", "list", "discover"), "", "who else is online"),
+    Spec("whosince", ("whoelsesince",), "SECONDS", "who was online during the last SECONDS seconds"),
+    Spec("block", (), "USER", "stop USER from messaging you (USER is not told)"),
+    Spec("unblock", (), "USER", "let USER message you again"),
+    Spec("mute", (), "USER [SECONDS]", "hide USER's messages, for SECONDS or until /unmute (they are still stored)"),
+    Spec("unmute", (), "USER", "show USER's messages again"),
+    Spec("startprivate", (), "USER", "open a direct private session with USER"),
+    Spec("private", (), "USER TEXT", "send TEXT over the private session only, never through the server"),
+    Spec("stopprivate", (), "USER", "end the private session with USER"),
+    Spec("history", (), "USER [N]", f"the last N ({HISTORY_DEFAULT}) messages with USER and their status"),
+    Spec("fingerprint", (), "[USER]", "your key's fingerprint, or USER's, to compare out of band"),
+    Spec("trust", (), "USER", "accept USER's changed key"),
+    Spec("offline", (), "", "leave the server and stop accepting direct links; messages wait"),
+    Spec("online", (), "", "come back online and send the waiting messages"),
+    Spec("help", (), "", "this list"),
+    Spec("logout", ("exit", "quit"), "", "log out and exit"),
+]
+_BY_NAME = {name: spec for spec in SPECS for name in (spec.name, *spec.aliases)}
+_WORD = re.compile(r"\s*(\S+)(.*)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: tuple[Any, ...]
+
+
+def parse(line: str) -> Command | None:
+    """
+    One input line to a command, or C{None} for a blank line. The slash is optional, so the
+    seeds' words (C{message bob hi}, C{whoelse}) work as typed.
+
+    @raise UsageError: unknown command, missing or malformed arguments.
+    """
+    match = _WORD.match(line)
+    if match is None:
+        return None
+    word, rest = match.groups()
+    spec = _BY_NAME.get(word.removeprefix("/").lower())
+    if spec is None:
+        shown = word if len(word) <= 32 else word[:32] + "…"
+        if word.startswith("/"):
+            raise UsageError(f"unknown command {shown}; /help lists the commands")
+        raise UsageError(f"{shown!r} is not a command; to write to someone: /msg USER TEXT (/help lists the commands)")
+    args: list[Any] = []
+    for param in spec.params.split():
+        optional = param.startswith("[")
+        kind = param.strip("[]")
+        if kind == "TEXT":
+            text = rest.strip()
+            if not text:
+                raise UsageError(f"usage: {spec.usage()}")
+            args.append(text)
+            rest = ""
+            break
+        match = _WORD.match(rest)
+        if match is None:
+            if not optional:
+                raise UsageError(f"usage: {spec.usage()}")
+            args.append(None)
+            continue
+        value, rest = match.groups()
+        args.append(_convert(kind, value, spec))
+    if rest.strip():
+        raise UsageError(f"too many arguments; usage: {spec.usage()}")
+    return Command(spec.name, tuple(args))
+
+
+def _convert(kind: str, value: str, spec: Spec) -> Any:
+    if kind == "USER":
+        return value
+    try:
+        number = float(value) if kind == "SECONDS" else int(value)
+    except ValueError:
+        number = None
+    if kind == "SECONDS":
+        low = 0 if spec.name == "whosince" else 1
+        if number is None or not math.isfinite(number) or not low <= number <= 1e9:
+            raise UsageError(f"SECONDS must be a number from {low} to 1000000000; usage: {spec.usage()}")
+        return number
+    if number is None or not 1 <= number <= HISTORY_MAX:
+        raise UsageError(f"N must be a whole number from 1 to {HISTORY_MAX}; usage: {spec.usage()}")
+    return number
+
+
+def help_text() -> str:
+    width = max(len(spec.usage()) for spec in SPECS)
+    lines = ["commands (the slash is optional):"]
+    for spec in SPECS:
+        aliases = f" (also {', '.join('/' + a for a in spec.aliases)})" if spec.aliases else ""
+        lines.append(f"  {spec.usage():<{width}}  {spec.summary}{aliases}")
+    return "\n".join(lines)
+
+
+# -- rendering --------------------------------------------------------------------
+
+
+def clean(text: Any) -> str:
+    """What others wrote, made harmless for a terminal: no escape sequences, no control characters."""
+    return "".join(c if c.isprintable() else " " if c == "\t" else "\ufffd" for c in str(text))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+_BYE = {
+    "idle_timeout": "the server logged you out after a while without commands; /online to come back",
+    "replaced": "you logged in from somewhere else, so this peer is now offline; /online takes over again",
+    "shutdown": "the server is shutting down; reconnecting when it is back",
+    "keepalive_timeout": "the server stopped hearing from this peer; reconnecting",
+    "slow_consumer": "the server dropped this peer for reading too slowly; reconnecting",
+}
+
+_EVENTS: dict[str, Callable[..., str]] = {
+    "message": lambda user, text, private: f"{user}{' (private)' if private else ''}: {clean(text)}",
+    "broadcast": lambda user, text: f"{user} (broadcast): {clean(text)}",
+    "presence": lambda user, online: f"{user} logged {'in' if online else 'out'}",
+    "welcome": lambda user, mailbox: f"welcome, {user}!"
+    + (f" {_plural(mailbox, 'message')} arrived while you were away:" if mailbox else ""),
+    "reconnected": lambda user, mailbox: "reconnected to the server",
+    "registered": lambda user, server: f"registered {user} on {server}",
+    "wrong_password": lambda user: "wrong password",
+    "weak_password": lambda message: f"that password is not accepted: {clean(message)}",
+    "too_many_attempts": lambda user, code, message: f"wrong password too many times: {user} is now blocked, try again later ({clean(message)})",
+    "account_locked": lambda user, message, code="": f"{user} is blocked after failed logins; try again later ({clean(message)})",
+    "already_online": lambda user, code, message: f"{user} is already logged in elsewhere",
+    "login_failed": lambda code, message, user="": f"cannot log in: {clean(message)} ({code})",
+    "login_gave_up": lambda user: "no other password to try; exiting",
+    "no_password": lambda: "no password given; exiting",
+    "session_expired": lambda user: "the session expired and no password is available here; start the peer again to log in",
+    "server_unreachable": lambda server, reason: f"cannot reach the server at {server} ({clean(reason)}); working offline, retrying in the background",
+    "server_lost": lambda: "lost the connection to the server; reconnecting",
+    "internal_error": lambda message: f"the peer cannot go on: {clean(message)} (details in peer.log)",
+    "server_refused": lambda message: clean(message),
+    "server_pinned": lambda server, fingerprint: f"trusting the server at {server} on first use: certificate sha256:{fingerprint}",
+    "bye": lambda reason, message: _BYE.get(reason, f"the server closed the connection: {clean(message)}"),
+    "listen_failed": lambda reason: f"cannot accept direct links ({clean(reason)}); messages go through the server",
+    "stored": lambda user: f"{user} is offline: the message waits on the server until they log in",
+    "queued": lambda user, chosen: f"you are offline: the message to {user} goes out after /online"
+    if chosen
+    else f"not connected to the server: the message to {user} goes out once the connection is back",
+    "send_failed": lambda user, code, message, text: f"could not deliver your message to {user} ({clean(text)[:40]}): "
+    + render_error(code, user=user, message=message),
+    "waiting_for_keys": lambda user: f"{user} has not logged in since their account was made; your messages wait until they do",
+    "key_changed": lambda user, old, new: (
+        f"WARNING: {user}'s IDENTITY KEY HAS CHANGED (was sha256:{old}, now sha256:{new}). "
+        f"It may be a reinstall, or someone impersonating {user}. Nothing goes to or comes from {user} "
+        f"until you compare fingerprints out of band (/fingerprint {user}) and accept with /trust {user}."
+    ),
+    "private_ready": lambda user: f"private session with {user} started: /private {user} TEXT to write, /stopprivate {user} to end it",
+    "private_started": lambda user, by_peer: f"{user} started a private session with you (answer with /private {user} TEXT)",
+    "private_ended": lambda user, by_peer: f"{user} ended the private session"
+    if by_peer
+    else f"the private session with {user} ended: the link closed",
+}
+
+
+def render(event: str, **fields: Any) -> str:
+    template = _EVENTS.get(event)
+    if template is None:
+        return f"{event}: {fields}"
+    return template(**fields)
+
+
+_ERRORS: dict[str, str] = {
+    "invalid_user": "'{user}' is not a valid username",
+    "invalid_username": "'{user}' is not a valid username",
+    "yourself": "that is you",
+    "self": "that is you",
+    "unknown_user": "there is no user named {user}",
+    "offline": "{user} is offline",
+    "blocked_by_user": "{user} has blocked you",
+    "already_blocked": "{user} is already blocked",
+    "not_blocked": "{user} is not blocked",
+    "not_muted": "{user} is not muted",
+    "no_private_session": "no private session with {user}; start one with /startprivate {user}",
+    "unreachable": "{user} cannot be reached directly at {host}:{port}",
+    "too_long": "message too long: {length} characters, at most {limit}",
+    "too_long_bytes": "message too long: {size} bytes once encoded, at most {limit}",
+    "empty_message": "empty message",
+    "key_changed": "{user}'s key has changed; compare it (/fingerprint {user}), then accept it with /trust {user}",
+    "bad_keys": "the server sent unusable keys for {user}",
+    "nothing_to_trust": "{user}'s key has not changed; nothing to accept",
+    "already_offline": "you are already offline",
+    "already_online_mode": "you are already online",
+    "mailbox_full": "{user}'s mailbox is full; try again later",
+    "keys_unknown": "{user} has not logged in yet",
+    "rate_limited": "too many requests: {message}",
+}
+
+
+def render_error(code: str, **fields: Any) -> str:
+    if code == "not_connected":
+        if fields.get("chosen"):
+            return "you are offline; /online to reconnect"
+        return f"the server at {fields.get('server')} is unreachable; try again later"
+    template = _ERRORS.get(code)
+    if template is not None:
+        try:
+            return template.format(**fields)
+        except (KeyError, IndexError):
+            pass
+    message = fields.get("message")
+    return f"{clean(message)} ({code})" if message else code
+
+
+def render_entry(entry: Entry) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.sent_at))
+    private = " (private)" if entry.private else ""
+    if entry.outgoing:
+        return f"[{when}] you -> {entry.peer}{private}: {clean(entry.text)} ({entry.status})"
+    note = {"muted": " (muted)", "held": " (held: key changed)"}.get(entry.status, "")
+    return f"[{when}] {entry.peer}{private}: {clean(entry.text)}{note}"
+
+
+def render_fingerprint(info: FingerprintInfo, me: str) -> str:
+    if info.user == me:
+        return f"your fingerprint: {info.pinned}"
+    lines = [f"{info.user}: " + (f"pinned {info.pinned}" if info.pinned else "no key pinned yet")]
+    if info.changed_to:
+        lines.append(f"  CHANGED to {info.changed_to} (not accepted; /trust {info.user} accepts it)")
+    if info.directory and info.directory not in (info.pinned, info.changed_to):
+        lines.append(f"  the server now says {info.directory}")
+    elif info.directory:
+        lines.append("  the server agrees" if info.directory == info.pinned else "  the server has the new key")
+    return "\n".join(lines)
+
+
+# -- the terminal -----------------------------------------------------------------
+
+
+def cbreak(fd: int) -> Callable[[], None]:
+    """Character-at-a-time input without echo (signals still work); returns what restores it."""
+    saved = termios.tcgetattr(fd)
+    mode = termios.tcgetattr(fd)
+    mode[3] &= ~(termios.ICANON | termios.ECHO)
+    mode[6][termios.VMIN] = 1
+    mode[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, mode)
+    return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@implementer(IHalfCloseableProtocol)
+class Console(Protocol):
+    """
+    The user's side, over stdin/stdout (C{StandardIO}): implements the messenger's view and its
+    password prompt, and runs command lines one after another, in order.
+
+    @param terminal: stdin is a terminal in cbreak mode (see L{cbreak}): edit lines, show a
+        prompt, redraw it around incoming lines. Otherwise read plain lines.
+    """
+
+    def __init__(self, user: str, terminal: bool) -> None:
+        self.user = user
+        self._terminal = terminal
+        self._messenger: Messenger | None = None
+        self._prompt = f"{user}> "
+        self._typed = ""  # terminal: the line being edited
+        self._escape = 0  # terminal: inside an escape sequence (1: after ESC, 2: after ESC [)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = b""  # pipe: an incomplete line
+        self._discarding = False  # pipe: the rest of an overlong line
+        self._lines: list[str | None] = []  # complete lines not taken yet; None is the end of input
+        self._line_waiter: Deferred[str | None] | None = None
+        self._password_waiter: Deferred[str | None] | None = None
+        self._commands_started = False
+        self._prompt_shown = False  # terminal: the prompt line is on screen
+        self._closed = False
+
+    def attach(self, messenger: Messenger) -> None:
+        self._messenger = messenger
+
+    # -- output -----------------------------------------------------------------
+
+    def _write(self, text: str) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(text.encode("utf-8", "replace"))
+
+    def _print(self, text: str) -> None:
+        if not self._terminal:
+            self._write(text + "\n")
+            return
+        # Erase the prompt and what is being typed, print, then put both back.
+        self._write("\r\x1b[K" + text.replace("\n", "\r\n\x1b[K") + "\n")
+        self._prompt_shown = False
+        self._redraw()
+
+    def _redraw(self) -> None:
+        if not self._terminal or self._prompt_shown:
+            return
+        if self._password_waiter is not None:
+            self._write(f"password for {self.user}: ")
+        elif self._commands_started:
+            self._write(self._prompt + self._typed)
+        else:
+            return
+        self._prompt_shown = True
+
+    def show(self, event: str, **fields: Any) -> None:
+        self._print(render(event, **fields))
+
+    def close(self) -> None:
+        """Stop writing (the process is exiting)."""
+        if self._terminal:
+            self._write("\r\x1b[K")
+        self._closed = True
+
+    # -- input ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._terminal:
+            self._keys(self._decoder.decode(data))
+        else:
+            self._pipe(data)
+
+    def _pipe(self, data: bytes) -> None:
+        self._partial += data
+        while True:
+            end = self._partial.find(b"\n")
+            if end < 0:
+                if len(self._partial) > MAX_INPUT:
+                    if not self._discarding:
+                        self._print(f"error: input line longer than {MAX_INPUT} bytes; ignored")
+                    self._discarding = True
+                    self._partial = b""
+                return
+            raw, self._partial = self._partial[:end], self._partial[end + 1 :]
+            if self._discarding:
+                self._discarding = False
+            elif len(raw) > MAX_INPUT:
+                self._print(f"error: input line longer than {MAX_INPUT} bytes; ignored")
+            else:
+                self._raw_line(raw)
+
+    def _raw_line(self, raw: bytes) -> None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._print("error: input is not valid UTF-8; line ignored")
+            return
+        self._line_entered(line.removesuffix("\r"))
+
+    def _keys(self, keys: str) -> None:
+        for key in keys:
+            if self._escape == 1:
+                self._escape = 2 if key in "[O" else 0
+            elif self._escape == 2:
+                if "@" <= key <= "~":
+                    self._escape = 0
+            elif key == "\x1b":
+                self._escape = 1
+            elif key in "\r\n":
+                line, self._typed = self._typed, ""
+                self._write("\n")
+                self._prompt_shown = False
+                self._line_entered(line)
+            elif key in "\x7f\x08":
+                if self._typed:
+                    self._typed = self._typed[:-1]
+                    if self._password_waiter is None:
+                        self._write("\b \b")
+            elif key == "\x15":  # ctrl-U: forget the line
+                self._typed = ""
+                self._write("\r\x1b[K")
+                self._prompt_shown = False
+                self._redraw()
+            elif key == "\x04":  # ctrl-D on an empty line: end of input
+                if not self._typed:
+                    self._write("\n")
+                    self._prompt_shown = False
+                    self.readConnectionLost()
+            elif key.isprintable() or key == "\t":
+                if len(self._typed) >= MAX_INPUT:
+                    self._write("\a")
+                    continue
+                key = " " if key == "\t" else key
+                self._typed += key
+                if self._password_waiter is None:
+                    self._write(key)
+
+    def _line_entered(self, line: str | None) -> None:
+        if self._password_waiter is not None:
+            waiter, self._password_waiter = self._password_waiter, None
+            waiter.callback(line)
+        elif self._line_waiter is not None:
+            waiter, self._line_waiter = self._line_waiter, None
+            waiter.callback(line)
+        else:
+            self._lines.append(line)
+
+    def _next_line(self) -> Deferred[str | None]:
+        if self._lines:
+            return succeed(self._lines.pop(0))
+        self._line_waiter = Deferred()
+        return self._line_waiter
+
+    def readConnectionLost(self) -> None:
+        if self._partial and not self._discarding:
+            self._raw_line(self._partial)
+        self._partial = b""
+        self._line_entered(None)
+
+    def writeConnectionLost(self) -> None:
+        self._closed = True
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed = True
+
+    # -- the password prompt (the messenger's PasswordSource) --------------------
+
+    def password(self, retry: bool) -> Deferred[str | None]:
+        """
+        On a terminal: prompt without echo. On a pipe: the next input line, but only before
+        commands run (afterwards lines are commands and no password is available).
+        """
+        if self._terminal:
+            self._password_waiter = Deferred()
+            waiter = self._password_waiter
+            self._typed = ""
+            self._write("\r\x1b[K")
+            self._prompt_shown = False
+            self._redraw()
+            return waiter
+        if self._commands_started:
+            return succeed(None)
+        self._print(f"password for {self.user}:")
+        return self._next_line()
+
+    # -- commands -----------------------------------------------------------------
+
+    def start_commands(self) -> Deferred[None]:
+        """Run input lines as commands from now on, in order, until the end of input."""
+        self._commands_started = True
+        self._redraw()
+        return Deferred.fromCoroutine(self._command_loop())
+
+    async def _command_loop(self) -> None:
+        while not self._closed:
+            line = await self._next_line()
+            if line is None:
+                await self.execute("/logout")
+                return
+            await self.execute(line)
+            self._redraw()
+
+    async def execute(self, line: str) -> None:
+        """Run one command line and print its outcome; never raises."""
+        try:
+            command = parse(line)
+            if command is None:
+                return
+            await getattr(self, "_do_" + command.name)(*command.args)
+        except UsageError as e:
+            self._print(f"error: {e}")
+        except CommandError as e:
+            self._print("error: " + render_error(e.code, **e.fields))
+        except Exception:
+            log.failure("command {line!r}", line=line[:100])
+            self._print("error: something went wrong; details are in the log")
+
+    @property
+    def _m(self) -> Messenger:
+        assert self._messenger is not None, "attach() a messenger first"
+        return self._messenger
+
+    async def _do_msg(self, user: str, text: str) -> None:
+        await self._m.send(user, text)
+
+    async def _do_broadcast(self, text: str) -> None:
+        delivered, skipped = await self._m.broadcast(text)
+        line = f"broadcast sent to {_plural(delivered, 'user')}"
+        if skipped:
+            line += f"; {_plural(skipped, 'user')} could not get it (they blocked you)"
+        self._print(line)
+
+    async def _do_who(self) -> None:
+        users = await self._m.who()
+        self._print(f"online: {', '.join(users)}" if users else "nobody else is online")
+
+    async def _do_whosince(self, seconds: float) -> None:
+        users = await self._m.whosince(seconds)
+        span = f"{seconds:g} s"
+        self._print(f"online during the last {span}: {', '.join(users)}" if users else f"nobody else was online during the last {span}")
+
+    async def _do_block(self, user: str) -> None:
+        await self._m.block(user)
+        self._print(f"blocked {user}")
+
+    async def _do_unblock(self, user: str) -> None:
+        await self._m.unblock(user)
+        self._print(f"unblocked {user}")
+
+    async def _do_mute(self, user: str, seconds: float | None) -> None:
+        await self._m.mute(user, seconds)
+        self._print(f"muted {user}" + (f" for {seconds:g} s" if seconds is not None else " until /unmute"))
+
+    async def _do_unmute(self, user: str) -> None:
+        await self._m.unmute(user)
+        self._print(f"unmuted {user}")
+
+    async def _do_startprivate(self, user: str) -> None:
+        await self._m.start_private(user)
+
+    async def _do_private(self, user: str, text: str) -> None:
+        await self._m.private(user, text)
+
+    async def _do_stopprivate(self, user: str) -> None:
+        await self._m.stop_private(user)
+        self._print(f"private session with {user} ended")
+
+    async def _do_history(self, user: str, limit: int | None) -> None:
+        entries = await self._m.history(user, limit or HISTORY_DEFAULT)
+        if not entries:
+            self._print(f"no messages with {user} yet")
+        for entry in entries:
+            self._print(render_entry(entry))
+
+    async def _do_fingerprint(self, user: str | None) -> None:
+        self._print(render_fingerprint(await self._m.fingerprint(user), self.user))
+
+    async def _do_trust(self, user: str) -> None:
+        await self._m.trust(user)
+        self._print(f"accepted {user}'s new key")
+
+    async def _do_offline(self) -> None:
+        await self._m.go_offline()
+        self._print("you are offline: not on the server, no direct links; messages you write wait until /online")
+
+    async def _do_online(self) -> None:
+        await self._m.go_online()
+        self._print("going online")
+
+    async def _do_help(self) -> None:
+        self._print(help_text())
+
+    async def _do_logout(self) -> None:
+        self._print("logging out")
+        await self._m.logout()

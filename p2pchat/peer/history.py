@@ -1,0 +1,310 @@
+"""The peer's local SQLite store: contacts with pinned keys, block and mute state, every message
+sent and received with its status, and the outbox (outgoing messages not yet accepted by anyone).
+
+All SQL lives here. Each method runs its statements in one transaction through C{run}: a single
+dedicated thread in the peer (L{ThreadRunner}), or L{run_now} in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger()
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], T]], "Deferred[T]"]
+
+SCHEMA_VERSION = 1
+
+# Outgoing statuses: pending (in the outbox), sent (a server holds it), delivered (the recipient
+# acknowledged it), failed (refused for good). Incoming: shown, muted (stored, not displayed),
+# held (signed with a changed key the user has not accepted yet).
+PENDING, SENT, DELIVERED, FAILED = "pending", "sent", "delivered", "failed"
+SHOWN, MUTED, HELD = "shown", "muted", "held"
+
+_SCHEMA = [
+    """CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE contacts (
+        user TEXT PRIMARY KEY,
+        fingerprint TEXT,
+        envelope_key TEXT,
+        new_fingerprint TEXT,
+        new_envelope_key TEXT,
+        blocked INTEGER NOT NULL DEFAULT 0,
+        muted INTEGER NOT NULL DEFAULT 0,
+        mute_until REAL)""",
+    """CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        peer TEXT NOT NULL,
+        outgoing INTEGER NOT NULL,
+        msg_id TEXT NOT NULL,
+        text TEXT NOT NULL,
+        private INTEGER NOT NULL DEFAULT 0,
+        status TEXT NOT NULL,
+        sent_at REAL NOT NULL,
+        stored_at REAL NOT NULL,
+        UNIQUE (peer, outgoing, msg_id))""",
+    """CREATE INDEX messages_by_status ON messages (status, peer, id)""",
+]
+
+
+def run_now(work: Callable[[], T]) -> "Deferred[T]":
+    """Run C{work} at once, in the calling thread: for tests and tools."""
+    return maybeDeferred(work)
+
+
+class ThreadRunner:
+    """One dedicated thread for the database, so SQLite never blocks the reactor."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="p2pchat-history")
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def __call__(self, work: Callable[[], T]) -> "Deferred[T]":
+        return deferToThreadPool(self._reactor, self._pool, work)
+
+
+@dataclass(frozen=True)
+class Contact:
+    user: str
+    fingerprint: str | None = None
+    envelope_key: str | None = None
+    new_fingerprint: str | None = None
+    new_envelope_key: str | None = None
+    blocked: bool = False
+    muted: bool = False
+    mute_until: float | None = None  # None with muted: until /unmute
+
+
+@dataclass(frozen=True)
+class Entry:
+    peer: str
+    outgoing: bool
+    msg_id: str
+    text: str
+    private: bool
+    status: str
+    sent_at: float
+
+
+class History:
+    """
+    The peer's database file. Every public method returns a L{Deferred}.
+
+    @param path: the SQLite file; created (mode 0600) with the current schema when missing.
+    @param run: how to run one unit of work; see L{ThreadRunner} and L{run_now}.
+    """
+
+    def __init__(self, path: str, run: Runner = run_now) -> None:
+        self._path = path
+        self._run = run
+        self._db: sqlite3.Connection | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def open(self) -> Deferred[None]:
+        return self._run(self._open)
+
+    def close(self) -> Deferred[None]:
+        return self._run(self._close)
+
+    def _open(self) -> None:
+        if not os.path.exists(self._path):
+            os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY, 0o600))
+        # One thread uses the connection at a time, but not the thread that made it.
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        with _transaction(db):
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self._path} has schema version {row[0]}; this peer knows {SCHEMA_VERSION}"
+                )
+        self._db = db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _transact(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        def in_transaction() -> T:
+            assert self._db is not None, "History.open() first"
+            with _transaction(self._db):
+                return work(self._db)
+
+        return self._run(in_transaction)
+
+    # -- settings -----------------------------------------------------------------
+
+    def is_registered(self, server: str) -> Deferred[bool]:
+        """Whether this identity registered (or found its account) on C{server} ("host:port")."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            found = db.execute("SELECT 1 FROM settings WHERE key = ?", ("registered " + server,))
+            return found.fetchone() is not None
+
+        return self._transact(work)
+
+    def mark_registered(self, server: str) -> Deferred[None]:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO settings VALUES (?, '1')", ("registered " + server,))
+
+        return self._transact(work)
+
+    # -- contacts -----------------------------------------------------------------
+
+    def contacts(self) -> Deferred[dict[str, Contact]]:
+        def work(db: sqlite3.Connection) -> dict[str, Contact]:
+            rows = db.execute(
+                "SELECT user, fingerprint, envelope_key, new_fingerprint, new_envelope_key,"
+                " blocked, muted, mute_until FROM contacts"
+            )
+            return {
+                row[0]: Contact(row[0], row[1], row[2], row[3], row[4], bool(row[5]), bool(row[6]), row[7])
+                for row in rows
+            }
+
+        return self._transact(work)
+
+    def save_contact(self, contact: Contact) -> Deferred[None]:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO contacts (user, fingerprint, envelope_key, new_fingerprint,"
+                " new_envelope_key, blocked, muted, mute_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    contact.user,
+                    contact.fingerprint,
+                    contact.envelope_key,
+                    contact.new_fingerprint,
+                    contact.new_envelope_key,
+                    int(contact.blocked),
+                    int(contact.muted),
+                    contact.mute_until,
+                ),
+            )
+
+        return self._transact(work)
+
+    # -- messages -----------------------------------------------------------------
+
+    def add_outgoing(self, peer: str, msg_id: str, text: str, private: bool, now: float) -> Deferred[None]:
+        """Store a message the user wrote, as C{pending}: it is in the outbox from now on."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO messages (peer, outgoing, msg_id, text, private, status, sent_at,"
+                " stored_at) VALUES (?, 1, ?, ?, ?, ?, ?, ?)",
+                (peer, msg_id, text, int(private), PENDING, now, now),
+            )
+
+        return self._transact(work)
+
+    def add_incoming(
+        self, peer: str, msg_id: str, text: str, private: bool, status: str, sent_at: float, now: float
+    ) -> Deferred[bool]:
+        """
+        Store a received message unless C{(peer, msg_id)} is already stored.
+
+        @return: whether it is new (a duplicate must be neither stored nor shown again).
+        """
+
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO messages (peer, outgoing, msg_id, text, private, status,"
+                " sent_at, stored_at) VALUES (?, 0, ?, ?, ?, ?, ?, ?)",
+                (peer, msg_id, text, int(private), status, sent_at, now),
+            )
+            return cursor.rowcount == 1
+
+        return self._transact(work)
+
+    def outbox(self, peer: str | None = None) -> Deferred[list[Entry]]:
+        """Pending outgoing messages, oldest first; for one peer or for all."""
+        where, args = "outgoing = 1 AND status = ?", [PENDING]
+        if peer is not None:
+            where += " AND peer = ?"
+            args.append(peer)
+        return self._transact(lambda db: _entries(db, where, args, "id"))
+
+    def set_status(self, peer: str, msg_ids: Iterable[str], status: str, only_from: Iterable[str]) -> Deferred[int]:
+        """
+        Move outgoing messages to C{status}, but only those currently in one of C{only_from}
+        (so a late "sent" never hides a "delivered").
+
+        @return: how many changed.
+        """
+        ids, sources = list(msg_ids), list(only_from)
+
+        def work(db: sqlite3.Connection) -> int:
+            changed = 0
+            for msg_id in ids:
+                changed += db.execute(
+                    "UPDATE messages SET status = ? WHERE peer = ? AND outgoing = 1 AND msg_id = ?"
+                    f" AND status IN ({','.join('?' * len(sources))})",
+                    (status, peer, msg_id, *sources),
+                ).rowcount
+            return changed
+
+        return self._transact(work)
+
+    def release_held(self, peer: str) -> Deferred[list[Entry]]:
+        """Mark the messages held back for a changed key as shown, and return them, oldest first."""
+
+        def work(db: sqlite3.Connection) -> list[Entry]:
+            held = _entries(db, "outgoing = 0 AND status = ? AND peer = ?", [HELD, peer], "id")
+            db.execute("UPDATE messages SET status = ? WHERE outgoing = 0 AND status = ? AND peer = ?", (SHOWN, HELD, peer))
+            return held
+
+        return self._transact(work)
+
+    def conversation(self, peer: str, limit: int) -> Deferred[list[Entry]]:
+        """The last C{limit} messages exchanged with C{peer}, oldest first."""
+
+        def work(db: sqlite3.Connection) -> list[Entry]:
+            latest = _entries(db, "peer = ?", [peer], "id DESC", limit)
+            return latest[::-1]
+
+        return self._transact(work)
+
+
+def _entries(db: sqlite3.Connection, where: str, args: list[Any], order: str, limit: int = -1) -> list[Entry]:
+    rows = db.execute(
+        "SELECT peer, outgoing, msg_id, text, private, status, sent_at FROM messages"
+        f" WHERE {where} ORDER BY {order} LIMIT ?",
+        (*args, limit),
+    )
+    return [Entry(r[0], bool(r[1]), r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit mode)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")

@@ -1,0 +1,961 @@
+"""The peer's rules: login, routing (a direct link, else a sealed envelope through the server), the
+outbox, receipts, dedupe, key pinning, block and mute. It does no I/O itself: it drives the server
+link, the direct links and the history, and tells the view what happened."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .. import crypto
+from ..crypto import CryptoError, EnvelopeError, EnvelopeKey, Identity
+from ..wire import MAX_ACK, MAX_BROADCAST, Code, Event
+from .history import DELIVERED, FAILED, HELD, MUTED, PENDING, SENT, SHOWN, Contact, Entry, History
+from .server_link import NotConnected, RequestError
+
+log = Logger()
+
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+MAX_TEXT = 16000
+MAX_MSG_IDS = 256
+DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
+RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
+OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
+
+# Server refusals that no retry will change: the message is marked failed.
+_PERMANENT = {Code.UNKNOWN_USER, Code.BLOCKED_BY_USER, Code.SELF, Code.BAD_REQUEST, Code.INVALID_USERNAME}
+
+
+class CommandError(Exception):
+    """A command that did nothing; C{code} says why (the console words it), C{fields} give details."""
+
+    def __init__(self, code: str, **fields: Any) -> None:
+        super().__init__(code, fields)
+        self.code = code
+        self.fields = fields
+
+
+class View(Protocol):
+    """Where the messenger reports what happened: the console renders C{event} with C{fields}."""
+
+    def show(self, event: str, **fields: Any) -> None: ...
+
+
+# The next password: retry is true after the previous one was refused. None: no (more) password.
+PasswordSource = Callable[[bool], "Deferred[str | None]"]
+
+
+class ServerLinkLike(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> Deferred[None]: ...
+    def request(self, op: str, **args: Any) -> Deferred[dict[str, Any]]: ...
+
+
+class LinkLike(Protocol):
+    user: str
+    session: bool
+
+    def send(self, frame: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class LinksLike(Protocol):
+    def listen(self) -> Deferred[int]: ...
+    def stop_listening(self) -> Deferred[None]: ...
+    def connect(self, user: str, host: str, port: int, fingerprint: str) -> Deferred[LinkLike]: ...
+    def get(self, user: str) -> LinkLike | None: ...
+    def close(self, user: str) -> None: ...
+    def close_all(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class FingerprintInfo:
+    user: str
+    pinned: str | None  # what this peer trusts
+    changed_to: str | None  # a new key seen and not accepted yet
+    directory: str | None  # what the server says now (None: not asked or unknown)
+
+
+class _Fatal(Exception):
+    """Login cannot succeed: the view was told why; the peer exits."""
+
+
+def valid_username(name: Any) -> bool:
+    return isinstance(name, str) and USERNAME.fullmatch(name) is not None
+
+
+class Messenger:
+    """
+    One user's chat logic.
+
+    @param server_name: "host:port", to remember registration per server.
+    @param passwords: where login passwords come from (a prompt or a file).
+    """
+
+    def __init__(
+        self,
+        user: str,
+        identity: Identity,
+        envelope_key: EnvelopeKey,
+        history: History,
+        clock: IReactorTime,
+        view: View,
+        passwords: PasswordSource,
+        server_name: str,
+    ) -> None:
+        self.user = user
+        self._identity = identity
+        self._envelope_key = envelope_key
+        self._history = history
+        self._clock = clock
+        self._view = view
+        self._passwords = passwords
+        self._server_name = server_name
+        self._server: ServerLinkLike
+        self._links: LinksLike
+        self._contacts: dict[str, Contact] = {}
+        self._password: str | None = None
+        self._token: str | None = None
+        self._port = 0
+        self._online_wanted = False
+        self.logged_in = False
+        self._in_flight: dict[tuple[str, str], LinkLike] = {}
+        self._direct_retry: dict[str, float] = {}
+        self._retry_calls: dict[str, Any] = {}
+        self._pumping: set[str] = set()
+        self._again: set[str] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+        self._incoming: list[dict[str, Any]] = []
+        self._draining = False
+        self._incoming_lock = DeferredLock()
+        self._ready_waiters: list[Deferred[None]] | None = []
+        self._finish_waiters: list[Deferred[int]] = []
+        self._finished: int | None = None
+
+    def attach(self, server: ServerLinkLike, links: LinksLike) -> None:
+        """Give the messenger its connections (they call back into it, so they come second)."""
+        self._server = server
+        self._links = links
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Load the contacts, get a password, listen for direct links, connect to the server."""
+        self._contacts = await self._history.contacts()
+        self._password = await self._passwords(False)
+        if self._password is None:
+            self._view.show("no_password")
+            self._finish(1)
+            return
+        await self._go_online()
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the first login succeeded or failed to reach the server: commands may run."""
+        d: Deferred[None] = Deferred()
+        if self._ready_waiters is None:
+            d.callback(None)
+        else:
+            self._ready_waiters.append(d)
+        return d
+
+    def when_finished(self) -> Deferred[int]:
+        """Fires with an exit status when the peer should stop (logout, or a login that cannot work)."""
+        d: Deferred[int] = Deferred()
+        if self._finished is not None:
+            d.callback(self._finished)
+        else:
+            self._finish_waiters.append(d)
+        return d
+
+    async def stop(self) -> None:
+        """Leave the server and close every link (idempotent)."""
+        self._online_wanted = False
+        self.logged_in = False
+        await self._server.stop()
+        await self._links.stop_listening()
+        self._links.close_all()
+        for call in self._retry_calls.values():
+            call.cancel()
+        self._retry_calls.clear()
+
+    def _ready(self) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, None
+        for d in waiters or ():
+            d.callback(None)
+
+    def _finish(self, status: int) -> None:
+        if self._finished is not None:
+            return
+        self._finished = status
+        self._ready()
+        waiters, self._finish_waiters = self._finish_waiters, []
+        for d in waiters:
+            d.callback(status)
+
+    async def _go_online(self) -> None:
+        self._online_wanted = True
+        try:
+            self._port = await self._links.listen()
+        except Exception as e:
+            log.failure("cannot listen for direct links")
+            self._view.show("listen_failed", reason=str(e))
+            self._port = 0
+        self._server.start()
+
+    # -- the server connection (called by the server link) ----------------------
+
+    def server_connected(self) -> Deferred[None]:
+        """The server said hello: log in (resume, or register and log in with the password)."""
+        return Deferred.fromCoroutine(self._authenticate())
+
+    def server_lost(self) -> None:
+        was_logged_in, self.logged_in = self.logged_in, False
+        if was_logged_in and self._online_wanted:
+            self._view.show("server_lost")
+
+    def server_unreachable(self, reason: str) -> None:
+        """No connection could be made (said once per outage): work offline meanwhile."""
+        if self._online_wanted:
+            self._view.show("server_unreachable", server=self._server_name, reason=reason)
+        self._ready()
+
+    def server_refused(self, message: str) -> None:
+        """The server is not the one pinned: stop for good."""
+        self._view.show("server_refused", message=message)
+        Deferred.fromCoroutine(self.stop())
+        self._finish(1)
+
+    def server_event(self, event: Event) -> None:
+        handler = getattr(self, "_event_" + event.name, None)
+        if handler is None:
+            log.debug("ignored server event {name}", name=event.name)
+            return
+        handler(event.fields)
+
+    async def _authenticate(self) -> None:
+        if self._finished is not None:
+            return
+        try:
+            result = await self._resume() if self._token is not None else None
+            resumed = result is not None
+            if result is None:
+                if not await self._history.is_registered(self._server_name):
+                    await self._register()
+                result = await self._login()
+        except _Fatal:
+            # Stopping the connection from inside its own setup would re-enter the server link;
+            # the peer is about to exit, which stops everything.
+            self._online_wanted = False
+            self._finish(1)
+            return
+        self._token = result.get("token")
+        self._password = None  # reconnections resume with the token
+        self.logged_in = True
+        mailbox = result.get("mailbox", 0)
+        self._view.show("reconnected" if resumed else "welcome", user=self.user, mailbox=mailbox)
+        self._ready()
+        Deferred.fromCoroutine(self._after_login()).addErrback(
+            lambda f: log.failure("after login", f)
+        )
+
+    async def _resume(self) -> dict[str, Any] | None:
+        try:
+            return await self._server.request("resume", username=self.user, token=self._token, port=self._port)
+        except RequestError as e:
+            if e.code == Code.ACCOUNT_LOCKED:
+                self._view.show("account_locked", user=self.user, message=e.message)
+                raise _Fatal() from None
+            if e.code != Code.INVALID_TOKEN:
+                raise
+        self._token = None
+        self._password = await self._passwords(False)
+        if self._password is None:
+            self._view.show("session_expired", user=self.user)
+            raise _Fatal()
+        return None
+
+    async def _next_password(self) -> None:
+        self._password = await self._passwords(True)
+        if self._password is None:
+            self._view.show("login_gave_up", user=self.user)
+            raise _Fatal()
+
+    async def _register(self) -> None:
+        while True:
+            try:
+                await self._server.request(
+                    "register",
+                    username=self.user,
+                    password=self._password,
+                    fingerprint=self._identity.fingerprint,
+                    envelope_key=self._envelope_key.public_b64,
+                )
+            except RequestError as e:
+                if e.code == Code.WEAK_PASSWORD:
+                    self._view.show("weak_password", message=e.message)
+                    await self._next_password()
+                    continue
+                if e.code == Code.REGISTRATION_CLOSED:
+                    return  # only existing accounts log in there: try, and register next time
+                if e.code != Code.USERNAME_TAKEN:
+                    self._view.show("login_failed", code=e.code, message=e.message)
+                    raise _Fatal() from None
+                # The account exists already (imported, or ours from another install): log in.
+            else:
+                self._view.show("registered", user=self.user, server=self._server_name)
+            await self._history.mark_registered(self._server_name)
+            return
+
+    async def _login(self) -> dict[str, Any]:
+        while True:
+            try:
+                return await self._server.request(
+                    "login",
+                    username=self.user,
+                    password=self._password,
+                    port=self._port,
+                    fingerprint=self._identity.fingerprint,
+                    envelope_key=self._envelope_key.public_b64,
+                )
+            except RequestError as e:
+                if e.code == Code.BAD_CREDENTIALS:
+                    self._view.show("wrong_password", user=self.user)
+                    await self._next_password()
+                    continue
+                event = {
+                    Code.TOO_MANY_ATTEMPTS: "too_many_attempts",
+                    Code.ACCOUNT_LOCKED: "account_locked",
+                    Code.ALREADY_ONLINE: "already_online",
+                }.get(e.code, "login_failed")
+                self._view.show(event, user=self.user, code=e.code, message=e.message)
+                raise _Fatal() from None
+
+    async def _after_login(self) -> None:
+        blocked = set((await self._server.request("blocks")).get("users", []))
+        for user in blocked | {u for u, c in self._contacts.items() if c.blocked}:
+            await self._save(replace(self._contact(user), blocked=user in blocked))
+        for peer in sorted({entry.peer for entry in await self._history.outbox()}):
+            self._kick(peer)
+
+    # -- server events ---------------------------------------------------------
+
+    def _event_presence(self, fields: dict[str, Any]) -> None:
+        user, status = fields.get("user"), fields.get("status")
+        if not valid_username(user) or status not in ("online", "offline"):
+            return
+        self._view.show("presence", user=user, online=status == "online")
+        if status == "online":
+            self._kick(user)
+
+    def _event_broadcast(self, fields: dict[str, Any]) -> None:
+        user, text = fields.get("from"), fields.get("text")
+        if not valid_username(user) or not isinstance(text, str):
+            return
+        contact = self._contacts.get(user)
+        if not (contact and contact.blocked) and not self._is_muted(user):
+            self._view.show("broadcast", user=user, text=text)
+
+    def _event_bye(self, fields: dict[str, Any]) -> None:
+        reason = fields.get("reason")
+        if reason == "logout":
+            return
+        self._view.show("bye", reason=reason, message=fields.get("message"))
+        if reason in ("replaced", "idle_timeout"):
+            # Reconnecting would undo what the server did on purpose: stay offline until /online.
+            self._online_wanted = False
+            Deferred.fromCoroutine(self._leave())
+
+    def _event_envelope(self, fields: dict[str, Any]) -> None:
+        self._incoming.append(fields)
+        if not self._draining:
+            Deferred.fromCoroutine(self._drain()).addErrback(lambda f: log.failure("incoming", f))
+
+    async def _drain(self) -> None:
+        """Store what arrived, send receipts, then ack the server (so a crash redelivers, never loses)."""
+        self._draining = True
+        try:
+            while self._incoming:
+                batch, self._incoming = self._incoming, []
+                receipts: dict[str, list[str]] = {}
+                seqs = []
+                for fields in batch:
+                    try:
+                        async with self._incoming_lock:
+                            done = await self._accept_envelope(fields, receipts)
+                    except Exception:
+                        log.failure("envelope {seq} not stored; the server will send it again", seq=fields.get("seq"))
+                        done = False
+                    if done and isinstance(fields.get("seq"), int):
+                        seqs.append(fields["seq"])
+                for user, msg_ids in receipts.items():
+                    for chunk in _chunks(msg_ids, MAX_MSG_IDS):
+                        await self._send_receipt(user, chunk)
+                for chunk in _chunks(seqs, MAX_ACK):
+                    try:
+                        await self._server.request("ack", seqs=chunk)
+                    except (RequestError, NotConnected) as e:
+                        log.info("ack failed, the server will send them again: {e}", e=e)
+        finally:
+            self._draining = False
+
+    async def _accept_envelope(self, fields: dict[str, Any], receipts: dict[str, list[str]]) -> bool:
+        """
+        Open, check and store one envelope.
+
+        @return: whether it may be acked (False: try again when it comes back).
+        """
+        sender, msg_id, envelope = fields.get("from"), fields.get("msg_id"), fields.get("envelope")
+        if not (valid_username(sender) and _valid_id(msg_id) and isinstance(envelope, str)):
+            log.warn("dropped a malformed envelope event {seq}", seq=fields.get("seq"))
+            return True
+        contact = self._contacts.get(sender)
+        if contact is not None and contact.blocked:
+            log.info("dropped an envelope from {sender}, who is blocked", sender=sender)
+            return True
+        try:
+            payload, fingerprint = crypto.open_sealed(envelope, self._envelope_key, sender, self.user, msg_id, None)
+            verdict = await self._verify_key(sender, fingerprint)
+            if verdict is False:
+                raise EnvelopeError(f"signed with sha256:{fingerprint}, which is not {sender}'s key")
+            data = json.loads(payload)
+            kind = data["kind"]
+        except NotConnected:
+            return False
+        except (EnvelopeError, RequestError, ValueError, TypeError, KeyError) as e:
+            log.warn("dropped a forged or unreadable envelope {msg_id} from {sender}: {e}", msg_id=msg_id, sender=sender, e=e)
+            return True
+        if kind == "msg" and _valid_text(data.get("text")) and _number(data.get("sent_at")):
+            await self._store_incoming(sender, msg_id, data["text"], False, data["sent_at"], held=verdict is None)
+            receipts.setdefault(sender, []).append(msg_id)
+        elif kind == "receipt" and verdict is True and _msg_ids(data.get("msg_ids")):
+            await self._delivered(sender, data["msg_ids"])
+        else:
+            log.warn("dropped an envelope {msg_id} from {sender} with unusable content", msg_id=msg_id, sender=sender)
+        return True
+
+    async def _store_incoming(
+        self, sender: str, msg_id: str, text: str, private: bool, sent_at: float, held: bool = False
+    ) -> None:
+        status = HELD if held else MUTED if self._is_muted(sender) else SHOWN
+        new = await self._history.add_incoming(sender, msg_id, text, private, status, sent_at, self._clock.seconds())
+        if not new:
+            log.info("dropped {msg_id} from {sender}: already stored", msg_id=msg_id, sender=sender)
+        elif status == SHOWN:
+            self._view.show("message", user=sender, text=text, private=private)
+
+    async def _delivered(self, user: str, msg_ids: list[str]) -> None:
+        for msg_id in msg_ids:
+            self._in_flight.pop((user, msg_id), None)
+        await self._history.set_status(user, msg_ids, DELIVERED, (PENDING, SENT))
+
+    async def _send_receipt(self, user: str, msg_ids: list[str]) -> None:
+        link = self._links.get(user)
+        if link is not None:
+            link.send({"type": "ack", "msg_ids": msg_ids})
+            return
+        receipt_id = "r-" + secrets.token_hex(16)
+        try:
+            key = await self._recipient_key(user)
+            payload = json.dumps({"kind": "receipt", "msg_ids": msg_ids}).encode()
+            envelope = crypto.seal(self._identity, self.user, user, key, receipt_id, payload)
+            await self._server.request("send", to=user, msg_id=receipt_id, envelope=envelope)
+        except (RequestError, NotConnected, CommandError, CryptoError) as e:
+            log.info("no receipt to {user} for {n} message(s): {e}", user=user, n=len(msg_ids), e=e)
+
+    # -- keys ------------------------------------------------------------------
+
+    def _contact(self, user: str) -> Contact:
+        return self._contacts.get(user) or Contact(user)
+
+    async def _save(self, contact: Contact) -> None:
+        self._contacts[contact.user] = contact
+        await self._history.save_contact(contact)
+
+    async def _check_keys(self, user: str, fingerprint: Any, envelope_key: Any) -> None:
+        """
+        Compare a user's keys from the directory with the pinned ones: pin them on first sight;
+        a change is remembered and refused (loudly) until the user accepts it with /trust.
+
+        @raise CommandError: C{key_changed}, or C{bad_keys} when the server sent garbage.
+        """
+        if not (crypto.valid_fingerprint(fingerprint) and crypto.valid_envelope_key(envelope_key)):
+            raise CommandError("bad_keys", user=user)
+        contact = self._contact(user)
+        if contact.fingerprint is None:
+            await self._save(replace(contact, fingerprint=fingerprint, envelope_key=envelope_key))
+            return
+        if (contact.fingerprint, contact.envelope_key) == (fingerprint, envelope_key):
+            return
+        if (contact.new_fingerprint, contact.new_envelope_key) != (fingerprint, envelope_key):
+            await self._save(replace(contact, new_fingerprint=fingerprint, new_envelope_key=envelope_key))
+            self._view.show("key_changed", user=user, old=contact.fingerprint, new=fingerprint)
+        raise CommandError("key_changed", user=user)
+
+    async def _verify_key(self, user: str, fingerprint: str) -> bool | None:
+        """
+        Whether C{fingerprint} is C{user}'s key: True (pinned, or pinned now on first sight),
+        None (the directory confirms a change not accepted yet), False (not theirs).
+
+        @raise NotConnected: when the directory would be needed and cannot be asked.
+        """
+        contact = self._contacts.get(user)
+        if contact is not None and contact.fingerprint == fingerprint:
+            return True
+        keys = await self._server.request("keys", user=user)
+        if keys.get("fingerprint") != fingerprint:
+            return False
+        try:
+            await self._check_keys(user, keys.get("fingerprint"), keys.get("envelope_key"))
+        except CommandError as e:
+            return None if e.code == "key_changed" else False
+        return True
+
+    async def _recipient_key(self, user: str) -> str:
+        contact = self._contacts.get(user)
+        if contact is not None and contact.envelope_key and not contact.new_fingerprint:
+            return contact.envelope_key
+        keys = await self._server.request("keys", user=user)
+        await self._check_keys(user, keys.get("fingerprint"), keys.get("envelope_key"))
+        return keys["envelope_key"]
+
+    async def _lookup(self, user: str) -> Address | None:
+        """Where C{user} listens for direct links (keys checked), or None when offline or not listening."""
+        try:
+            found = await self._server.request("lookup", user=user)
+        except RequestError as e:
+            if e.code == Code.OFFLINE:
+                return None
+            raise
+        await self._check_keys(user, found.get("fingerprint"), found.get("envelope_key"))
+        host, port = found.get("host"), found.get("port")
+        if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
+            return None
+        return Address(host, port)
+
+    # -- direct links (called by the links) --------------------------------------
+
+    def refuse_fingerprint(self, fingerprint: str) -> bool:
+        """Inside the TLS handshake: refuse keys pinned to users this user blocks."""
+        return any(c.blocked and c.fingerprint == fingerprint for c in self._contacts.values())
+
+    def verify_peer(self, user: str, fingerprint: str | None) -> Deferred[bool]:
+        """An incoming link claims to be C{user} and presented C{fingerprint}: accept it?"""
+        return Deferred.fromCoroutine(self._verify_peer(user, fingerprint))
+
+    async def _verify_peer(self, user: str, fingerprint: str | None) -> bool:
+        if not valid_username(user) or user == self.user or fingerprint is None:
+            return False
+        contact = self._contacts.get(user)
+        if contact is not None and contact.blocked:
+            log.info("refused a direct link from {user}, who is blocked", user=user)
+            return False
+        try:
+            verdict = await self._verify_key(user, fingerprint)
+        except (RequestError, NotConnected) as e:
+            log.info("refused a direct link from {user}: cannot check the key ({e})", user=user, e=e)
+            return False
+        if verdict is not True:
+            log.warn("refused a direct link claiming to be {user} with key sha256:{fp}", user=user, fp=fingerprint)
+        return verdict is True
+
+    def link_up(self, link: LinkLike) -> None:
+        self._kick(link.user)
+
+    def link_down(self, link: LinkLike) -> None:
+        lost = [key for key, on in self._in_flight.items() if on is link]
+        for key in lost:
+            del self._in_flight[key]
+        if link.session:
+            self._view.show("private_ended", user=link.user, by_peer=False)
+        if lost:
+            self._kick(link.user)
+
+    def link_frame(self, link: LinkLike, frame: dict[str, Any]) -> None:
+        Deferred.fromCoroutine(self._link_frame(link, frame)).addErrback(
+            lambda f: log.failure("frame from {user}", f, user=link.user)
+        )
+
+    async def _link_frame(self, link: LinkLike, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "msg":
+            msg_id, text, sent_at = frame.get("msg_id"), frame.get("text"), frame.get("sent_at")
+            if not (_valid_id(msg_id) and _valid_text(text) and _number(sent_at)):
+                log.warn("ignored a malformed message from {user}", user=link.user)
+                return
+            async with self._incoming_lock:
+                await self._store_incoming(link.user, msg_id, text, frame.get("private") is True, sent_at)
+            link.send({"type": "ack", "msg_ids": [msg_id]})
+        elif kind == "ack" and _msg_ids(frame.get("msg_ids")):
+            await self._delivered(link.user, frame["msg_ids"])
+        elif kind == "session" and frame.get("state") in ("start", "stop"):
+            started = frame["state"] == "start"
+            link.session = started
+            self._view.show("private_started" if started else "private_ended", user=link.user, by_peer=True)
+            if not started:
+                link.close()
+        else:
+            log.warn("ignored an unknown frame from {user}", user=link.user)
+
+    # -- the outbox ------------------------------------------------------------
+
+    def _kick(self, user: str) -> None:
+        """Send C{user}'s pending messages, in order; at most one sender per recipient at a time."""
+        if user in self._pumping:
+            self._again.add(user)
+            return
+        self._pumping.add(user)
+        Deferred.fromCoroutine(self._pump_while_needed(user)).addErrback(
+            lambda f: log.failure("outbox for {user}", f, user=user)
+        )
+
+    async def _pump_while_needed(self, user: str) -> None:
+        try:
+            while True:
+                self._again.discard(user)
+                await self._pump(user)
+                if user not in self._again:
+                    return
+        finally:
+            self._pumping.discard(user)
+            if not self._pumping:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for d in waiters:
+                    d.callback(None)
+
+    async def _pump(self, user: str) -> None:
+        stored = False
+        for entry in await self._history.outbox(user):
+            if (user, entry.msg_id) in self._in_flight:
+                continue
+            try:
+                link = self._links.get(user)
+                if link is None and entry.private:
+                    continue  # only over a private session, never through the server
+                link = link or await self._open_link(user)
+                if link is not None:
+                    link.send(_msg_frame(entry))
+                    self._in_flight[(user, entry.msg_id)] = link
+                    continue
+                if not self.logged_in:
+                    return
+                status = await self._send_sealed(user, entry)
+            except CommandError as e:
+                if e.code != "key_changed":
+                    log.warn("outbox for {user}: {code}", user=user, code=e.code)
+                return  # waits for /trust, or for the server to send sane keys
+            except NotConnected:
+                return  # flushed again after the next login
+            except RequestError as e:
+                if e.code in _PERMANENT:
+                    await self._history.set_status(user, [entry.msg_id], FAILED, (PENDING,))
+                    self._view.show("send_failed", user=user, code=e.code, message=e.message, text=entry.text)
+                    continue
+                if e.code == Code.KEYS_UNKNOWN:
+                    self._view.show("waiting_for_keys", user=user)
+                    return  # flushed again when they log in
+                log.info("outbox for {user} retries later: {code}", user=user, code=e.code)
+                self._retry_later(user)
+                return
+            await self._history.set_status(user, [entry.msg_id], SENT, (PENDING,))
+            if status == "stored" and not stored:
+                stored = True
+                self._view.show("stored", user=user)
+
+    async def _open_link(self, user: str) -> LinkLike | None:
+        if not self.logged_in or self._direct_retry.get(user, 0) > self._clock.seconds():
+            return None
+        address = await self._lookup(user)
+        if address is None:
+            return None
+        try:
+            fingerprint = self._contacts[user].fingerprint
+            assert fingerprint is not None
+            return await self._links.connect(user, address.host, address.port, fingerprint)
+        except Exception as e:
+            log.info("no direct link to {user} at {host}:{port}: {e}", user=user, host=address.host, port=address.port, e=e)
+            self._direct_retry[user] = self._clock.seconds() + DIRECT_RETRY
+            return None
+
+    async def _send_sealed(self, user: str, entry: Entry) -> str:
+        key = await self._recipient_key(user)
+        payload = _msg_payload(entry.text, entry.sent_at)
+        envelope = crypto.seal(self._identity, self.user, user, key, entry.msg_id, payload)
+        result = await self._server.request("send", to=user, msg_id=entry.msg_id, envelope=envelope)
+        return result.get("status", "stored")
+
+    def _retry_later(self, user: str) -> None:
+        if user not in self._retry_calls:
+
+            def retry() -> None:
+                del self._retry_calls[user]
+                self._kick(user)
+
+            self._retry_calls[user] = self._clock.callLater(RETRY_DELAY, retry)
+
+    def when_outbox_idle(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if self._pumping:
+            self._idle_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    # -- commands (called by the console) ----------------------------------------
+
+    def _check_peer(self, user: str) -> None:
+        if not valid_username(user):
+            raise CommandError("invalid_user", user=user)
+        if user == self.user:
+            raise CommandError("yourself")
+
+    def _check_text(self, text: str) -> bytes:
+        if not text.strip():
+            raise CommandError("empty_message")
+        if len(text) > MAX_TEXT:
+            raise CommandError("too_long", length=len(text), limit=MAX_TEXT)
+        payload = _msg_payload(text, self._clock.seconds())
+        if len(payload) > crypto.MAX_PAYLOAD:
+            raise CommandError("too_long_bytes", size=len(payload), limit=crypto.MAX_PAYLOAD)
+        return payload
+
+    async def _request(self, op: str, **args: Any) -> dict[str, Any]:
+        """A request on behalf of a command: every failure becomes a L{CommandError}."""
+        if not self.logged_in:
+            raise CommandError("not_connected", chosen=not self._online_wanted, server=self._server_name)
+        try:
+            return await self._server.request(op, **args)
+        except RequestError as e:
+            raise CommandError(e.code, user=args.get("user", args.get("to")), message=e.message) from None
+        except NotConnected:
+            raise CommandError("not_connected", chosen=False, server=self._server_name) from None
+
+    async def send(self, user: str, text: str) -> None:
+        """/msg: store as pending, then send directly or through the server, in order."""
+        self._check_peer(user)
+        self._check_text(text)
+        if self._contact(user).new_fingerprint:
+            raise CommandError("key_changed", user=user)
+        if self.logged_in:
+            try:
+                await self._lookup(user)  # unknown user, blocked: refused before anything is stored
+            except RequestError as e:
+                raise CommandError(e.code, user=user, message=e.message) from None
+            except NotConnected:
+                pass
+        await self._history.add_outgoing(user, _new_msg_id(), text, False, self._clock.seconds())
+        if not self.logged_in and self._links.get(user) is None:
+            self._view.show("queued", user=user, chosen=not self._online_wanted)
+        self._kick(user)
+
+    async def start_private(self, user: str) -> None:
+        """/startprivate: open a direct link now and tell the other side."""
+        self._check_peer(user)
+        link = self._links.get(user)
+        if link is None:
+            try:
+                address = await self._lookup(user) if self.logged_in else None
+            except RequestError as e:
+                raise CommandError(e.code, user=user, message=e.message) from None
+            except NotConnected:
+                address = None
+            if not self.logged_in:
+                raise CommandError("not_connected", chosen=not self._online_wanted, server=self._server_name)
+            if address is None:
+                raise CommandError(Code.OFFLINE, user=user)
+            link = await self._open_link_now(user, address)
+        link.session = True
+        link.send({"type": "session", "state": "start"})
+        self._view.show("private_ready", user=user)
+
+    async def _open_link_now(self, user: str, address: Address) -> LinkLike:
+        fingerprint = self._contact(user).fingerprint
+        assert fingerprint is not None  # pinned by the lookup
+        try:
+            return await self._links.connect(user, address.host, address.port, fingerprint)
+        except Exception as e:
+            log.info("startprivate {user}: {e}", user=user, e=e)
+            raise CommandError("unreachable", user=user, host=address.host, port=address.port) from None
+
+    async def private(self, user: str, text: str) -> None:
+        """/private: a message that only ever travels over the direct link."""
+        self._check_peer(user)
+        self._check_text(text)
+        if self._links.get(user) is None:
+            raise CommandError("no_private_session", user=user)
+        await self._history.add_outgoing(user, _new_msg_id(), text, True, self._clock.seconds())
+        self._kick(user)
+
+    async def stop_private(self, user: str) -> None:
+        self._check_peer(user)
+        link = self._links.get(user)
+        if link is None:
+            raise CommandError("no_private_session", user=user)
+        link.send({"type": "session", "state": "stop"})
+        link.session = False
+        self._links.close(user)
+
+    async def broadcast(self, text: str) -> tuple[int, int]:
+        """@return: (how many got it, how many online users blocked you)."""
+        if not text.strip():
+            raise CommandError("empty_message")
+        if len(text) > MAX_BROADCAST:
+            raise CommandError("too_long", length=len(text), limit=MAX_BROADCAST)
+        result = await self._request("broadcast", text=text)
+        return result.get("delivered", 0), result.get("skipped", 0)
+
+    async def who(self) -> list[str]:
+        return sorted((await self._request("who")).get("users", []))
+
+    async def whosince(self, seconds: float) -> list[str]:
+        return sorted((await self._request("whosince", seconds=seconds)).get("users", []))
+
+    async def block(self, user: str) -> None:
+        self._check_peer(user)
+        await self._request("block", user=user)
+        await self._save(replace(self._contact(user), blocked=True))
+        self._links.close(user)
+
+    async def unblock(self, user: str) -> None:
+        self._check_peer(user)
+        await self._request("unblock", user=user)
+        await self._save(replace(self._contact(user), blocked=False))
+
+    def _is_muted(self, user: str) -> bool:
+        contact = self._contacts.get(user)
+        if contact is None or not contact.muted:
+            return False
+        return contact.mute_until is None or self._clock.seconds() < contact.mute_until
+
+    async def mute(self, user: str, seconds: float | None) -> None:
+        """Stored but not shown, until /unmute or for C{seconds}; survives a restart."""
+        self._check_peer(user)
+        until = None if seconds is None else self._clock.seconds() + seconds
+        await self._save(replace(self._contact(user), muted=True, mute_until=until))
+
+    async def unmute(self, user: str) -> None:
+        self._check_peer(user)
+        if not self._is_muted(user):
+            raise CommandError("not_muted", user=user)
+        await self._save(replace(self._contact(user), muted=False, mute_until=None))
+
+    async def history(self, user: str, limit: int) -> list[Entry]:
+        self._check_peer(user)
+        return await self._history.conversation(user, limit)
+
+    async def fingerprint(self, user: str | None) -> FingerprintInfo:
+        if user is None or user == self.user:
+            fp = self._identity.fingerprint
+            return FingerprintInfo(self.user, fp, None, fp)
+        self._check_peer(user)
+        try:
+            directory = (await self._request("keys", user=user)).get("fingerprint")
+        except CommandError as e:
+            if e.code != "not_connected":
+                raise
+            directory = None
+        contact = self._contact(user)
+        return FingerprintInfo(user, contact.fingerprint, contact.new_fingerprint, directory)
+
+    async def trust(self, user: str) -> None:
+        """Accept a changed key: pin it, show what was held back, send what waited."""
+        self._check_peer(user)
+        contact = self._contact(user)
+        if contact.new_fingerprint is None:
+            raise CommandError("nothing_to_trust", user=user)
+        await self._save(
+            replace(
+                contact,
+                fingerprint=contact.new_fingerprint,
+                envelope_key=contact.new_envelope_key,
+                new_fingerprint=None,
+                new_envelope_key=None,
+            )
+        )
+        for entry in await self._history.release_held(user):
+            self._view.show("message", user=user, text=entry.text, private=entry.private)
+        self._direct_retry.pop(user, None)
+        self._kick(user)
+
+    async def go_offline(self) -> None:
+        """/offline: leave the server and close the listener; messages wait in the outbox."""
+        if not self._online_wanted:
+            raise CommandError("already_offline")
+        self._online_wanted = False
+        await self._leave()
+
+    async def _leave(self) -> None:
+        self.logged_in = False
+        await self._server.stop()
+        await self._links.stop_listening()
+        self._links.close_all()
+
+    async def go_online(self) -> None:
+        """/online: listen again, reconnect (resuming the session), send what waited."""
+        if self._online_wanted:
+            raise CommandError("already_online_mode")
+        await self._go_online()
+
+    async def logout(self) -> None:
+        """Let messages on their way out finish (briefly), log out, and finish."""
+        await self.when_outbox_idle().addTimeout(OUTBOX_WAIT, self._clock).addErrback(lambda _: None)
+        if self.logged_in:
+            try:
+                await self._server.request("logout")
+            except (RequestError, NotConnected):
+                pass
+        await self.stop()
+        self._finish(0)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _new_msg_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _msg_payload(text: str, sent_at: float) -> bytes:
+    return json.dumps({"kind": "msg", "text": text, "sent_at": sent_at}, ensure_ascii=False).encode()
+
+
+def _msg_frame(entry: Entry) -> dict[str, Any]:
+    return {"type": "msg", "msg_id": entry.msg_id, "text": entry.text, "sent_at": entry.sent_at, "private": entry.private}
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a \ud800 escape in JSON
+        return False
+    return True
+
+
+def _valid_text(text: Any) -> bool:
+    return isinstance(text, str) and 0 < len(text) <= MAX_TEXT and _unicode(text)
+
+
+def _valid_id(msg_id: Any) -> bool:
+    return isinstance(msg_id, str) and 0 < len(msg_id) <= 64 and _unicode(msg_id)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _msg_ids(value: Any) -> bool:
+    return isinstance(value, list) and 0 < len(value) <= MAX_MSG_IDS and all(_valid_id(v) for v in value)

@@ -1,0 +1,202 @@
+"""C{twistd -n p2ppeer --user alice}: the options, and the service that wires the console,
+messenger, direct links, server link and history together."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.stdio import StandardIO
+from twisted.logger import Logger
+from twisted.python import usage
+
+from ..crypto import CryptoError, load_or_create_envelope_key, load_or_create_identity, valid_fingerprint
+from ..tls import ServerTrust
+from .console import Console, cbreak
+from .history import History, ThreadRunner
+from .links import Links
+from .messenger import Messenger, PasswordSource, valid_username
+from .server_link import KnownServers, ServerLink
+
+log = Logger()
+
+
+def default_data_dir(user: str) -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "p2pchat", "peer", user)
+
+
+def parse_server(value: str) -> tuple[str, int]:
+    """C{host:port} or C{[v6 address]:port}."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError(f"--server must be HOST:PORT, not {value!r}")
+    return host, int(port)
+
+
+class Options(usage.Options):
+    synopsis = "--user NAME [options]"
+    longdesc = (
+        "A p2pchat peer: logs in to the discovery server, talks to other peers over direct "
+        "mutually authenticated TLS links, and keeps its history in its data directory."
+    )
+    optParameters = [
+        ["user", "u", None, "Your username (required)."],
+        ["server", "s", "localhost:5000", "The discovery server, HOST:PORT."],
+        ["port", "p", 0, "Port for direct links from other peers (0: any free port).", int],
+        ["interface", None, "", "Address to accept direct links on (default: all)."],
+        ["data-dir", "d", None, "Keys, history and pins (default: $XDG_DATA_HOME/p2pchat/peer/USER)."],
+        ["password-file", None, None, "Read the password from this file instead of prompting."],
+        ["server-fingerprint", None, None, "Trust only the server certificate with this SHA-256 (sha256:HEX)."],
+        ["server-ca", None, None, "Trust the server through this CA (PEM file); the hostname is checked."],
+    ]
+
+    def postOptions(self) -> None:
+        user = self["user"]
+        if user is None:
+            raise usage.UsageError("--user is required")
+        if not valid_username(user):
+            raise usage.UsageError(
+                "--user: 1 to 32 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit"
+            )
+        self["host"], self["server_port"] = parse_server(self["server"])
+        self["server_name"] = f"{self['host']}:{self['server_port']}"
+        if not 0 <= self["port"] < 65536:
+            raise usage.UsageError("--port must be between 0 and 65535")
+        self._check_trust()
+        data_dir = os.path.abspath(self["data-dir"] or default_data_dir(user))
+        self["data-dir"] = data_dir
+        try:
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+            os.chmod(data_dir, 0o700)
+            self["identity"] = load_or_create_identity(data_dir, "identity", user)
+            self["envelope_key"] = load_or_create_envelope_key(os.path.join(data_dir, "envelope.key"))
+        except (OSError, CryptoError) as e:
+            raise usage.UsageError(str(e)) from None
+        password_file = self["password-file"]
+        if password_file is not None and not os.access(password_file, os.R_OK):
+            raise usage.UsageError(f"cannot read the password file {password_file}")
+        self._adjust_twistd(data_dir)
+
+    def _check_trust(self) -> None:
+        pinned = self["server-fingerprint"]
+        if pinned is not None:
+            pinned = pinned.lower().removeprefix("sha256:").replace(":", "").replace(" ", "")
+            if not valid_fingerprint(pinned):
+                raise usage.UsageError("--server-fingerprint must be sha256: and 64 hex digits")
+            self["server-fingerprint"] = pinned
+        if self["server-ca"] is not None:
+            if pinned is not None:
+                raise usage.UsageError("give --server-fingerprint or --server-ca, not both")
+            try:
+                with open(self["server-ca"], "rb") as f:
+                    self["ca_pem"] = f.read()
+            except OSError as e:
+                raise usage.UsageError(f"cannot read {self['server-ca']}: {e.strerror}") from None
+
+    def _adjust_twistd(self, data_dir: str) -> None:
+        # twistd's defaults would make two peers started from one directory fight over
+        # ./twistd.pid and print log lines into the chat.
+        parent = getattr(self, "parent", None)
+        if parent is None:
+            return
+        if parent.get("pidfile") == "twistd.pid":
+            parent["pidfile"] = os.path.join(data_dir, "p2ppeer.pid")
+        if "logfile" in parent and parent["logfile"] is None:
+            parent["logfile"] = os.path.join(data_dir, "peer.log")
+
+
+def file_passwords(path: str) -> PasswordSource:
+    """The password in the first line of C{path}; a refused one is final (there is no other)."""
+
+    def password(retry: bool) -> Deferred[str | None]:
+        if retry:
+            return succeed(None)
+        with open(path, encoding="utf-8") as f:
+            return succeed(f.readline().rstrip("\r\n"))
+
+    return password
+
+
+class PeerService(Service):
+    """The running peer; stops the reactor when the messenger finishes (logout, failed login)."""
+
+    def __init__(self, config: Options, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self._config = config
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        config, reactor = self._config, self._reactor
+        data_dir, user = config["data-dir"], config["user"]
+        terminal = os.isatty(0)
+        self._restore_terminal = cbreak(0) if terminal else None
+        self.console = console = Console(user, terminal)
+        StandardIO(console, reactor=reactor)
+        self._runner = ThreadRunner(reactor)
+        self._runner.start()
+        self._history = History(os.path.join(data_dir, "history.sqlite3"), self._runner)
+        server_name = config["server_name"]
+        known = KnownServers(os.path.join(data_dir, "known_servers"))
+
+        def first_use(fingerprint: str) -> None:
+            known.pin(server_name, fingerprint)
+            console.show("server_pinned", server=server_name, fingerprint=fingerprint)
+
+        trust = ServerTrust(
+            config["host"],
+            pinned=config["server-fingerprint"] or (None if "ca_pem" in config else known.get(server_name)),
+            ca_pem=config.get("ca_pem"),
+            on_first_use=first_use,
+        )
+        endpoint = wrapClientTLS(trust.creator(), HostnameEndpoint(reactor, config["host"], config["server_port"]))
+        passwords = file_passwords(config["password-file"]) if config["password-file"] else console.password
+        self.messenger = messenger = Messenger(
+            user, config["identity"], config["envelope_key"], self._history, reactor, console, passwords, server_name
+        )
+        links = Links(reactor, config["identity"], user, messenger, config["interface"], config["port"])
+        messenger.attach(ServerLink(endpoint, reactor, messenger), links)
+        console.attach(messenger)
+        Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self._history.open()
+            finished = self.messenger.when_finished()
+            ready = self.messenger.when_ready()
+            await Deferred.fromCoroutine(self.messenger.run())
+            await ready
+            if not finished.called:
+                self.console.start_commands().addErrback(lambda f: log.failure("console", f))
+            await finished
+        except Exception as e:
+            log.failure("the peer failed")
+            self.console.show("internal_error", message=str(e))
+        finally:
+            if self._reactor.running:
+                self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            await self.messenger.stop()
+            await self._history.close()
+        finally:
+            self._runner.stop()
+            self.console.close()
+            if self._restore_terminal is not None:
+                self._restore_terminal()
+
+
+def makeService(config: Options) -> Service:
+    return PeerService(config)

@@ -1,0 +1,284 @@
+"""Tests for p2pchat.peer.console: command parsing, rendering, and the console over pipes and terminals."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from p2pchat.peer import console
+from p2pchat.peer.console import MAX_INPUT, Command, Console, UsageError, clean, parse, render, render_error
+from p2pchat.peer.messenger import CommandError, FingerprintInfo
+
+
+class ParseTests(unittest.SynchronousTestCase):
+    def test_commands_and_aliases(self) -> None:
+        """Every seed's words reach the same command, with or without the slash, in any case."""
+        cases = {
+            "/msg bob hi": Command("msg", ("bob", "hi")),
+            "/message bob hi": Command("msg", ("bob", "hi")),
+            "send bob hi": Command("msg", ("bob", "hi")),
+            "whoelse": Command("who", ()),
+            "/LIST": Command("who", ()),
+            "/discover": Command("who", ()),
+            "whoelsesince 60": Command("whosince", (60.0,)),
+            "/exit": Command("logout", ()),
+            "quit": Command("logout", ()),
+            "/mute bob": Command("mute", ("bob", None)),
+            "/mute bob 2.5": Command("mute", ("bob", 2.5)),
+            "/history bob 5": Command("history", ("bob", 5)),
+            "/fingerprint": Command("fingerprint", (None,)),
+            "/startprivate bob": Command("startprivate", ("bob",)),
+            "/private bob  psst ": Command("private", ("bob", "psst")),
+        }
+        for line, expected in cases.items():
+            self.assertEqual(parse(line), expected, line)
+
+    def test_text_kept_verbatim(self) -> None:
+        """The message text keeps its inner spacing and punctuation."""
+        self.assertEqual(parse("/msg bob   a  b\tc /who ").args[1], "a  b\tc /who")
+
+    def test_blank_is_nothing(self) -> None:
+        """Empty and blank lines are no command (and no error)."""
+        for line in ["", "   ", "\t"]:
+            self.assertIsNone(parse(line))
+
+    def test_usage_errors(self) -> None:
+        """Missing or malformed arguments and unknown commands are refused with a sentence saying what to type."""
+        cases = {
+            "/msg": "usage: /msg USER TEXT",
+            "/msg bob": "usage: /msg USER TEXT",
+            "/msg bob    ": "usage: /msg USER TEXT",
+            "/who now": "too many arguments",
+            "/whosince": "usage: /whosince SECONDS",
+            "/whosince -1": "SECONDS must be",
+            "/whosince nan": "SECONDS must be",
+            "/mute bob 0": "SECONDS must be",
+            "/mute bob soon": "SECONDS must be",
+            "/history bob 0": "N must be",
+            "/history bob 1.5": "N must be",
+            "/frobnicate": "unknown command /frobnicate",
+            "hello there": "is not a command",
+        }
+        for line, message in cases.items():
+            with self.assertRaises(UsageError, msg=line) as caught:
+                parse(line)
+            self.assertIn(message, str(caught.exception), line)
+
+    def test_huge_unknown_word_shortened(self) -> None:
+        """An unknown command is echoed back shortened, not in full."""
+        with self.assertRaises(UsageError) as caught:
+            parse("/" + "x" * 10000)
+        self.assertLess(len(str(caught.exception)), 200)
+
+    def test_help_lists_everything(self) -> None:
+        """/help names every command and alias."""
+        text = console.help_text()
+        for spec in console.SPECS:
+            for name in (spec.name, *spec.aliases):
+                self.assertIn("/" + name, text)
+
+
+class RenderTests(unittest.SynchronousTestCase):
+    def test_formats(self) -> None:
+        """Messages, presence and broadcasts read as the issue asks."""
+        self.assertEqual(render("message", user="alice", text="hi", private=False), "alice: hi")
+        self.assertEqual(render("message", user="alice", text="hi", private=True), "alice (private): hi")
+        self.assertEqual(render("presence", user="bob", online=True), "bob logged in")
+        self.assertEqual(render("presence", user="bob", online=False), "bob logged out")
+        self.assertEqual(render("broadcast", user="bob", text="all"), "bob (broadcast): all")
+        self.assertEqual(render("welcome", user="bob", mailbox=0), "welcome, bob!")
+        self.assertIn("2 messages arrived", render("welcome", user="bob", mailbox=2))
+
+    def test_every_event_renders(self) -> None:
+        """Every event the messenger can show has a template that accepts its fields."""
+        samples = {"user": "bob", "text": "t", "private": False, "online": True, "mailbox": 1, "server": "h:1",
+                   "message": "m", "code": "c", "reason": "r", "fingerprint": "f" * 64, "old": "a", "new": "b",
+                   "chosen": True, "by_peer": True}
+        for event, template in console._EVENTS.items():
+            names = inspect.signature(template).parameters
+            line = render(event, **{name: samples[name] for name in names})
+            self.assertTrue(line and "\n" not in line, event)
+
+    def test_remote_text_cannot_drive_the_terminal(self) -> None:
+        """Escape sequences and control characters in what others write are neutralised."""
+        line = render("message", user="bob", text="\x1b[2J\x07bell\rback\u202eevil", private=False)
+        self.assertNotIn("\x1b", line)
+        self.assertNotIn("\r", line)
+        self.assertNotIn("\u202e", line)
+        self.assertEqual(clean("tab\there"), "tab here")
+
+    def test_errors_name_the_reason(self) -> None:
+        """Each error code gives one line naming the reason; unknown codes fall back to the server's words."""
+        self.assertEqual(render_error("unknown_user", user="zed", message="x"), "there is no user named zed")
+        self.assertEqual(render_error("blocked_by_user", user="bob"), "bob has blocked you")
+        self.assertEqual(render_error("offline", user="bob"), "bob is offline")
+        self.assertEqual(render_error("yourself"), "that is you")
+        self.assertIn("/startprivate bob", render_error("no_private_session", user="bob"))
+        self.assertIn("unreachable", render_error("not_connected", chosen=False, server="h:1"))
+        self.assertIn("/online", render_error("not_connected", chosen=True, server="h:1"))
+        self.assertEqual(render_error("weird", message="the server says"), "the server says (weird)")
+        self.assertEqual(render_error("weird"), "weird")
+
+
+class FakeMessenger:
+    """Records the commands the console runs."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.errors: dict[str, Exception] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        async def command(*args: Any) -> Any:
+            self.calls.append((name, args))
+            if name in self.errors:
+                raise self.errors[name]
+            return {
+                "who": ["bob", "carol"],
+                "whosince": [],
+                "broadcast": (2, 1),
+                "history": [],
+                "fingerprint": FingerprintInfo("alice", "ab" * 32, None, "ab" * 32),
+            }.get(name)
+
+        return command
+
+
+class ConsoleTestCase(unittest.SynchronousTestCase):
+    terminal = False
+
+    def setUp(self) -> None:
+        self.messenger = FakeMessenger()
+        self.console = Console("alice", self.terminal)
+        self.console.attach(self.messenger)
+        self.transport = StringTransport()
+        self.console.makeConnection(self.transport)
+
+    def output(self) -> str:
+        value = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return value
+
+    def type(self, data: bytes) -> None:
+        self.console.dataReceived(data)
+
+
+class PipeTests(ConsoleTestCase):
+    def test_commands_in_order_after_start(self) -> None:
+        """Lines typed before commands start are kept and then run in order."""
+        self.type(b"/msg bob one\n/msg bob two\r\n/who\n")
+        self.assertEqual(self.messenger.calls, [])
+        self.console.start_commands()
+        self.assertEqual(
+            self.messenger.calls, [("send", ("bob", "one")), ("send", ("bob", "two")), ("who", ())]
+        )
+        self.assertEqual(self.output(), "online: bob, carol\n")
+
+    def test_password_is_first_line(self) -> None:
+        """On a pipe the password is the next line (not a command); later there is none to give."""
+        self.type(b"sekrit\n/who\n")
+        password = self.console.password(False)
+        self.assertEqual(self.successResultOf(password), "sekrit")
+        self.console.start_commands()
+        self.assertEqual(self.messenger.calls, [("who", ())])
+        self.assertIsNone(self.successResultOf(self.console.password(True)))
+
+    def test_errors_are_one_line(self) -> None:
+        """Errors from the messenger and from parsing print one line each; the console goes on."""
+        self.messenger.errors["send"] = CommandError("unknown_user", user="zed")
+        self.console.start_commands()
+        self.type(b"/msg zed hi\n/bogus\n\n/who\n")
+        self.assertEqual(
+            self.output().splitlines(),
+            ["error: there is no user named zed", "error: unknown command /bogus; /help lists the commands",
+             "online: bob, carol"],
+        )
+
+    def test_unexpected_exception_contained(self) -> None:
+        """A bug in a command prints an error line instead of stopping the console."""
+        self.messenger.errors["who"] = ZeroDivisionError()
+        self.console.start_commands()
+        self.type(b"/who\n/broadcast hi\n")
+        lines = self.output().splitlines()
+        self.assertIn("something went wrong", lines[0])
+        self.assertEqual(lines[1], "broadcast sent to 2 users; 1 user could not get it (they blocked you)")
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_huge_line_refused(self) -> None:
+        """A line over the limit (even arriving in pieces) is refused once, whole; the next line works."""
+        self.console.start_commands()
+        chunk = b"x" * 100_000
+        for _ in range(10):
+            self.type(chunk)
+        self.type(b"still the long line\n/who\n")
+        lines = self.output().splitlines()
+        self.assertEqual(lines, [f"error: input line longer than {MAX_INPUT} bytes; ignored", "online: bob, carol"])
+        self.assertEqual(self.messenger.calls, [("who", ())])
+
+    def test_binary_refused(self) -> None:
+        """Bytes that are not UTF-8 are refused with a clear error."""
+        self.console.start_commands()
+        self.type(b"\xff\xfe\x00garbage\n")
+        self.assertEqual(self.output(), "error: input is not valid UTF-8; line ignored\n")
+
+    def test_end_of_input_logs_out(self) -> None:
+        """The end of input (a closed pipe) runs /logout after the lines before it, even an unterminated one."""
+        self.console.start_commands()
+        self.type(b"/msg bob bye")
+        self.console.readConnectionLost()
+        self.assertEqual(self.messenger.calls, [("send", ("bob", "bye")), ("logout", ())])
+
+    def test_show_prints_lines(self) -> None:
+        """Events from the messenger print as plain lines on a pipe."""
+        self.console.show("message", user="bob", text="hi", private=False)
+        self.assertEqual(self.output(), "bob: hi\n")
+
+    def test_command_outputs(self) -> None:
+        """Commands confirm what they did."""
+        self.console.start_commands()
+        self.type(b"/block bob\n/mute bob 30\n/mute carol\n/whosince 60\n/fingerprint\n")
+        self.assertEqual(
+            self.output().splitlines(),
+            ["blocked bob", "muted bob for 30 s", "muted carol until /unmute",
+             "nobody else was online during the last 60 s", "your fingerprint: " + "ab" * 32],
+        )
+
+
+class TerminalTests(ConsoleTestCase):
+    terminal = True
+
+    def test_prompt_echo_and_editing(self) -> None:
+        """On a terminal keys are echoed after a prompt; backspace and ctrl-U edit; escape keys are ignored."""
+        self.console.start_commands()
+        self.assertEqual(self.output(), "alice> ")
+        self.type(b"/whx\x7fo\x1b[A\x1bOB")
+        self.assertEqual(self.output(), "/whx\b \bo")
+        self.type(b"\r")
+        self.assertEqual(self.messenger.calls, [("who", ())])
+        self.assertEqual(self.output(), "\n\r\x1b[Konline: bob, carol\nalice> ")
+        self.type("/msg bob h\u00e9".encode()[:-1])
+        self.type("/msg bob h\u00e9".encode()[-1:] + b"\x15/who\r")
+        self.assertEqual(self.messenger.calls[-1], ("who", ()))
+
+    def test_incoming_line_keeps_typing(self) -> None:
+        """An incoming message erases the prompt line, prints, then redraws the prompt and the partial input."""
+        self.console.start_commands()
+        self.type(b"/msg bob hel")
+        self.output()
+        self.console.show("message", user="bob", text="hi", private=False)
+        self.assertEqual(self.output(), "\r\x1b[Kbob: hi\nalice> /msg bob hel")
+
+    def test_password_not_echoed(self) -> None:
+        """The password prompt does not echo what is typed."""
+        password = self.console.password(False)
+        self.type(b"sek\x7fkrit\r")
+        self.assertEqual(self.successResultOf(password), "sekrit")
+        self.assertNotIn("krit", self.output())
+
+    def test_ctrl_d_logs_out(self) -> None:
+        """Ctrl-D on an empty line ends the session like /logout."""
+        self.console.start_commands()
+        self.type(b"\x04")
+        self.assertEqual(self.messenger.calls, [("logout", ())])

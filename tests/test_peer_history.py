@@ -1,0 +1,138 @@
+"""Tests for p2pchat.peer.history: the peer's SQLite store, on real database files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from p2pchat.peer.history import (
+    DELIVERED,
+    FAILED,
+    HELD,
+    MUTED,
+    PENDING,
+    SENT,
+    SHOWN,
+    Contact,
+    History,
+    ThreadRunner,
+)
+
+
+class HistoryTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp() + ".d", "history.sqlite3")
+        os.makedirs(os.path.dirname(self.path))
+        self.history = self.open()
+
+    def open(self) -> History:
+        history = History(self.path)
+        self.successResultOf(history.open())
+        self.addCleanup(history.close)
+        return history
+
+    def test_file_private_and_wal(self) -> None:
+        """The database is created readable by its owner only, in WAL mode, with a schema version."""
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        db = sqlite3.connect(self.path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(db.execute("SELECT version FROM schema_version").fetchone()[0], 1)
+
+    def test_unknown_schema_refused(self) -> None:
+        """A database from a newer peer is refused rather than misread."""
+        db = sqlite3.connect(self.path)
+        db.execute("UPDATE schema_version SET version = 99")
+        db.commit()
+        db.close()
+        failure = self.failureResultOf(History(self.path).open(), RuntimeError)
+        self.assertIn("schema version 99", str(failure.value))
+
+    def test_outbox_fifo_per_peer(self) -> None:
+        """Pending messages come back oldest first, per peer or for everyone."""
+        for i, peer in enumerate(["bob", "carol", "bob"]):
+            self.successResultOf(self.history.add_outgoing(peer, f"m{i}", f"text {i}", False, 100.0 + i))
+        bob = self.successResultOf(self.history.outbox("bob"))
+        self.assertEqual([e.msg_id for e in bob], ["m0", "m2"])
+        self.assertTrue(all(e.outgoing and e.status == PENDING for e in bob))
+        everyone = self.successResultOf(self.history.outbox())
+        self.assertEqual([e.msg_id for e in everyone], ["m0", "m1", "m2"])
+
+    def test_status_moves_only_forward(self) -> None:
+        """A message leaves the outbox once sent; a late "sent" never hides "delivered"."""
+        self.successResultOf(self.history.add_outgoing("bob", "m1", "hi", False, 1.0))
+        self.assertEqual(self.successResultOf(self.history.set_status("bob", ["m1"], SENT, (PENDING,))), 1)
+        self.assertEqual(self.successResultOf(self.history.outbox("bob")), [])
+        self.successResultOf(self.history.set_status("bob", ["m1"], DELIVERED, (PENDING, SENT)))
+        self.assertEqual(self.successResultOf(self.history.set_status("bob", ["m1"], SENT, (PENDING,))), 0)
+        [entry] = self.successResultOf(self.history.conversation("bob", 10))
+        self.assertEqual(entry.status, DELIVERED)
+
+    def test_status_only_for_that_peer(self) -> None:
+        """A receipt from carol cannot mark a message to bob delivered."""
+        self.successResultOf(self.history.add_outgoing("bob", "m1", "hi", False, 1.0))
+        self.assertEqual(self.successResultOf(self.history.set_status("carol", ["m1"], DELIVERED, (PENDING,))), 0)
+
+    def test_incoming_deduplicated(self) -> None:
+        """The same (peer, msg_id) is stored once; the second arrival says it is a duplicate."""
+        self.assertTrue(self.successResultOf(self.history.add_incoming("bob", "x", "hi", False, SHOWN, 1.0, 2.0)))
+        self.assertFalse(self.successResultOf(self.history.add_incoming("bob", "x", "hi", False, SHOWN, 1.0, 3.0)))
+        self.assertTrue(self.successResultOf(self.history.add_incoming("carol", "x", "hi", False, SHOWN, 1.0, 3.0)))
+        self.assertEqual(len(self.successResultOf(self.history.conversation("bob", 10))), 1)
+
+    def test_conversation_last_n_in_order(self) -> None:
+        """History returns the last N messages both ways, oldest first."""
+        for i in range(5):
+            self.successResultOf(self.history.add_outgoing("bob", f"o{i}", f"out {i}", False, float(i)))
+            self.successResultOf(self.history.add_incoming("bob", f"i{i}", f"in {i}", False, MUTED, float(i), float(i)))
+        entries = self.successResultOf(self.history.conversation("bob", 3))
+        self.assertEqual([e.text for e in entries], ["in 3", "out 4", "in 4"])
+
+    def test_release_held(self) -> None:
+        """Messages held for a changed key are returned once and then count as shown."""
+        self.successResultOf(self.history.add_incoming("bob", "a", "one", False, HELD, 1.0, 1.0))
+        self.successResultOf(self.history.add_incoming("bob", "b", "two", True, HELD, 2.0, 2.0))
+        released = self.successResultOf(self.history.release_held("bob"))
+        self.assertEqual([(e.text, e.private) for e in released], [("one", False), ("two", True)])
+        self.assertEqual(self.successResultOf(self.history.release_held("bob")), [])
+
+    def test_contacts_and_settings_survive_reopen(self) -> None:
+        """Pins, block and mute state, the outbox and registration marks are on disk."""
+        contact = Contact("bob", "a" * 64, "k" * 43, None, None, True, True, 1234.5)
+        self.successResultOf(self.history.save_contact(contact))
+        self.successResultOf(self.history.add_outgoing("bob", "m1", "hi", False, 1.0))
+        self.successResultOf(self.history.mark_registered("localhost:5000"))
+        self.successResultOf(self.history.close())
+        reopened = self.open()
+        self.assertEqual(self.successResultOf(reopened.contacts()), {"bob": contact})
+        self.assertEqual(len(self.successResultOf(reopened.outbox("bob"))), 1)
+        self.assertTrue(self.successResultOf(reopened.is_registered("localhost:5000")))
+        self.assertFalse(self.successResultOf(reopened.is_registered("otherhost:5000")))
+
+    def test_failed_leaves_outbox(self) -> None:
+        """A message refused for good is failed and no longer pending."""
+        self.successResultOf(self.history.add_outgoing("bob", "m1", "hi", False, 1.0))
+        self.successResultOf(self.history.set_status("bob", ["m1"], FAILED, (PENDING,)))
+        self.assertEqual(self.successResultOf(self.history.outbox()), [])
+
+
+class ThreadRunnerTests(unittest.TestCase):
+    async def test_runs_in_its_thread(self) -> None:
+        """With the thread runner the database work happens off the reactor thread and still completes."""
+        import threading
+
+        runner = ThreadRunner(reactor)
+        runner.start()
+        self.addCleanup(runner.stop)
+        path = self.mktemp()
+        history = History(path, runner)
+        await history.open()
+        self.addCleanup(history.close)
+        await history.add_outgoing("bob", "m1", "hi", False, 1.0)
+        self.assertEqual(len(await history.outbox("bob")), 1)
+        name = await runner(lambda: threading.current_thread().name)
+        self.assertNotEqual(name, threading.current_thread().name)

@@ -1,0 +1,173 @@
+"""Tests for p2pchat.peer.links: direct links over real TLS 1.3, in memory and on loopback."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial import unittest
+
+from p2pchat import crypto
+from p2pchat.peer.links import HANDSHAKE_TIMEOUT, Link, Links
+
+
+class Peer:
+    """One side: a user's identity, its links and what its handler saw."""
+
+    def __init__(self, name: str, clock: Any, directory: dict[str, str]) -> None:
+        self.name = name
+        self.identity = crypto.generate_identity(name)
+        self.fingerprint = self.identity.fingerprint
+        directory[name] = self.fingerprint
+        self.directory = directory
+        self.refused: set[str] = set()
+        self.verified: list[tuple[str, str | None]] = []
+        self.up: list[Link] = []
+        self.frames: list[tuple[str, dict[str, Any]]] = []
+        self.down: list[str] = []
+        self.links = Links(clock, self.identity, name, self)
+
+    # the handler interface
+    def refuse_fingerprint(self, fingerprint: str) -> bool:
+        return fingerprint in self.refused
+
+    def verify_peer(self, user: str, fingerprint: str | None) -> Deferred[bool]:
+        self.verified.append((user, fingerprint))
+        return succeed(self.directory.get(user) == fingerprint)
+
+    def link_up(self, link: Link) -> None:
+        self.up.append(link)
+
+    def link_frame(self, link: Link, frame: dict[str, Any]) -> None:
+        self.frames.append((link.user, frame))
+
+    def link_down(self, link: Link) -> None:
+        self.down.append(link.user)
+
+
+class InMemoryTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.directory: dict[str, str] = {}
+        self.alice = Peer("alice", self.clock, self.directory)
+        self.bob = Peer("bob", self.clock, self.directory)
+        self.mallory = Peer("mallory", self.clock, {})
+
+    def connect(
+        self, client: Peer, server: Peer, user: str, fingerprint: str, *early: dict[str, Any]
+    ) -> tuple[Any, Any, iosim.IOPump]:
+        """C{client} dials C{server}'s listener expecting C{user} with C{fingerprint}, and at once
+        writes the C{early} frames after its hello."""
+        client_tls = client.links.connecting_factory(user, fingerprint).buildProtocol(None)
+        server_tls = server.links.listening_factory().buildProtocol(None)
+        pump = iosim.connect(
+            server_tls, iosim.makeFakeServer(server_tls), client_tls, iosim.makeFakeClient(client_tls),
+            greet=False, clock=self.clock,
+        )
+        link = client_tls.wrappedProtocol
+        for frame in early:
+            link._write(frame)
+        opened = link.when_open()
+        pump.flush()
+        return opened, link, pump
+
+    def test_right_keys_both_ways(self) -> None:
+        """With the expected keys both sides open the link, know who is at the other end, and exchange frames."""
+        opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.assertIs(self.successResultOf(opened), link)
+        self.assertEqual(self.bob.verified, [("alice", self.alice.fingerprint)])
+        self.assertEqual([l.user for l in self.alice.up], ["bob"])
+        self.assertEqual([l.user for l in self.bob.up], ["alice"])
+        self.assertIs(self.alice.links.get("bob"), link)
+        link.send({"type": "msg", "text": "hi"})
+        self.bob.links.get("alice").send({"type": "ack"})
+        pump.flush()
+        self.assertEqual(self.bob.frames, [("alice", {"type": "msg", "text": "hi"})])
+        self.assertEqual(self.alice.frames, [("bob", {"type": "ack"})])
+        self.alice.links.close("bob")
+        self.assertIsNone(self.alice.links.get("bob"))  # at once, not when TLS has finished closing
+        pump.flush()
+        self.assertEqual((self.alice.down, self.bob.down), (["bob"], ["alice"]))
+        self.assertIsNone(self.bob.links.get("alice"))
+
+    def test_connector_refuses_wrong_listener(self) -> None:
+        """A listener without the expected key fails the handshake: no link on either side, nothing sent."""
+        opened, link, pump = self.connect(self.alice, self.mallory, "bob", self.bob.fingerprint)
+        self.failureResultOf(opened)
+        self.assertEqual((self.alice.up, self.mallory.up, self.mallory.verified), ([], [], []))
+
+    def test_listener_refuses_claimed_name_with_wrong_key(self) -> None:
+        """A peer claiming to be alice with another key gets nothing: no link, its frames never looked at."""
+        self.mallory.links.user = "alice"  # mallory's hello claims alice
+        opened, link, pump = self.connect(
+            self.mallory, self.bob, "bob", self.bob.fingerprint, {"type": "msg", "text": "I am alice"}
+        )
+        self.assertEqual(self.bob.verified, [("alice", self.mallory.fingerprint)])
+        self.assertEqual((self.bob.up, self.bob.frames), ([], []))
+        self.failureResultOf(opened)
+
+    def test_listener_refuses_blocked_key_in_handshake(self) -> None:
+        """A key the handler refuses (a blocked user's) fails the TLS handshake itself."""
+        self.bob.refused.add(self.alice.fingerprint)
+        opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.failureResultOf(opened)
+        self.assertEqual((self.bob.verified, self.bob.up), ([], []))
+
+    def test_unverified_frames_close(self) -> None:
+        """Before hello is accepted, anything else (or a second hello, or garbage) closes the connection."""
+        for first in [{"type": "msg", "text": "hi"}, "not json", {"type": "hello", "user": "alice", "protocol": 99}]:
+            server_tls = self.bob.links.listening_factory().buildProtocol(None)
+            client_tls = self.alice.links.connecting_factory("bob", self.bob.fingerprint).buildProtocol(None)
+            client = client_tls.wrappedProtocol
+            client.connectionMade = lambda: None  # send no hello of its own
+            client.when_open().addErrback(lambda f: None)
+            pump = iosim.connect(server_tls, iosim.makeFakeServer(server_tls), client_tls,
+                                 iosim.makeFakeClient(client_tls), greet=False, clock=self.clock)
+            client.transport.write((first if isinstance(first, str) else json.dumps(first)).encode() + b"\n")
+            pump.flush()
+            self.assertTrue(server_tls.transport.disconnected, first)
+        self.assertEqual((self.bob.up, self.bob.frames), ([], []))
+
+    def test_handshake_timeout(self) -> None:
+        """A connection that never says hello is dropped after the handshake timeout."""
+        server_tls = self.bob.links.listening_factory().buildProtocol(None)
+        transport = iosim.makeFakeServer(server_tls)
+        server_tls.makeConnection(transport)
+        self.clock.advance(HANDSHAKE_TIMEOUT)
+        self.assertTrue(transport.disconnecting)
+
+
+class LoopbackTests(unittest.TestCase):
+    async def test_listen_connect_close(self) -> None:
+        """On real loopback sockets a peer listens, another connects by name and key, and both see the link."""
+        directory: dict[str, str] = {}
+        alice = Peer("alice", reactor, directory)
+        bob = Peer("bob", reactor, directory)
+        bob.links._interface = "127.0.0.1"
+        port = await bob.links.listen()
+        self.addCleanup(bob.links.stop_listening)
+        self.assertEqual(await bob.links.listen(), port)
+        link = await alice.links.connect("bob", "127.0.0.1", port, bob.fingerprint).addTimeout(10, reactor)
+        self.addCleanup(alice.links.close_all)
+        self.assertEqual(link.user, "bob")
+        closed: Deferred[None] = Deferred()
+        bob.link_down = lambda l: closed.callback(l.user)  # type: ignore[method-assign]
+        alice.links.close("bob")
+        self.assertEqual(await closed.addTimeout(10, reactor), "alice")
+
+    async def test_wrong_key_refused_on_loopback(self) -> None:
+        """Dialling with the wrong expected key fails and leaves no link."""
+        directory: dict[str, str] = {}
+        alice = Peer("alice", reactor, directory)
+        bob = Peer("bob", reactor, directory)
+        bob.links._interface = "127.0.0.1"
+        port = await bob.links.listen()
+        self.addCleanup(bob.links.stop_listening)
+        with self.assertRaises(Exception):
+            await alice.links.connect("bob", "127.0.0.1", port, "0" * 64).addTimeout(10, reactor)
+        self.assertIsNone(alice.links.get("bob"))
+        self.assertEqual(bob.up, [])

@@ -1,0 +1,766 @@
+"""Tests for p2pchat.peer.messenger: the peer's rules, on a fake clock, a real history file, real
+envelopes, and a scripted directory standing in for the server connection."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from p2pchat import crypto
+from p2pchat.peer.history import DELIVERED, FAILED, PENDING, SENT, History
+from p2pchat.peer.messenger import DIRECT_RETRY, RETRY_DELAY, CommandError, Messenger
+from p2pchat.peer.server_link import NotConnected, RequestError
+from p2pchat.wire import Event
+
+
+class Person:
+    """Another user's real keys."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.identity = crypto.generate_identity(name)
+        self.envelope_key = crypto.generate_envelope_key()
+        self.fingerprint = self.identity.fingerprint
+        self.public = self.envelope_key.public_b64
+
+
+class Directory:
+    """A scripted stand-in for the discovery server: just the answers the messenger needs."""
+
+    def __init__(self) -> None:
+        self.people: dict[str, Person] = {}
+        self.online: set[str] = set()
+        self.blocked_me: set[str] = set()
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.acked: list[int] = []
+        self.answers: dict[str, Any] = {}  # op -> exception or result overriding the defaults
+        self.started = self.stopped = 0
+        self.connected = True
+
+    def start(self) -> None:
+        self.started += 1
+
+    def stop(self) -> Deferred[None]:
+        self.stopped += 1
+        return succeed(None)
+
+    def ops(self) -> list[str]:
+        return [op for op, _ in self.requests]
+
+    def request(self, op: str, **args: Any) -> Deferred[dict[str, Any]]:
+        self.requests.append((op, args))
+        if not self.connected:
+            return fail(NotConnected("down"))
+        answer = self.answers.get(op)
+        if isinstance(answer, list):
+            answer = answer.pop(0) if answer else None
+        if isinstance(answer, Exception):
+            return fail(answer)
+        if answer is not None:
+            return succeed(answer)
+        try:
+            return succeed(getattr(self, "_" + op)(**args))
+        except (RequestError, NotConnected) as e:
+            return fail(e)
+
+    def _person(self, user: str) -> Person:
+        if user not in self.people:
+            raise RequestError("unknown_user", f"there is no user named {user!r}")
+        if user in self.blocked_me:
+            raise RequestError("blocked_by_user", f"{user} has blocked you")
+        return self.people[user]
+
+    def _register(self, **args: Any) -> dict[str, Any]:
+        return {"username": args["username"]}
+
+    def _login(self, **args: Any) -> dict[str, Any]:
+        return {"username": args["username"], "token": "T" * 43, "mailbox": 0}
+
+    def _resume(self, **args: Any) -> dict[str, Any]:
+        return {"username": args["username"], "token": "T" * 43, "mailbox": 0}
+
+    def _blocks(self) -> dict[str, Any]:
+        return {"users": []}
+
+    def _lookup(self, user: str) -> dict[str, Any]:
+        person = self._person(user)
+        if user not in self.online:
+            raise RequestError("offline", f"{user} is offline")
+        return {"user": user, "host": "127.0.0.1", "port": 7000, "fingerprint": person.fingerprint, "envelope_key": person.public}
+
+    def _keys(self, user: str) -> dict[str, Any]:
+        person = self._person(user)
+        return {"user": user, "fingerprint": person.fingerprint, "envelope_key": person.public}
+
+    def _send(self, to: str, msg_id: str, envelope: str) -> dict[str, Any]:
+        self._person(to)
+        self.sent.append({"to": to, "msg_id": msg_id, "envelope": envelope})
+        return {"status": "delivered" if to in self.online else "stored", "seq": len(self.sent), "duplicate": False}
+
+    def _ack(self, seqs: list[int]) -> dict[str, Any]:
+        self.acked.extend(seqs)
+        return {"acked": len(seqs)}
+
+    def _who(self) -> dict[str, Any]:
+        return {"users": sorted(self.online)}
+
+    def _block(self, user: str) -> dict[str, Any]:
+        self._person(user)
+        return {"user": user}
+
+    _unblock = _block
+
+    def _logout(self) -> dict[str, Any]:
+        return {}
+
+
+class FakeLink:
+    def __init__(self, links: FakeLinks, user: str) -> None:
+        self.links = links
+        self.user = user
+        self.session = False
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.sent.append(frame)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.links.open.pop(self.user, None)
+            self.links.messenger.link_down(self)
+
+
+class FakeLinks:
+    """Direct links that open when the test says the peer is reachable."""
+
+    def __init__(self, messenger: Messenger) -> None:
+        self.messenger = messenger
+        self.reachable: set[str] = set()
+        self.open: dict[str, FakeLink] = {}
+        self.connects: list[tuple[str, str, int, str]] = []
+        self.listening = False
+
+    def listen(self) -> Deferred[int]:
+        self.listening = True
+        return succeed(7001)
+
+    def stop_listening(self) -> Deferred[None]:
+        self.listening = False
+        return succeed(None)
+
+    def connect(self, user: str, host: str, port: int, fingerprint: str) -> Deferred[FakeLink]:
+        self.connects.append((user, host, port, fingerprint))
+        if user not in self.reachable:
+            return fail(ConnectionRefusedError())
+        return succeed(self.accept(user))
+
+    def accept(self, user: str) -> FakeLink:
+        link = self.open[user] = FakeLink(self, user)
+        self.messenger.link_up(link)
+        return link
+
+    def get(self, user: str) -> FakeLink | None:
+        return self.open.get(user)
+
+    def close(self, user: str) -> None:
+        link = self.open.get(user)
+        if link is not None:
+            link.close()
+
+    def close_all(self) -> None:
+        for user in list(self.open):
+            self.close(user)
+
+
+class View:
+    def __init__(self) -> None:
+        self.shown: list[tuple[str, dict[str, Any]]] = []
+
+    def show(self, event: str, **fields: Any) -> None:
+        self.shown.append((event, fields))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [fields for event, fields in self.shown if event == name]
+
+    def messages(self) -> list[tuple[str, str]]:
+        return [(f["user"], f["text"]) for f in self.events("message")]
+
+
+class MessengerTestCase(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.path = self.mktemp()
+        self.me = Person("alice")
+        self.bob = Person("bob")
+        self.carol = Person("carol")
+        self.directory = Directory()
+        self.directory.people = {"bob": self.bob, "carol": self.carol}
+        self.passwords: list[str | None] = ["correct horse"]
+        self.asked: list[bool] = []
+        self.new_messenger()
+
+    def new_messenger(self) -> None:
+        self.history = History(self.path)
+        self.successResultOf(self.history.open())
+        self.addCleanup(self.history.close)
+        self.view = View()
+        self.messenger = Messenger(
+            "alice", self.me.identity, self.me.envelope_key, self.history, self.clock, self.view, self.password, "server:5000"
+        )
+        self.links = FakeLinks(self.messenger)
+        self.messenger.attach(self.directory, self.links)
+        self.finished = self.messenger.when_finished()
+
+    def password(self, retry: bool) -> Deferred[str | None]:
+        self.asked.append(retry)
+        return succeed(self.passwords.pop(0) if self.passwords else None)
+
+    def start(self, login: bool = True) -> None:
+        self.successResultOf(Deferred.fromCoroutine(self.messenger.run()))
+        if login:
+            self.successResultOf(self.messenger.server_connected())
+            self.assertTrue(self.messenger.logged_in)
+
+    def command(self, name: str, *args: Any) -> Any:
+        return self.successResultOf(Deferred.fromCoroutine(getattr(self.messenger, name)(*args)))
+
+    def command_error(self, name: str, *args: Any) -> CommandError:
+        return self.failureResultOf(Deferred.fromCoroutine(getattr(self.messenger, name)(*args)), CommandError).value
+
+    def seal_from(self, person: Person, msg_id: str, payload: dict[str, Any], signer: Person | None = None) -> str:
+        return crypto.seal(
+            (signer or person).identity, person.name, "alice", self.me.public, msg_id, json.dumps(payload).encode()
+        )
+
+    def deliver(self, seq: int, person: Person, msg_id: str, payload: dict[str, Any], signer: Person | None = None) -> None:
+        envelope = self.seal_from(person, msg_id, payload, signer)
+        self.messenger.server_event(
+            Event("envelope", {"seq": seq, "from": person.name, "msg_id": msg_id, "envelope": envelope, "sent_at": 1.0})
+        )
+
+    def open_sent(self, index: int, person: Person) -> dict[str, Any]:
+        """Open what alice handed to the server, as its recipient would."""
+        item = self.directory.sent[index]
+        payload, fingerprint = crypto.open_sealed(
+            item["envelope"], person.envelope_key, "alice", person.name, item["msg_id"], self.me.fingerprint
+        )
+        return json.loads(payload)
+
+    def statuses(self, peer: str) -> list[tuple[str, str]]:
+        entries = self.successResultOf(self.history.conversation(peer, 100))
+        return [(e.text, e.status) for e in entries if e.outgoing]
+
+
+class LoginTests(MessengerTestCase):
+    def test_first_run_registers_then_logs_in_with_keys(self) -> None:
+        """A first run registers the account with this peer's keys, then logs in and says welcome."""
+        self.start()
+        self.assertEqual(self.directory.ops()[:3], ["register", "login", "blocks"])
+        register = self.directory.requests[0][1]
+        self.assertEqual(register["fingerprint"], self.me.fingerprint)
+        self.assertEqual(register["envelope_key"], self.me.public)
+        login = self.directory.requests[1][1]
+        self.assertEqual((login["password"], login["port"], login["fingerprint"]), ("correct horse", 7001, self.me.fingerprint))
+        self.assertEqual(self.view.events("welcome"), [{"user": "alice", "mailbox": 0}])
+        self.assertTrue(self.successResultOf(self.history.is_registered("server:5000")))
+
+    def test_existing_account_logs_in(self) -> None:
+        """username_taken (an imported account) falls through to login; a second run does not register."""
+        self.directory.answers["register"] = RequestError("username_taken", "taken")
+        self.start()
+        self.assertEqual(self.directory.ops()[:2], ["register", "login"])
+        self.directory.requests.clear()
+        self.new_messenger()
+        self.passwords = ["correct horse"]
+        self.start()
+        self.assertEqual(self.directory.ops()[0], "login")
+
+    def test_wrong_password_asks_again(self) -> None:
+        """A wrong password says so and asks again; the next one logs in."""
+        self.passwords = ["wrong", "right"]
+        self.directory.answers["register"] = RequestError("username_taken", "taken")
+        self.directory.answers["login"] = [RequestError("bad_credentials", "no")]
+        self.start()
+        self.assertEqual(self.asked, [False, True])
+        self.assertEqual(len(self.view.events("wrong_password")), 1)
+        logins = [args["password"] for op, args in self.directory.requests if op == "login"]
+        self.assertEqual(logins, ["wrong", "right"])
+        self.assertNoResult(self.finished)
+
+    def test_no_other_password_exits(self) -> None:
+        """With no other password to try (a password file) a refusal ends the peer with status 1."""
+        self.directory.answers["login"] = [RequestError("bad_credentials", "no")]
+        self.start(login=False)
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.successResultOf(self.finished), 1)
+        self.assertEqual([e for e, _ in self.view.shown], ["registered", "wrong_password", "login_gave_up"])
+        self.assertFalse(self.messenger.logged_in)
+
+    def test_blocked_locked_already_online_exit(self) -> None:
+        """The third failure, a login during the block, and a user already online each say so and exit."""
+        for code, event in [
+            ("too_many_attempts", "too_many_attempts"),
+            ("account_locked", "account_locked"),
+            ("already_online", "already_online"),
+        ]:
+            self.passwords = ["pw"]
+            self.new_messenger()
+            self.directory.answers["login"] = [RequestError(code, "the server's words")]
+            self.start(login=False)
+            self.successResultOf(self.messenger.server_connected())
+            self.assertEqual(self.successResultOf(self.finished), 1, code)
+            self.assertEqual(self.view.events(event)[0]["message"], "the server's words")
+
+    def test_reconnect_resumes_without_password(self) -> None:
+        """After a lost connection the peer resumes with its token and never sends the password again."""
+        self.start()
+        self.messenger.server_lost()
+        self.assertEqual(self.view.events("server_lost"), [{}])
+        self.directory.requests.clear()
+        self.successResultOf(self.messenger.server_connected())
+        op, args = self.directory.requests[0]
+        self.assertEqual((op, args["token"]), ("resume", "T" * 43))
+        self.assertNotIn("login", self.directory.ops())
+        self.assertEqual(self.view.events("reconnected"), [{"user": "alice", "mailbox": 0}])
+
+    def test_expired_token_logs_in_again(self) -> None:
+        """An invalid token falls back to a password login when a password is available."""
+        self.start()
+        self.passwords = ["again"]
+        self.directory.answers["resume"] = RequestError("invalid_token", "expired")
+        self.directory.requests.clear()
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.directory.ops()[:2], ["resume", "login"])
+        self.assertEqual(self.directory.requests[1][1]["password"], "again")
+        self.assertTrue(self.messenger.logged_in)
+
+    def test_expired_token_without_password_exits(self) -> None:
+        """With no password available an expired session says so and exits."""
+        self.start()
+        self.directory.answers["resume"] = RequestError("invalid_token", "expired")
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.view.events("session_expired"), [{"user": "alice"}])
+        self.assertEqual(self.successResultOf(self.finished), 1)
+
+    def test_unreachable_server_makes_ready(self) -> None:
+        """A server that cannot be reached is reported and commands may run (offline)."""
+        ready = self.messenger.when_ready()
+        self.start(login=False)
+        self.assertNoResult(ready)
+        self.messenger.server_unreachable("connection refused")
+        self.successResultOf(ready)
+        self.assertEqual(self.view.events("server_unreachable"), [{"server": "server:5000", "reason": "connection refused"}])
+
+    def test_block_list_synchronised(self) -> None:
+        """At login the local block flags follow the server's list."""
+        self.directory.answers["blocks"] = {"users": ["carol"]}
+        self.start()
+        self.assertTrue(self.successResultOf(self.history.contacts())["carol"].blocked)
+
+
+class SendTests(MessengerTestCase):
+    def test_direct_when_reachable(self) -> None:
+        """An online, reachable recipient gets the message over a direct link; delivered on its ack."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.command("send", "bob", "hi bob")
+        self.assertEqual(self.links.connects, [("bob", "127.0.0.1", 7000, self.bob.fingerprint)])
+        [frame] = self.links.open["bob"].sent
+        self.assertEqual((frame["type"], frame["text"], frame["private"]), ("msg", "hi bob", False))
+        self.assertEqual(self.directory.sent, [])
+        self.assertEqual(self.statuses("bob"), [("hi bob", PENDING)])
+        self.messenger.link_frame(self.links.open["bob"], {"type": "ack", "msg_ids": [frame["msg_id"]]})
+        self.assertEqual(self.statuses("bob"), [("hi bob", DELIVERED)])
+
+    def test_sealed_through_server_when_no_link(self) -> None:
+        """Without a direct link the message is sealed to the recipient and signed; the server cannot read it."""
+        self.directory.online.add("bob")
+        self.start()
+        self.command("send", "bob", "hi bob")
+        self.assertEqual(len(self.links.connects), 1)  # tried direct first
+        self.assertNotIn("hi bob", self.directory.sent[0]["envelope"])
+        payload = self.open_sent(0, self.bob)
+        self.assertEqual((payload["kind"], payload["text"]), ("msg", "hi bob"))
+        self.assertEqual(self.statuses("bob"), [("hi bob", SENT)])
+        self.assertEqual(self.view.events("stored"), [])
+
+    def test_offline_recipient_stored(self) -> None:
+        """A message to an offline user is stored by the server (no direct attempt), and the user is told so."""
+        self.start()
+        self.command("send", "bob", "one")
+        self.command("send", "bob", "two")
+        self.assertEqual(self.links.connects, [])
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
+        self.assertEqual(len(self.view.events("stored")), 2)
+
+    def test_receipt_marks_delivered(self) -> None:
+        """A sealed receipt from the recipient marks the message delivered; one from someone else does not."""
+        self.start()
+        self.command("send", "bob", "hi")
+        msg_id = self.directory.sent[0]["msg_id"]
+        self.deliver(1, self.carol, "r-1", {"kind": "receipt", "msg_ids": [msg_id]})
+        self.assertEqual(self.statuses("bob"), [("hi", SENT)])
+        self.deliver(2, self.bob, "r-2", {"kind": "receipt", "msg_ids": [msg_id]})
+        self.assertEqual(self.statuses("bob"), [("hi", DELIVERED)])
+        self.assertEqual(self.directory.acked, [1, 2])
+
+    def test_refused_before_storing(self) -> None:
+        """Unknown users, yourself, bad names, empty and oversized text are refused and nothing is stored."""
+        self.directory.blocked_me.add("carol")
+        self.start()
+        cases = [
+            (("zed", "hi"), "unknown_user"),
+            (("carol", "hi"), "blocked_by_user"),
+            (("alice", "hi"), "yourself"),
+            (("bad name", "hi"), "invalid_user"),
+            (("bob", "   "), "empty_message"),
+            (("bob", "x" * 16001), "too_long"),
+            (("bob", "\x01" * 16000), "too_long_bytes"),
+        ]
+        for args, code in cases:
+            self.assertEqual(self.command_error("send", *args).code, code, args)
+        self.assertEqual(self.successResultOf(self.history.outbox()), [])
+
+    def test_queued_while_offline_then_in_order(self) -> None:
+        """Messages written while not connected wait as pending and go out in order after login."""
+        self.start(login=False)
+        for text in ["one", "two", "three"]:
+            self.command("send", "bob", text)
+        self.assertEqual(len(self.view.events("queued")), 3)
+        self.assertEqual(self.statuses("bob"), [("one", PENDING), ("two", PENDING), ("three", PENDING)])
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(3)], ["one", "two", "three"])
+        self.assertEqual(self.statuses("bob"), [("one", SENT), ("two", SENT), ("three", SENT)])
+
+    def test_outbox_survives_restart(self) -> None:
+        """Pending messages are on disk: a new messenger on the same history sends them after login."""
+        self.start(login=False)
+        self.command("send", "bob", "before the crash")
+        self.new_messenger()
+        self.passwords = ["correct horse"]
+        self.start()
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "before the crash")
+
+    def test_transient_refusal_retried(self) -> None:
+        """A rate-limited send stays pending and is retried after a delay, keeping the order."""
+        self.start()
+        self.directory.answers["send"] = [RequestError("rate_limited", "slow down")] * 2
+        self.command("send", "bob", "one")
+        self.command("send", "bob", "two")
+        self.assertEqual(self.statuses("bob"), [("one", PENDING), ("two", PENDING)])
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
+
+    def test_permanent_refusal_fails(self) -> None:
+        """A queued message to someone who blocked you meanwhile is marked failed, with a notice."""
+        self.start(login=False)
+        self.command("send", "bob", "hi")
+        self.directory.blocked_me.add("bob")
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.statuses("bob"), [("hi", FAILED)])
+        self.assertEqual(self.view.events("send_failed")[0]["code"], "blocked_by_user")
+
+    def test_failed_direct_not_retried_at_once(self) -> None:
+        """After a failed direct connection the next messages go straight through the server for a while."""
+        self.directory.online.add("bob")
+        self.start()
+        self.command("send", "bob", "one")
+        self.command("send", "bob", "two")
+        self.assertEqual(len(self.links.connects), 1)
+        self.clock.advance(DIRECT_RETRY)
+        self.links.reachable.add("bob")
+        self.command("send", "bob", "three")
+        self.assertEqual(self.links.open["bob"].sent[-1]["text"], "three")
+
+    def test_lost_link_resends_unacknowledged(self) -> None:
+        """A message written to a link that dropped before the ack goes out again (through the server)."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.command("send", "bob", "hi")
+        self.links.reachable.clear()
+        self.links.close("bob")
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
+
+    def test_logout_waits_then_logs_out(self) -> None:
+        """/logout logs out of the server, closes everything and finishes with status 0."""
+        self.start()
+        self.command("logout")
+        self.assertEqual(self.directory.ops()[-1], "logout")
+        self.assertEqual(self.successResultOf(self.finished), 0)
+        self.assertFalse(self.links.listening)
+
+
+class ReceiveTests(MessengerTestCase):
+    def test_envelope_shown_stored_receipted_acked(self) -> None:
+        """An envelope is stored and shown, a sealed receipt goes back, and only then is it acked."""
+        self.start()
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "hello alice", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [("bob", "hello alice")])
+        self.assertEqual(self.directory.ops()[-2:], ["send", "ack"])
+        self.assertEqual(self.directory.acked, [5])
+        item = self.directory.sent[0]
+        payload, _ = crypto.open_sealed(item["envelope"], self.bob.envelope_key, "alice", "bob", item["msg_id"], self.me.fingerprint)
+        self.assertEqual(json.loads(payload), {"kind": "receipt", "msg_ids": ["m1"]})
+
+    def test_duplicate_shown_once(self) -> None:
+        """The same message arriving twice (server redelivery, or direct then server) is shown once and acked."""
+        self.start()
+        link = self.links.accept("bob")
+        self.messenger.link_frame(link, {"type": "msg", "msg_id": "m1", "text": "hi", "sent_at": 1.0})
+        self.links.close("bob")
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.deliver(2, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [("bob", "hi")])
+        self.assertEqual(self.directory.acked, [1, 2])
+        self.assertEqual(link.sent, [{"type": "ack", "msg_ids": ["m1"]}])
+
+    def test_forged_envelope_dropped(self) -> None:
+        """An envelope signed with a key that is not the sender's is dropped (and acked so it goes away)."""
+        self.start()
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "I am bob", "sent_at": 1.0}, signer=self.carol)
+        self.assertEqual(self.view.messages(), [])
+        self.assertEqual(self.directory.acked, [1])
+        self.assertEqual(self.successResultOf(self.history.conversation("bob", 10)), [])
+
+    def test_tampered_envelope_dropped(self) -> None:
+        """A sealed envelope replayed under another message id fails its signature and is dropped."""
+        self.start()
+        envelope = self.seal_from(self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.messenger.server_event(Event("envelope", {"seq": 1, "from": "bob", "msg_id": "m2", "envelope": envelope}))
+        self.messenger.server_event(Event("envelope", {"seq": 2, "from": "bob", "msg_id": 7, "envelope": envelope}))
+        self.assertEqual(self.view.messages(), [])
+        self.assertEqual(self.directory.acked, [1, 2])
+
+    def test_unusable_content_dropped(self) -> None:
+        """Genuine envelopes with content that cannot be stored (unknown kind, bad text) are dropped and acked."""
+        self.start()
+        for seq, payload in enumerate([{"kind": "poke"}, {"kind": "msg", "text": "\ud800", "sent_at": 1.0},
+                                       {"kind": "msg", "text": "", "sent_at": 1.0}, {"kind": "msg", "text": "x"}], 1):
+            self.deliver(seq, self.bob, f"m{seq}", payload)
+        self.assertEqual(self.view.messages(), [])
+        self.assertEqual(self.directory.acked, [1, 2, 3, 4])
+
+    def test_not_acked_when_server_gone(self) -> None:
+        """An envelope whose sender cannot be checked (connection gone) is not acked, so it comes again."""
+        self.start()
+        self.directory.connected = False
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [])
+        self.directory.connected = True
+        self.deliver(2, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [("bob", "hi")])
+        self.assertEqual(self.directory.acked, [2])
+
+    def test_blocked_sender_dropped(self) -> None:
+        """Once bob is blocked his envelopes and direct links are refused."""
+        self.start()
+        self.command("block", "bob")
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [])
+        self.assertFalse(self.successResultOf(self.messenger.verify_peer("bob", self.bob.fingerprint)))
+        self.command("unblock", "bob")
+        self.assertTrue(self.successResultOf(self.messenger.verify_peer("bob", self.bob.fingerprint)))
+
+    def test_broadcast_shown_unless_muted(self) -> None:
+        """Broadcasts are shown, except from muted users."""
+        self.start()
+        self.messenger.server_event(Event("broadcast", {"from": "bob", "text": "hello all", "sent_at": 1.0}))
+        self.command("mute", "carol", None)
+        self.messenger.server_event(Event("broadcast", {"from": "carol", "text": "psst", "sent_at": 1.0}))
+        self.assertEqual(self.view.events("broadcast"), [{"user": "bob", "text": "hello all"}])
+
+    def test_presence_shown_and_flushes(self) -> None:
+        """Presence events are shown; a user coming online gets the messages that waited for them."""
+        self.start()
+        self.directory.answers["send"] = [RequestError("rate_limited", "later")]
+        self.command("send", "bob", "hi")
+        self.messenger.server_event(Event("presence", {"user": "bob", "status": "online"}))
+        self.assertEqual(self.view.events("presence"), [{"user": "bob", "online": True}])
+        self.assertEqual(self.statuses("bob"), [("hi", SENT)])
+
+
+class MuteTests(MessengerTestCase):
+    def test_mute_expires(self) -> None:
+        """A muted user's messages are stored but not shown until the mute expires."""
+        self.start()
+        self.command("mute", "bob", 60.0)
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "muted", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [])
+        [entry] = self.successResultOf(self.history.conversation("bob", 10))
+        self.assertEqual((entry.text, entry.status), ("muted", "muted"))
+        self.clock.advance(60)
+        self.deliver(2, self.bob, "m2", {"kind": "msg", "text": "heard", "sent_at": 2.0})
+        self.assertEqual(self.view.messages(), [("bob", "heard")])
+        self.assertEqual(self.command_error("unmute", "bob").code, "not_muted")
+
+    def test_mute_survives_restart_and_unmute(self) -> None:
+        """A mute is stored: a restarted peer still hides the user until /unmute."""
+        self.start()
+        self.command("mute", "bob", None)
+        self.new_messenger()
+        self.passwords = ["pw"]
+        self.start()
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "still muted", "sent_at": 1.0})
+        self.command("unmute", "bob")
+        self.deliver(2, self.bob, "m2", {"kind": "msg", "text": "back", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [("bob", "back")])
+
+
+class KeyTests(MessengerTestCase):
+    def change_bobs_key(self) -> Person:
+        new_bob = Person("bob")
+        self.directory.people["bob"] = new_bob
+        return new_bob
+
+    def test_pinned_on_first_sight(self) -> None:
+        """A direct link from an unknown user is accepted only with the key the directory has, which is pinned."""
+        self.start()
+        self.assertFalse(self.successResultOf(self.messenger.verify_peer("bob", self.carol.fingerprint)))
+        self.assertTrue(self.successResultOf(self.messenger.verify_peer("bob", self.bob.fingerprint)))
+        self.assertEqual(self.successResultOf(self.history.contacts())["bob"].fingerprint, self.bob.fingerprint)
+        self.assertFalse(self.successResultOf(self.messenger.verify_peer("zed", self.carol.fingerprint)))
+        self.assertFalse(self.successResultOf(self.messenger.verify_peer("alice", self.me.fingerprint)))
+
+    def test_changed_key_refused_until_trusted(self) -> None:
+        """A changed key is warned about loudly; messages are held and sending stops until /trust."""
+        self.start()
+        self.command("send", "bob", "first")
+        new_bob = self.change_bobs_key()
+        self.deliver(1, new_bob, "m1", {"kind": "msg", "text": "new key, who dis", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [])
+        [warning] = self.view.events("key_changed")
+        self.assertEqual((warning["old"], warning["new"]), (self.bob.fingerprint, new_bob.fingerprint))
+        self.assertEqual(self.command_error("send", "bob", "second").code, "key_changed")
+        self.assertFalse(self.successResultOf(self.messenger.verify_peer("bob", new_bob.fingerprint)))
+        info = self.command("fingerprint", "bob")
+        self.assertEqual((info.pinned, info.changed_to, info.directory), (self.bob.fingerprint, new_bob.fingerprint, new_bob.fingerprint))
+        self.command("trust", "bob")
+        self.assertEqual(self.view.messages(), [("bob", "new key, who dis")])
+        self.command("send", "bob", "second")
+        self.assertEqual(self.open_sent(-1, new_bob)["text"], "second")
+        self.assertEqual(self.command_error("trust", "bob").code, "nothing_to_trust")
+
+
+class PrivateTests(MessengerTestCase):
+    def test_session_commands(self) -> None:
+        """startprivate opens a link and tells the peer; private uses it only; stopprivate closes it."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.assertEqual(self.command_error("private", "bob", "hi").code, "no_private_session")
+        self.command("start_private", "bob")
+        link = self.links.open["bob"]
+        self.assertEqual(link.sent[0], {"type": "session", "state": "start"})
+        self.command("private", "bob", "secret")
+        self.assertEqual((link.sent[1]["text"], link.sent[1]["private"]), ("secret", True))
+        self.messenger.link_frame(link, {"type": "ack", "msg_ids": [link.sent[1]["msg_id"]]})
+        self.command("stop_private", "bob")
+        self.assertEqual(link.sent[2], {"type": "session", "state": "stop"})
+        self.assertTrue(link.closed)
+        self.assertEqual(self.command_error("stop_private", "bob").code, "no_private_session")
+        self.assertEqual(self.directory.sent, [])
+
+    def test_start_errors(self) -> None:
+        """startprivate names the reason: offline, unknown, blocked you, unreachable, yourself."""
+        self.directory.blocked_me.add("carol")
+        self.directory.online.add("bob")
+        self.start()
+        self.assertEqual(self.command_error("start_private", "bob").code, "unreachable")
+        self.directory.online.clear()
+        self.assertEqual(self.command_error("start_private", "bob").code, "offline")
+        self.assertEqual(self.command_error("start_private", "zed").code, "unknown_user")
+        self.assertEqual(self.command_error("start_private", "carol").code, "blocked_by_user")
+        self.assertEqual(self.command_error("start_private", "alice").code, "yourself")
+
+    def test_private_never_through_server(self) -> None:
+        """A private message whose link dropped before the ack waits for the next link: it never goes
+        through the server, and never opens a link by itself."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.command("start_private", "bob")
+        self.command("private", "bob", "secret")
+        self.links.reachable.clear()
+        self.links.close("bob")
+        self.assertEqual(self.directory.sent, [])
+        self.assertEqual(self.view.events("private_ended"), [{"user": "bob", "by_peer": False}])
+        self.links.reachable.add("bob")
+        self.messenger.server_event(Event("presence", {"user": "bob", "status": "online"}))
+        self.assertEqual(len(self.links.connects), 1)  # the private message opened no link
+        self.links.accept("bob")
+        self.assertEqual(self.links.open["bob"].sent[-1]["text"], "secret")
+
+    def test_peer_starts_and_stops(self) -> None:
+        """The other side's session frames are shown; its stop closes the link."""
+        self.start()
+        link = self.links.accept("bob")
+        self.messenger.link_frame(link, {"type": "session", "state": "start"})
+        self.messenger.link_frame(link, {"type": "msg", "msg_id": "p1", "text": "psst", "sent_at": 1.0, "private": True})
+        self.messenger.link_frame(link, {"type": "session", "state": "stop"})
+        self.assertEqual([e for e, _ in self.view.shown if e.startswith("private") or e == "message"],
+                         ["private_started", "message", "private_ended"])
+        self.assertTrue(self.view.events("message")[0]["private"])
+        self.assertTrue(link.closed)
+
+    def test_garbage_frames_ignored(self) -> None:
+        """Malformed frames on a link change nothing and show nothing."""
+        self.start()
+        link = self.links.accept("bob")
+        for frame in [{}, {"type": "msg"}, {"type": "msg", "msg_id": "", "text": "x", "sent_at": 1},
+                      {"type": "msg", "msg_id": "a", "text": 5, "sent_at": 1}, {"type": "ack", "msg_ids": "x"},
+                      {"type": "session", "state": "dance"}, {"type": "nonsense"},
+                      {"type": "msg", "msg_id": "a", "text": "\ud800", "sent_at": 1},
+                      {"type": "msg", "msg_id": "\udfff", "text": "x", "sent_at": 1},
+                      {"type": "msg", "msg_id": "a", "text": "x", "sent_at": float("nan")}]:
+            self.messenger.link_frame(link, frame)
+        self.assertEqual(self.view.shown[-1][0], "welcome")
+        self.assertEqual(link.sent, [])
+
+
+class OfflineTests(MessengerTestCase):
+    def test_offline_then_online(self) -> None:
+        """/offline leaves the server and the listener; messages wait; /online sends them in order."""
+        self.start()
+        self.command("go_offline")
+        self.assertEqual((self.directory.stopped, self.links.listening, self.messenger.logged_in), (1, False, False))
+        self.assertEqual(self.command_error("go_offline").code, "already_offline")
+        self.assertEqual(self.command_error("who").code, "not_connected")
+        self.command("send", "bob", "one")
+        self.command("send", "bob", "two")
+        self.assertEqual(self.view.events("queued"), [{"user": "bob", "chosen": True}] * 2)
+        self.command("go_online")
+        self.assertEqual((self.directory.started, self.links.listening), (2, True))
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.directory.ops().count("resume"), 1)
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
+
+    def test_replaced_stays_offline(self) -> None:
+        """Logged in from elsewhere: the peer says so and does not fight back by reconnecting."""
+        self.start()
+        self.messenger.server_event(Event("bye", {"reason": "replaced", "message": "replaced"}))
+        self.assertEqual(self.directory.stopped, 1)
+        self.assertEqual(self.view.events("bye")[0]["reason"], "replaced")
+        self.command("go_online")
+        self.assertEqual(self.directory.started, 2)
+
+    def test_who_and_broadcast(self) -> None:
+        """who lists online users; broadcast reports how many got it and how many blocked you."""
+        self.directory.online.update({"carol", "bob"})
+        self.directory.answers["broadcast"] = {"delivered": 1, "skipped": 1}
+        self.start()
+        self.assertEqual(self.command("who"), ["bob", "carol"])
+        self.assertEqual(self.command("broadcast", "hello"), (1, 1))
+        self.assertEqual(self.command_error("broadcast", "x" * 4097).code, "too_long")
+        self.directory.answers["block"] = RequestError("already_blocked", "already")
+        self.assertEqual(self.command_error("block", "bob").fields["user"], "bob")

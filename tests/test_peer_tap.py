@@ -1,0 +1,98 @@
+"""Tests for p2pchat.peer.tap: the p2ppeer options as twistd parses them."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from twisted.python import usage
+from twisted.scripts.twistd import ServerOptions
+from twisted.trial import unittest
+
+from p2pchat.peer import tap
+
+
+class OptionsTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.data = os.path.abspath(self.mktemp())
+        self.patch(os, "environ", {**os.environ, "XDG_DATA_HOME": self.data})
+
+    def twistd(self, *args: str) -> ServerOptions:
+        """Parse a twistd command line the way C{twistd -n p2ppeer ...} does."""
+        options = ServerOptions()
+        options.parseOptions(["-n", *args])
+        return options
+
+    def test_defaults(self) -> None:
+        """Defaults: localhost:5000, any port, a private data dir under XDG_DATA_HOME with new keys."""
+        config = self.twistd("p2ppeer", "--user", "alice").subOptions
+        data_dir = os.path.join(self.data, "p2pchat", "peer", "alice")
+        self.assertEqual((config["host"], config["server_port"], config["port"]), ("localhost", 5000, 0))
+        self.assertEqual(config["data-dir"], data_dir)
+        self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "identity.key")).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "envelope.key")).st_mode), 0o600)
+        again = self.twistd("p2ppeer", "--user", "alice").subOptions
+        self.assertEqual(again["identity"].fingerprint, config["identity"].fingerprint)
+
+    def test_pid_and_log_files_per_user(self) -> None:
+        """twistd's pid file and log go into the user's data dir, so peers started in one directory coexist."""
+        options = self.twistd("p2ppeer", "--user", "alice")
+        data_dir = options.subOptions["data-dir"]
+        self.assertEqual(options["pidfile"], os.path.join(data_dir, "p2ppeer.pid"))
+        self.assertEqual(options["logfile"], os.path.join(data_dir, "peer.log"))
+        bob = self.twistd("p2ppeer", "--user", "bob")
+        self.assertNotEqual(bob["pidfile"], options["pidfile"])
+
+    def test_explicit_pid_and_log_kept(self) -> None:
+        """A pid file or log file given to twistd is left alone."""
+        options = self.twistd("--pidfile", "x.pid", "--logfile", "-", "p2ppeer", "--user", "alice")
+        self.assertEqual((os.path.basename(options["pidfile"]), options["logfile"]), ("x.pid", "-"))
+
+    def test_server_and_fingerprint(self) -> None:
+        """--server takes HOST:PORT (v6 in brackets); a fingerprint is accepted as the server logs it."""
+        config = self.twistd(
+            "p2ppeer", "--user", "alice", "--server", "[::1]:6000", "--server-fingerprint", "SHA256:" + "AB" * 32
+        ).subOptions
+        self.assertEqual((config["host"], config["server_port"], config["server-fingerprint"]), ("::1", 6000, "ab" * 32))
+
+    def test_bad_options(self) -> None:
+        """Missing or malformed options are usage errors with a sentence, not tracebacks."""
+        ca = self.mktemp()
+        with open(ca, "w") as f:
+            f.write("x")
+        cases = [
+            ([], "--user is required"),
+            (["--user", "no spaces"], "--user: 1 to 32 characters"),
+            (["--user", "alice", "--server", "nohost"], "--server must be HOST:PORT"),
+            (["--user", "alice", "--server", "h:99999"], "--server must be HOST:PORT"),
+            (["--user", "alice", "--port", "70000"], "--port must be between"),
+            (["--user", "alice", "--server-fingerprint", "abc"], "--server-fingerprint must be"),
+            (["--user", "alice", "--server-fingerprint", "a" * 64, "--server-ca", ca], "not both"),
+            (["--user", "alice", "--password-file", "/nonexistent/pw"], "cannot read the password file"),
+        ]
+        for args, message in cases:
+            with self.assertRaises(usage.UsageError, msg=args) as caught:
+                tap.Options().parseOptions(args)
+            self.assertIn(message, str(caught.exception), args)
+
+    def test_unusable_key_file(self) -> None:
+        """A damaged identity key is reported as a usage error naming the file."""
+        data_dir = os.path.join(self.data, "d")
+        os.makedirs(data_dir)
+        with open(os.path.join(data_dir, "identity.key"), "w") as f:
+            f.write("garbage")
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(["--user", "alice", "--data-dir", data_dir])
+        self.assertIn("identity.key", str(caught.exception))
+
+
+class PasswordFileTests(unittest.SynchronousTestCase):
+    def test_first_line_once(self) -> None:
+        """The password file gives its first line; when that is refused there is no other."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("correct horse\nignored\n")
+        passwords = tap.file_passwords(path)
+        self.assertEqual(self.successResultOf(passwords(False)), "correct horse")
+        self.assertIsNone(self.successResultOf(passwords(True)))
