@@ -191,13 +191,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every line: json.loads with an argument would build a new one each call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _loads(line: bytes) -> Any:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise WireError(Code.BAD_UTF8, "the line is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise WireError(Code.BAD_JSON, "the line is not a JSON object") from None
 

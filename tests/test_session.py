@@ -26,6 +26,7 @@ class MemoryConnection:
 
     def __init__(self) -> None:
         self.frames = []
+        self.writes = 0
         self.closed = False
         self.paused = False
         self.session: Session | None = None
@@ -33,6 +34,7 @@ class MemoryConnection:
         self._event_waiters: list = []
 
     def write(self, data: bytes) -> None:
+        self.writes += 1
         for line in data.splitlines():
             frame = decode_frame(line)
             self.frames.append(frame)
@@ -120,6 +122,7 @@ class Harness:
         self.clock = Clock()
         self.clock.advance(1_000_000)
         limits.setdefault("keepalive_timeout", 1e6)  # only the timer tests want it short
+        limits.setdefault("presence_batch", 0)  # only the batching test wants presence held back
         self.limits = Limits(**limits)
         self.path = os.path.join(testcase.mktemp(), "discovery.sqlite3")
         os.makedirs(os.path.dirname(self.path))
@@ -398,6 +401,27 @@ class PresenceTests(TestCase):
         self.assertEqual(names, ["bob", "carol", "carol"])
         self.assertEqual((await alice.ok("who"))["users"], [])
         self.assertEqual((await alice.ok("whosince", seconds=1000))["users"], ["carol"])
+
+    @harness_test(presence_batch=0.05)
+    async def test_presence_batched(self, h):
+        """Presence changes within the batch window reach each recipient in one write, in order,
+        minus those about themselves and those from users who block them."""
+        watcher = await h.user("watcher")
+        blocked = await h.user("blocked")
+        h.clock.advance(0.05)
+        alice = await h.user("alice")
+        await alice.ok("block", user="blocked")
+        bob = await h.user("bob")
+        await bob.ok("logout")
+        writes = watcher.conn.writes
+        self.assertEqual([e.fields["user"] for e in watcher.conn.events("presence")], ["blocked"])
+        h.clock.advance(0.05)
+        self.assertEqual(watcher.conn.writes, writes + 1)
+        self.assertEqual([(e.fields["user"], e.fields["status"]) for e in watcher.conn.events("presence")][1:],
+                         [("alice", "online"), ("bob", "online"), ("bob", "offline")])
+        self.assertEqual([(e.fields["user"], e.fields["status"]) for e in blocked.conn.events("presence")],
+                         [("watcher", "online"), ("bob", "online"), ("bob", "offline")])
+        self.assertEqual([e.fields["user"] for e in alice.conn.events("presence")], ["bob", "bob"])
 
     @harness_test()
     async def test_who(self, h):

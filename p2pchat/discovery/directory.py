@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2pchat.crypto import valid_envelope_key, valid_fingerprint
@@ -53,6 +54,7 @@ class Limits:
     max_line: int = 65536
     max_queued_bytes: int = 1 << 20
     mailbox_window: int = 256
+    presence_batch: float = 0.05  # seconds presence changes are gathered before they go out; 0 = at once
 
 
 class Member(Protocol):
@@ -172,6 +174,8 @@ class Directory:
         self._blocked_by: dict[str, set[str]] = {}  # user -> users who block them
         self._tokens: dict[str, tuple[str, float]] = {}  # token hash -> (username, expires)
         self._user_tokens: dict[str, list[str]] = {}  # username -> token hashes, oldest first
+        self._presence: list[tuple[str, bytes]] = []  # (subject, presence frame) not sent yet
+        self._presence_call = None
         self.lockouts = Lockouts(clock, limits.block_duration)
         self.address_limits = AddressLimits(clock, limits.login_rate)
 
@@ -381,11 +385,36 @@ class Directory:
         )
 
     def _announce(self, subject: str, fields: dict[str, Any]) -> None:
-        frame = encode_event("presence", user=subject, **fields)
-        blocked = self._blocking.get(subject, ())
-        for name, other in self.online.items():
-            if name != subject and name not in blocked:
-                other.write(frame)
+        """
+        Tell everyone online but C{subject} and those C{subject} blocks. Changes within
+        C{presence_batch} seconds go out together, one write per recipient: a reconnect storm
+        of n users is then a few writes per user instead of n.
+        """
+        self._presence.append((subject, encode_event("presence", user=subject, **fields)))
+        if self.limits.presence_batch <= 0:
+            self._flush_presence()
+        elif self._presence_call is None:
+            self._presence_call = self.clock.callLater(self.limits.presence_batch, self._flush_presence)
+
+    def _flush_presence(self) -> None:
+        self._presence_call = None
+        pending, self._presence = self._presence, []
+        if not pending:
+            return
+        subjects = {subject for subject, _ in pending}
+        # Recipients who are a subject themselves, or blocked by one, get their own selection.
+        special = set(subjects).union(*(self._blocking.get(subject, ()) for subject in subjects))
+        everything = b"".join(frame for _, frame in pending)
+        for name, member in self.online.items():
+            if name not in special:
+                member.write(everything)
+                continue
+            data = b"".join(
+                frame for subject, frame in pending
+                if subject != name and name not in self._blocking.get(subject, ())
+            )
+            if data:
+                member.write(data)
 
     # -- presence queries --------------------------------------------------------------
 
@@ -441,28 +470,35 @@ class Directory:
 
     # -- relay and mailbox ------------------------------------------------------------------
 
-    async def send(self, me: str, to: str, msg_id: str, envelope: str) -> dict:
+    def send(self, me: str, to: str, msg_id: str, envelope: str) -> Deferred:
+        """Store the envelope, then hand it to C{to} if online; fires with the reply's result."""
         self._reachable(me, to)
         sent_at = self.clock.seconds()
-        try:
-            seq, duplicate = await self.store.put_envelope(to, me, msg_id, envelope, sent_at, self.limits.mailbox_limit)
-        except MailboxFull:
-            raise Refusal(
-                Code.MAILBOX_FULL,
-                f"{to}'s mailbox is full ({self.limits.mailbox_limit} messages waiting); try again later",
-            ) from None
+        # The hot path of the relay: a plain callback chain, no coroutine.
+        return self.store.put_envelope(to, me, msg_id, envelope, sent_at, self.limits.mailbox_limit).addCallbacks(
+            self._stored, self._not_stored,
+            callbackArgs=(me, to, msg_id, envelope, sent_at), errbackArgs=(to,),
+        )
+
+    def _stored(self, outcome, me: str, to: str, msg_id: str, envelope: str, sent_at: float) -> dict:
+        seq, duplicate = outcome
         member = self.online.get(to)
-        if duplicate:
-            return {"status": "stored" if member is None else "delivered", "seq": seq, "duplicate": True}
         if member is None:
-            return {"status": "stored", "seq": seq, "duplicate": False}
-        if member.live:
+            return {"status": "stored", "seq": seq, "duplicate": duplicate}
+        if member.live and not duplicate:
             member.write(envelope_frame(seq, me, msg_id, envelope, sent_at))
         # A member still receiving its mailbox gets this one from the store, after the older ones.
-        return {"status": "delivered", "seq": seq, "duplicate": False}
+        return {"status": "delivered", "seq": seq, "duplicate": duplicate}
 
-    async def ack(self, me: str, seqs: list[int]) -> dict:
-        return {"acked": await self.store.ack_envelopes(me, seqs)}
+    def _not_stored(self, failure, to: str):
+        failure.trap(MailboxFull)
+        raise Refusal(
+            Code.MAILBOX_FULL,
+            f"{to}'s mailbox is full ({self.limits.mailbox_limit} messages waiting); try again later",
+        )
+
+    def ack(self, me: str, seqs: list[int]) -> Deferred:
+        return self.store.ack_envelopes(me, seqs).addCallback(lambda acked: {"acked": acked})
 
     def broadcast(self, me: str, text: str) -> dict:
         frame = encode_event("broadcast", **{"from": me, "text": text, "sent_at": self.clock.seconds()})
@@ -479,6 +515,9 @@ class Directory:
         return {"delivered": delivered, "skipped": skipped}
 
     def shutdown(self) -> None:
+        if self._presence_call is not None and self._presence_call.active():
+            self._presence_call.cancel()
+        self._presence_call = None
         for member in list(self.online.values()):
             self._leave(member, "shutdown", announce=False)
             member.kick("shutdown", "the server is shutting down")

@@ -258,7 +258,7 @@ class Session:
 
     def _op_send(self, me, slot, to, msg_id, envelope):
         self._check_rate()
-        return Deferred.fromCoroutine(self.directory.send(me, to, msg_id, envelope))
+        return self.directory.send(me, to, msg_id, envelope)
 
     def _op_broadcast(self, me, slot, text):
         self._check_rate()
@@ -266,7 +266,7 @@ class Session:
 
     def _op_ack(self, me, slot, seqs):
         self._mailbox_unacked.difference_update(seqs)
-        d = Deferred.fromCoroutine(self.directory.ack(me, seqs))
+        d = self.directory.ack(me, seqs)
         self._pump_mailbox()
         return d
 
