@@ -39,9 +39,9 @@ class OptionsTests(SynchronousTestCase):
     def test_limits(self):
         """The limits options reach the directory's Limits."""
         limits = parse("--block-duration", "5", "--timeout", "30", "--no-registration", "--mailbox-limit", "7",
-                       "--message-rate", "0", "--max-line", "2048").limits()
+                       "--message-rate", "0", "--max-line", "2048", "--presence-batch", "0").limits()
         self.assertEqual((limits.block_duration, limits.idle_timeout, limits.open_registration, limits.mailbox_limit,
-                          limits.message_rate, limits.max_line), (5.0, 30.0, False, 7, 0.0, 2048))
+                          limits.message_rate, limits.max_line, limits.presence_batch), (5.0, 30.0, False, 7, 0.0, 2048, 0.0))
 
     def test_bad_values(self):
         """Bad values are usage errors naming the option."""
