@@ -1,0 +1,160 @@
+"""The benchmark's own logic: the load generator's codecs, the result arithmetic, the raw sqlite3 baseline."""
+
+import json
+import math
+import os
+import sqlite3
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench import codecs, rawstore, run
+from bench.procs import proc_stats
+
+
+class IrcCodecTests(SynchronousTestCase):
+    def test_registration(self):
+        """Registration is NICK then USER, CRLF-terminated, the nick as user name and real name."""
+        self.assertEqual(codecs.irc_registration("b00001"), b"NICK b00001\r\nUSER b00001 0 * :b00001\r\n")
+
+    def test_privmsg(self):
+        """A PRIVMSG carries its text as the trailing parameter."""
+        self.assertEqual(codecs.irc_privmsg("#bench", "a b"), b"PRIVMSG #bench :a b\r\n")
+
+    def test_command_trailing(self):
+        """The last parameter of a command is always sent as a trailing one."""
+        self.assertEqual(codecs.irc_command("PONG", "bench.localhost"), b"PONG :bench.localhost\r\n")
+
+    def test_parse_prefixed(self):
+        """A server line yields the source's nick, the command upper-cased and the parameters."""
+        line = b":b00002!~b00002@127.0.0.1 privmsg b00001 :1:2:3:xx yy\r"
+        self.assertEqual(codecs.parse_irc(line), ("b00002", "PRIVMSG", ["b00001", "1:2:3:xx yy"]))
+
+    def test_parse_numeric_without_prefix(self):
+        """Lines without a prefix have no source; middle parameters split on spaces."""
+        self.assertEqual(codecs.parse_irc(b"PING :bench.localhost"), (None, "PING", ["bench.localhost"]))
+        self.assertEqual(codecs.parse_irc(b":srv 376 b00001 :End"), ("srv", "376", ["b00001", "End"]))
+
+    def test_parse_empty_trailing(self):
+        """An empty trailing parameter is still a parameter."""
+        self.assertEqual(codecs.parse_irc(b":a PRIVMSG b :"), ("a", "PRIVMSG", ["b", ""]))
+
+    def test_parse_no_command(self):
+        """A line with nothing but a prefix is refused."""
+        self.assertRaises(ValueError, codecs.parse_irc, b":only.a.prefix")
+
+    @given(st.text(alphabet=st.characters(blacklist_characters="\r\n\x00", blacklist_categories=("Cs",)),
+                   max_size=200))
+    def test_privmsg_round_trip(self, text):
+        """Any text without line ends survives encoding as PRIVMSG and parsing back."""
+        source, command, params = codecs.parse_irc(b":x!y@z " + codecs.irc_privmsg("b00001", text).rstrip(b"\n"))
+        self.assertEqual((source, command, params), ("x", "PRIVMSG", ["b00001", text]))
+
+
+class OursCodecTests(SynchronousTestCase):
+    def test_request(self):
+        """A request is one compact JSON object with id and op, then a newline."""
+        line = codecs.request(7, "send", to="b00001", msg_id="m", envelope="e")
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(json.loads(line), {"id": 7, "op": "send", "to": "b00001", "msg_id": "m", "envelope": "e"})
+
+    def test_parse_frame(self):
+        """Events and replies come back as dicts; anything but a JSON object is refused."""
+        self.assertEqual(codecs.parse_frame(b'{"event":"bye","reason":"shutdown"}'),
+                         {"event": "bye", "reason": "shutdown"})
+        self.assertRaises(ValueError, codecs.parse_frame, b"[1]")
+        self.assertRaises(ValueError, codecs.parse_frame, b"{")
+
+
+class PayloadTests(SynchronousTestCase):
+    @given(st.integers(0, 10**6), st.integers(0, 10**9), st.integers(0, 2**62), st.integers(0, 400))
+    def test_round_trip(self, sender, number, sent_ns, size):
+        """Sender, number and send time come back out of a payload padded to the requested size."""
+        text = codecs.payload(sender, number, sent_ns, size)
+        self.assertEqual(codecs.parse_payload(text), (sender, number, sent_ns))
+        self.assertEqual(len(text), max(size, len(f"{sender}:{number}:{sent_ns}:")))
+
+
+class StatisticsTests(SynchronousTestCase):
+    def test_percentile_nearest_rank(self):
+        """The p-th percentile is the value at rank ceil(p/100 * n)."""
+        values = list(range(1, 101))
+        self.assertEqual([codecs.percentile(values, q) for q in (1, 50, 99, 100)], [1, 50, 99, 100])
+        self.assertEqual(codecs.percentile([5], 99), 5)
+        self.assertTrue(math.isnan(codecs.percentile([], 50)))
+
+    def test_latency_summary(self):
+        """Latencies in nanoseconds are summarised in milliseconds."""
+        summary = codecs.latency_summary([3_000_000, 1_000_000, 2_000_000])
+        self.assertEqual(summary, {"p50_ms": 2.0, "p90_ms": 3.0, "p99_ms": 3.0, "max_ms": 3.0, "count": 3})
+
+    def test_median_metrics(self):
+        """Numbers get their median over rounds (NaN left out); other values come from the first round."""
+        rounds = [{"rate": 1.0, "p99": math.nan, "note": "a", "ok": True},
+                  {"rate": 5.0, "p99": 2.0, "note": "b", "ok": False},
+                  {"rate": 3.0, "p99": 4.0}]
+        self.assertEqual(codecs.median_metrics(rounds), {"rate": 3.0, "p99": 3.0, "note": "a", "ok": True})
+
+    def test_ratios(self):
+        """ours/baseline for the numbers both sides have; None against a zero baseline."""
+        ours = {"rate": 50.0, "cpu": 2.0, "idle": 0.5, "flag": True, "note": "x", "only_ours": 1.0, "gap": math.nan}
+        baseline = {"rate": 100.0, "cpu": 1.0, "idle": 0, "flag": True, "note": "y", "gap": 1.0}
+        self.assertEqual(codecs.ratios(ours, baseline), {"rate": 0.5, "cpu": 2.0, "idle": None})
+
+
+class ResultTests(SynchronousTestCase):
+    def test_targets(self):
+        """A target on a ratio reads the ratio, an absolute one our value; without a value it is undecided."""
+        checks = run.check_targets(
+            "dm_relay_tls", {"deliveries_per_s": 10.0}, {"deliveries_per_s": 1.2, "cpu_per_delivery_us": None}
+        )
+        self.assertEqual([(c["metric"], c["met"]) for c in checks],
+                         [("deliveries_per_s", True), ("cpu_per_delivery_us", None)])
+        checks = run.check_targets("paced_latency_tls", {"p99_ms": 6.0, "p50_ms": 1.0}, {"p99_ms": 0.1})
+        self.assertEqual([c["met"] for c in checks], [False, True])
+
+    def test_summarise_skips_failed_rounds(self):
+        """A failed round is kept in the rounds but left out of the medians and ratios."""
+        entry = run.summarise(
+            "offline_backlog", {}, {"ours": [{"store_per_s": 10.0}, {"failed": "boom"}, {"store_per_s": 30.0}],
+                                    "baseline": [{"store_per_s": 40.0}]}, [],
+        )
+        self.assertEqual(entry["ours"], {"store_per_s": 20.0})
+        self.assertEqual(entry["ratio"], {"store_per_s": 0.5})
+        self.assertEqual(len(entry["rounds"]["ours"]), 3)
+        self.assertEqual(entry["targets"][0]["met"], True)
+
+    def test_results_file(self):
+        """latest.json has the issue's shape and is strict JSON: NaN is written as null."""
+        output = self.mktemp()
+        results = {"scenarios": {"idle_tls": {"ours": {"x": math.nan}, "baseline": {"x": 1.0}, "ratio": {}}},
+                   "machine": {"cores": 2}}
+        run.write_results(results, Path(output))
+        with open(os.path.join(output, "latest.json")) as f:
+            loaded = json.loads(f.read(), parse_constant=lambda name: self.fail(f"{name} in JSON"))
+        self.assertEqual(loaded["scenarios"]["idle_tls"]["ours"], {"x": None})
+        self.assertEqual(set(loaded), {"scenarios", "machine"})
+
+
+class RawStoreTests(SynchronousTestCase):
+    def test_store_and_drain(self):
+        """The raw loop stores every envelope in batches and drains them all, oldest first, leaving none."""
+        path = self.mktemp()
+        db = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(db.close)
+        for statement in rawstore.SCHEMA:
+            db.execute(statement)
+        rawstore.store(db, "r", count=600, senders=7, batch=64, size=50)
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM envelopes").fetchone()[0], 600)
+        self.assertEqual(rawstore.drain(db, "r"), 600)
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM envelopes").fetchone()[0], 0)
+
+
+class ProcStatsTests(SynchronousTestCase):
+    def test_own_process(self):
+        """CPU time and RSS of a live process are read from /proc."""
+        stats = proc_stats(os.getpid())
+        self.assertGreater(stats.rss_kib, 0)
+        self.assertGreaterEqual(stats.cpu_s, 0)
