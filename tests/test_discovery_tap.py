@@ -20,7 +20,7 @@ class OptionsTests(SynchronousTestCase):
         self.patch(os, "environ", {"XDG_DATA_HOME": "/xdg", "HOME": "/home/u"})
         o = parse()
         limits = o.limits()
-        self.assertEqual(o["port"], "tcp:5000")
+        self.assertEqual(o["port"], "tcp:5000:backlog=1024")
         self.assertEqual(o["data-dir"], "/xdg/p2pchat/discovery")
         self.assertEqual((limits.block_duration, limits.idle_timeout, limits.open_registration), (60.0, 0.0, True))
         self.assertFalse(o["insecure-plaintext"])
@@ -32,7 +32,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_port_forms(self):
         """--port takes a number or an endpoint description."""
-        self.assertEqual(parse("--port", "6000")["port"], "tcp:6000")
+        self.assertEqual(parse("--port", "6000")["port"], "tcp:6000:backlog=1024")
         self.assertEqual(parse("--port", "tcp:0:interface=127.0.0.1")["port"], "tcp:0:interface=127.0.0.1")
         self.assertRaises(usage.UsageError, parse, "--port", "70000")
 

@@ -79,7 +79,9 @@ class Options(usage.Options):
         if port.isdigit():
             if not 0 <= int(port) <= 65535:
                 raise usage.UsageError("--port must be between 0 and 65535")
-            self["port"] = f"tcp:{port}"
+            # A restarted server meets every user's reconnect at once: a short backlog would turn
+            # that into SYN retries of a second and more.
+            self["port"] = f"tcp:{port}:backlog=1024"
 
     def limits(self) -> Limits:
         return Limits(
