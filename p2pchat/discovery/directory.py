@@ -497,6 +497,10 @@ class Directory:
             f"{to}'s mailbox is full ({self.limits.mailbox_limit} messages waiting); try again later",
         )
 
+    def mailbox_page(self, me: str, after_seq: int, limit: int) -> Deferred:
+        """The next C{limit} envelopes stored for C{me} after C{after_seq}, oldest first."""
+        return self.store.fetch_envelopes(me, after_seq, limit)
+
     def ack(self, me: str, seqs: list[int]) -> Deferred:
         return self.store.ack_envelopes(me, seqs).addCallback(lambda acked: {"acked": acked})
 

@@ -297,7 +297,7 @@ class Session:
         if room < self.limits.mailbox_window // 2 and self._mailbox_unacked:
             return
         self._mailbox_fetching = True
-        d = self.directory.store.fetch_envelopes(self.username, self._mailbox_after, room)
+        d = self.directory.mailbox_page(self.username, self._mailbox_after, room)
         d.addCallback(self._mailbox_fetched, room)
         d.addErrback(lambda f: log.failure("mailbox of {user}", f, user=self.username))
 
