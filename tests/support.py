@@ -151,10 +151,11 @@ class DiscoveryServer:
         self.process: ProcessRunner | None = None
         self.port: int | None = None
         self.fingerprint: str | None = None
+        self.endpoint: str | None = None  # a --port description of the test's own, else loopback TCP
 
     async def start(self, port: int = 0) -> "DiscoveryServer":
         argv = twistd_argv() + [
-            "-n", "--pidfile=", "p2pdiscovery", "--port", f"tcp:{port}:interface=127.0.0.1",
+            "-n", "--pidfile=", "p2pdiscovery", "--port", self.endpoint or f"tcp:{port}:interface=127.0.0.1",
             "--data-dir", self.data_dir, *self.options,
         ]
         self.process = start_process(self.testcase, argv)

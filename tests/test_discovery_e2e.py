@@ -199,6 +199,28 @@ class ServerProcessTests(E2E):
             self.assertNotIn(b"falcon*solo", f.read())
 
     @e2e
+    async def test_own_certificate(self):
+        """With an ssl: endpoint the server serves that (CA-issued) certificate, and a client that
+        trusts only the CA, hostname checked, talks to it."""
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from .test_tls import CA_PEM, CA_SIGNED_SERVER
+
+        key, cert = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        with open(key, "wb") as f:
+            f.write(CA_SIGNED_SERVER.key_pem())
+        with open(cert, "wb") as f:
+            f.write(CA_SIGNED_SERVER.certificate.public_bytes(Encoding.PEM))
+        server = DiscoveryServer(self, self.data_dir)
+        server.endpoint = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        await server.start()
+        trust = ServerTrust("discovery.test", ca_pem=CA_PEM)
+        endpoint = wrapClientTLS(trust.creator(), TCP4ClientEndpoint(reactor, "127.0.0.1", server.port))
+        client = await with_timeout(connectProtocol(endpoint, LineClient()), what="connect")
+        self.addCleanup(client.transport.abortConnection)
+        self.assertEqual((await client.event("hello")).fields["protocol"], 1)
+
+    @e2e
     async def test_bad_option(self):
         """A bad option value stops twistd with a clear message instead of starting."""
         child = start_process(self, twistd_argv() + ["-n", "--pidfile=", "p2pdiscovery", "--block-duration", "soon"])

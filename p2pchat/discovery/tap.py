@@ -51,7 +51,8 @@ class Options(usage.Options):
         ["insecure-plaintext", None, "Serve plaintext TCP instead of TLS (debugging only: passwords travel in clear)."],
     ]
     optParameters = [
-        ["port", "p", "5000", "A port number, or a Twisted server endpoint description (e.g. tcp:5000:interface=127.0.0.1)."],
+        ["port", "p", "5000", "A port number, or a Twisted server endpoint description (e.g. tcp:5000:interface=127.0.0.1; "
+         "an ssl: description brings its own certificate, e.g. one from a CA)."],
         ["data-dir", "d", None, "Where the database, key and certificate live. [default: $XDG_DATA_HOME/p2pchat/discovery]"],
         ["credentials", "c", None, "A file of 'username password' lines to import as accounts (hashed; the file is not the store)."],
         ["block-duration", None, 60.0, "Seconds an account stays blocked after 3 failed logins.", _number(float, 0, "block-duration")],
@@ -145,10 +146,12 @@ class DiscoveryService(Service):
                      imported=imported, skipped=skipped)
 
         factory = DiscoveryFactory(self.directory, self.reactor)
-        if not config["insecure-plaintext"]:
-            factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, factory)
-        else:
+        if config["port"].startswith("ssl:"):
+            log.info("TLS with the certificate named in --port; peers pin or check that one")
+        elif config["insecure-plaintext"]:
             log.warn("serving PLAINTEXT: passwords and tokens travel in clear")
+        else:
+            factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, factory)
         endpoint = endpoints.serverFromString(self.reactor, config["port"])
         self.listening = await endpoint.listen(factory)
         address = self.listening.getHost()
