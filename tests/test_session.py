@@ -423,6 +423,18 @@ class PresenceTests(TestCase):
                          [("watcher", "online"), ("bob", "online"), ("bob", "offline")])
         self.assertEqual([e.fields["user"] for e in alice.conn.events("presence")], ["bob", "bob"])
 
+    @harness_test(presence_batch=0.05, presence_batch_per_user=0.02)
+    async def test_presence_window_grows(self, h):
+        """With more users online the presence window is longer: here 5 online x 0.02 s = 0.1 s."""
+        users = [await h.user(f"u{i}") for i in range(4)]
+        h.clock.advance(0.05)
+        before = len(users[0].conn.events("presence"))
+        await h.user("late")
+        h.clock.advance(0.099)
+        self.assertEqual(len(users[0].conn.events("presence")), before)
+        h.clock.advance(0.001)
+        self.assertEqual(users[0].conn.events("presence")[-1].fields["user"], "late")
+
     @harness_test()
     async def test_who(self, h):
         """who lists online users but me."""

@@ -55,6 +55,7 @@ class Limits:
     max_queued_bytes: int = 1 << 20
     mailbox_window: int = 256
     presence_batch: float = 0.05  # seconds presence changes are gathered before they go out; 0 = at once
+    presence_batch_per_user: float = 0.0001  # ... and at least this much per user online (0.2 s at 2000)
 
 
 class Member(Protocol):
@@ -386,15 +387,17 @@ class Directory:
 
     def _announce(self, subject: str, fields: dict[str, Any]) -> None:
         """
-        Tell everyone online but C{subject} and those C{subject} blocks. Changes within
-        C{presence_batch} seconds go out together, one write per recipient: a reconnect storm
-        of n users is then a few writes per user instead of n.
+        Tell everyone online but C{subject} and those C{subject} blocks. Changes within a
+        window go out together, one write per recipient: a reconnect storm of n users is then a
+        few writes per user instead of n. The window grows with the number online, so that the
+        flushes (a write to everyone) stay a bounded share of the server's time.
         """
         self._presence.append((subject, encode_event("presence", user=subject, **fields)))
         if self.limits.presence_batch <= 0:
             self._flush_presence()
         elif self._presence_call is None:
-            self._presence_call = self.clock.callLater(self.limits.presence_batch, self._flush_presence)
+            window = max(self.limits.presence_batch, len(self.online) * self.limits.presence_batch_per_user)
+            self._presence_call = self.clock.callLater(window, self._flush_presence)
 
     def _flush_presence(self) -> None:
         self._presence_call = None
