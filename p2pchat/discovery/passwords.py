@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import threading
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -47,6 +48,22 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(computed, key_raw)
+
+
+# Hashing threads run at this niceness (Linux schedules threads one by one): during a login storm
+# the reactor keeps its core, and messages between users already online are not delayed.
+HASH_NICENESS = 10
+_thread_state = threading.local()
+
+
+def _at_low_priority(f, *args):
+    if not getattr(_thread_state, "lowered", False):
+        _thread_state.lowered = True
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICENESS)
+        except (AttributeError, OSError):
+            pass  # not Linux, or not allowed: hashing still works, at normal priority
+    return f(*args)
 
 
 _DUMMY_HASH: str | None = None
@@ -93,7 +110,7 @@ class PasswordHasher:
             self._pending -= 1
             return result
 
-        return deferToThreadPool(self._reactor, self._pool, f, *args).addBoth(done)
+        return deferToThreadPool(self._reactor, self._pool, _at_low_priority, f, *args).addBoth(done)
 
     def hash(self, password: str) -> Deferred:
         return self._run(hash_password, password)

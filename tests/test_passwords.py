@@ -1,0 +1,64 @@
+"""Password hashing: scrypt strings, verification, and the low-priority thread it runs in."""
+
+import os
+import sys
+import threading
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from p2pchat.discovery import passwords
+from p2pchat.discovery.passwords import PasswordHasher, hash_password, verify_password
+
+
+class HashTests(SynchronousTestCase):
+    def test_round_trip(self):
+        """A hash verifies its password and no other; two hashes of one password differ (salt)."""
+        stored = hash_password("correct horse", n=2**4)
+        self.assertTrue(stored.startswith("scrypt$16$8$1$"))
+        self.assertTrue(verify_password("correct horse", stored))
+        self.assertFalse(verify_password("Correct horse", stored))
+        self.assertNotEqual(stored, hash_password("correct horse", n=2**4))
+
+    def test_malformed_hash(self):
+        """A malformed stored hash is a mismatch, not an exception."""
+        for bad in ["", "scrypt$1$2", "md5$16$8$1$AA==$AA==", "scrypt$x$8$1$AA==$AA=="]:
+            self.assertFalse(verify_password("pw", bad))
+
+
+class HasherTests(TestCase):
+    def setUp(self):
+        self.hasher = PasswordHasher(reactor, threads=1)
+        self.hasher.start()
+        self.addCleanup(self.hasher.stop)
+
+    def test_unknown_account_costs_a_hash(self):
+        """Verifying against no hash is False (after spending a real hash's time)."""
+        return self.hasher.verify("pw", None).addCallback(self.assertFalse)
+
+    def test_hash_and_verify_off_thread(self):
+        """hash and verify run outside the reactor thread and agree with each other."""
+
+        async def run():
+            stored = await self.hasher.hash("correct horse")
+            self.assertTrue(await self.hasher.verify("correct horse", stored))
+            self.assertFalse(await self.hasher.verify("wrong", stored))
+            where = await self.hasher._run(threading.get_ident)
+            self.assertNotEqual(where, threading.get_ident())
+
+        return defer.Deferred.fromCoroutine(run())
+
+    def test_low_priority(self):
+        """On Linux the hashing thread runs at a raised niceness, the reactor thread does not."""
+        if not sys.platform.startswith("linux"):
+            raise self.skipTest("per-thread priorities are a Linux feature")
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def niceness():
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def check(theirs):
+            self.assertGreaterEqual(theirs, passwords.HASH_NICENESS)
+            self.assertEqual(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), mine)
+
+        return self.hasher._run(niceness).addCallback(check)
