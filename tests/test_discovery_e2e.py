@@ -219,6 +219,8 @@ class ServerProcessTests(E2E):
         client = await with_timeout(connectProtocol(endpoint, LineClient()), what="connect")
         self.addCleanup(client.transport.abortConnection)
         self.assertEqual((await client.event("hello")).fields["protocol"], 1)
+        self.assertIsNone(server.fingerprint)  # it logs none of its own: peers check the CA's
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, "server.key")))
 
     @e2e
     async def test_bad_option(self):

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from p2pchat import data_home
 from p2pchat.crypto import CryptoError, cert_fingerprint, format_fingerprint, load_or_create_identity
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
@@ -22,8 +23,7 @@ log = Logger()
 
 
 def default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "p2pchat", "discovery")
+    return os.path.join(data_home(), "discovery")
 
 
 def _number(kind, minimum, name):
@@ -123,10 +123,12 @@ class DiscoveryService(Service):
         config = self.config
         data_dir = config["data-dir"]
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        identity = load_or_create_identity(data_dir, "server", "p2pchat discovery server")
-        fingerprint = cert_fingerprint(identity.certificate)
-        log.info("certificate fingerprint sha256:{fp}", fp=fingerprint)
-        log.info("(for people: {fp})", fp=format_fingerprint(fingerprint))
+        own_certificate = config["port"].startswith("ssl:")
+        if not own_certificate and not config["insecure-plaintext"]:
+            identity = load_or_create_identity(data_dir, "server", "p2pchat discovery server")
+            fingerprint = cert_fingerprint(identity.certificate)
+            log.info("certificate fingerprint sha256:{fp}", fp=fingerprint)
+            log.info("(for people: {fp})", fp=format_fingerprint(fingerprint))
 
         database = os.path.join(data_dir, "discovery.sqlite3")
         # Password hashes live there: owner-only, like the key (SQLite gives -wal and -shm the same mode).
@@ -146,7 +148,7 @@ class DiscoveryService(Service):
                      imported=imported, skipped=skipped)
 
         factory = DiscoveryFactory(self.directory, self.reactor)
-        if config["port"].startswith("ssl:"):
+        if own_certificate:
             log.info("TLS with the certificate named in --port; peers pin or check that one")
         elif config["insecure-plaintext"]:
             log.warn("serving PLAINTEXT: passwords and tokens travel in clear")

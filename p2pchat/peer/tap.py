@@ -13,6 +13,7 @@ from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .. import data_home
 from ..crypto import CryptoError, load_or_create_envelope_key, load_or_create_identity, valid_fingerprint
 from ..tls import ServerTrust
 from .console import Console, cbreak
@@ -25,8 +26,7 @@ log = Logger()
 
 
 def default_data_dir(user: str) -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "p2pchat", "peer", user)
+    return os.path.join(data_home(), "peer", user)
 
 
 def parse_server(value: str) -> tuple[str, int]:
