@@ -124,6 +124,7 @@ class DiscoveryService(Service):
         data_dir = config["data-dir"]
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         own_certificate = config["port"].startswith("ssl:")
+        identity = None  # ours to serve: not with an ssl: port (it names its own), not in plaintext
         if not own_certificate and not config["insecure-plaintext"]:
             identity = load_or_create_identity(data_dir, "server", "p2pchat discovery server")
             fingerprint = cert_fingerprint(identity.certificate)
@@ -148,12 +149,12 @@ class DiscoveryService(Service):
                      imported=imported, skipped=skipped)
 
         factory = DiscoveryFactory(self.directory, self.reactor)
-        if own_certificate:
-            log.info("TLS with the certificate named in --port; peers pin or check that one")
-        elif config["insecure-plaintext"]:
-            log.warn("serving PLAINTEXT: passwords and tokens travel in clear")
-        else:
+        if identity is not None:
             factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, factory)
+        elif own_certificate:
+            log.info("TLS with the certificate named in --port; peers pin or check that one")
+        else:
+            log.warn("serving PLAINTEXT: passwords and tokens travel in clear")
         endpoint = endpoints.serverFromString(self.reactor, config["port"])
         self.listening = await endpoint.listen(factory)
         address = self.listening.getHost()
