@@ -410,7 +410,7 @@ class Directory:
             return
         subjects = {subject for subject, _ in pending}
         # Recipients who are a subject themselves, or blocked by one, get their own selection.
-        special = set(subjects).union(*(self._blocking.get(subject, ()) for subject in subjects))
+        special = subjects.union(*(self._blocking.get(subject, ()) for subject in subjects))
         everything = b"".join(frame for _, frame in pending)
         for name, member in self.online.items():
             if name not in special:
