@@ -142,14 +142,19 @@ class InMemoryTests(unittest.SynchronousTestCase):
 
 
 class LoopbackTests(unittest.TestCase):
-    async def test_listen_connect_close(self) -> None:
-        """On real loopback sockets a peer listens, another connects by name and key, and both see the link."""
+    async def bob_listening(self) -> tuple[Peer, Peer, int]:
+        """alice, and bob listening on loopback: (alice, bob, bob's port)."""
         directory: dict[str, str] = {}
         alice = Peer("alice", reactor, directory)
         bob = Peer("bob", reactor, directory)
         bob.links._interface = "127.0.0.1"
         port = await bob.links.listen()
         self.addCleanup(bob.links.stop_listening)
+        return alice, bob, port
+
+    async def test_listen_connect_close(self) -> None:
+        """On real loopback sockets a peer listens, another connects by name and key, and both see the link."""
+        alice, bob, port = await self.bob_listening()
         self.assertEqual(await bob.links.listen(), port)
         link = await alice.links.connect("bob", "127.0.0.1", port, bob.fingerprint).addTimeout(10, reactor)
         self.addCleanup(alice.links.close_all)
@@ -161,12 +166,7 @@ class LoopbackTests(unittest.TestCase):
 
     async def test_wrong_key_refused_on_loopback(self) -> None:
         """Dialling with the wrong expected key fails and leaves no link."""
-        directory: dict[str, str] = {}
-        alice = Peer("alice", reactor, directory)
-        bob = Peer("bob", reactor, directory)
-        bob.links._interface = "127.0.0.1"
-        port = await bob.links.listen()
-        self.addCleanup(bob.links.stop_listening)
+        alice, bob, port = await self.bob_listening()
         with self.assertRaises(Exception):
             await alice.links.connect("bob", "127.0.0.1", port, "0" * 64).addTimeout(10, reactor)
         self.assertIsNone(alice.links.get("bob"))
