@@ -149,7 +149,7 @@ class Harness:
         if name not in self.directory.accounts:
             fp, ek = self.keys.setdefault(name, fake_keys())
             await client.ok("register", username=name, password=PASSWORD, fingerprint=fp, envelope_key=ek)
-        await client.ok("login", username=name, password=PASSWORD, port=port)
+        client.login = await client.ok("login", username=name, password=PASSWORD, port=port)
         return client
 
 
@@ -340,11 +340,8 @@ class ResumeTests(TestCase):
     @harness_test()
     async def test_resume_replaces(self, h):
         """A valid token logs in without the password and replaces a session the server still has."""
-        a = h.connect()
-        await a.ok("hello", protocol=1)
-        fp, ek = fake_keys()
-        await a.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
-        token = (await a.ok("login", username="alice", password=PASSWORD, port=4000))["token"]
+        a = await h.user("alice", port=4000)
+        token = a.login["token"]
         bob = await h.user("bob")
         b = h.connect("10.0.0.7")
         await b.ok("hello", protocol=1)
@@ -359,11 +356,8 @@ class ResumeTests(TestCase):
     @harness_test()
     async def test_bad_token(self, h):
         """A wrong token, or a token of another user, is invalid_token."""
-        alice = h.connect()
-        await alice.ok("hello", protocol=1)
-        fp, ek = fake_keys()
-        await alice.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
-        token = (await alice.ok("login", username="alice", password=PASSWORD, port=0))["token"]
+        alice = await h.user("alice")
+        token = alice.login["token"]
         await alice.ok("logout")
         await h.user("bob")
         c = h.connect()
