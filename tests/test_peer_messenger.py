@@ -62,6 +62,8 @@ class Directory:
             answer = answer.pop(0) if answer else None
         if isinstance(answer, Exception):
             return fail(answer)
+        if isinstance(answer, Deferred):
+            return answer  # never answered until the test fires it
         if answer is not None:
             return succeed(answer)
         try:
@@ -512,6 +514,16 @@ class ReceiveTests(MessengerTestCase):
         item = self.directory.sent[0]
         payload, _ = crypto.open_sealed(item["envelope"], self.bob.envelope_key, "alice", "bob", item["msg_id"], self.me.fingerprint)
         self.assertEqual(json.loads(payload), {"kind": "receipt", "msg_ids": ["m1"]})
+
+    def test_ack_does_not_wait_for_receipt(self) -> None:
+        """The server answers a receipt's send only when its recipient acks it: the envelope is
+        acked meanwhile, and the next one is taken, so two peers never wait on each other."""
+        self.start()
+        self.directory.answers["send"] = Deferred()
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "one", "sent_at": 1.0})
+        self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "two", "sent_at": 2.0})
+        self.assertEqual(self.directory.acked, [5, 6])
+        self.assertEqual(self.view.messages(), [("bob", "one"), ("bob", "two")])
 
     def test_duplicate_shown_once(self) -> None:
         """The same message arriving twice (server redelivery, or direct then server) is shown once and acked."""

@@ -385,7 +385,7 @@ class Messenger:
             Deferred.fromCoroutine(self._drain()).addErrback(lambda f: log.failure("incoming", f))
 
     async def _drain(self) -> None:
-        """Store what arrived, send receipts, then ack the server (so a crash redelivers, never loses)."""
+        """Store what arrived, start the receipts, then ack the server (so a crash redelivers, never loses)."""
         self._draining = True
         try:
             while self._incoming:
@@ -401,9 +401,14 @@ class Messenger:
                         done = False
                     if done and isinstance(fields.get("seq"), int):
                         seqs.append(fields["seq"])
+                # Receipts go out without waiting for their answers: the server answers a send
+                # when its recipient acks it, and two peers waiting on each other's receipts
+                # before acking would stall until the server's hold ran out.
                 for user, msg_ids in receipts.items():
                     for chunk in _chunks(msg_ids, MAX_MSG_IDS):
-                        await self._send_receipt(user, chunk)
+                        Deferred.fromCoroutine(self._send_receipt(user, chunk)).addErrback(
+                            lambda f: log.failure("receipt", f)
+                        )
                 for chunk in _chunks(seqs, MAX_ACK):
                     try:
                         await self._server.request("ack", seqs=chunk)
