@@ -95,6 +95,13 @@ class Client:
             raise AssertionError(f"{op} accepted: {reply.result}")
         return reply.code
 
+    async def relay(self, recipient: "Client", msg_id: str, envelope: str = "e") -> dict:
+        """Send to an online C{recipient}, who acks it as a peer does; the send's result."""
+        reply = self.request("send", to=recipient.session.username, msg_id=msg_id, envelope=envelope)
+        await recipient.ok("ack", seqs=[(await recipient.event("envelope")).fields["seq"]])
+        result = (await reply).result
+        return result
+
     def event(self, name: str) -> Deferred:
         for frame in self.conn.events(name):
             if frame not in getattr(self, "_seen", []):
@@ -128,6 +135,11 @@ class Harness:
         os.makedirs(os.path.dirname(self.path))
         self.keys: dict[str, tuple[str, str]] = {}
 
+    async def start_on(self, path: str) -> "Harness":
+        """Start on the database of an earlier harness, as a restarted server does."""
+        self.path = path
+        return await self.start()
+
     async def start(self) -> "Harness":
         self.store = SQLiteStore(self.path, reactor)
         snapshot = await self.store.start(self.clock.seconds())
@@ -150,7 +162,13 @@ class Harness:
             fp, ek = self.keys.setdefault(name, fake_keys())
             await client.ok("register", username=name, password=PASSWORD, fingerprint=fp, envelope_key=ek)
         client.login = await client.ok("login", username=name, password=PASSWORD, port=port)
+        await self.settled()
         return client
+
+    async def settled(self) -> None:
+        """Wait until every store operation asked for so far is done and its callbacks have run
+        (after a login: until the stored mailbox is out and the user takes live envelopes)."""
+        await self.store.stored_seq("", "", "")
 
 
 def harness_test(**limits):
@@ -532,10 +550,10 @@ class BlockTests(TestCase):
         self.assertEqual(await bob.refused("send", to="alice", msg_id="1", envelope="e"), "blocked_by_user")
         self.assertEqual(await bob.refused("lookup", user="alice"), "blocked_by_user")
         self.assertEqual(await bob.refused("keys", user="alice"), "blocked_by_user")
-        await alice.ok("send", to="bob", msg_id="1", envelope="e")
+        await alice.relay(bob, msg_id="1")
         self.assertEqual(alice.conn.events("envelope"), [])
         await alice.ok("unblock", user="bob")
-        await bob.ok("send", to="alice", msg_id="2", envelope="e")
+        await bob.relay(alice, msg_id="2")
 
     @harness_test()
     async def test_blocks_survive_restart(self, h):
@@ -570,14 +588,96 @@ class LookupTests(TestCase):
 class RelayTests(TestCase):
     @harness_test()
     async def test_delivered_online(self, h):
-        """An envelope to an online user arrives at once and the sender hears 'delivered'."""
+        """An envelope to an online user arrives at once; their ack answers the sender 'delivered',
+        and the store never saw it."""
         alice = await h.user("alice")
         bob = await h.user("bob")
-        result = await alice.ok("send", to="bob", msg_id="m1", envelope="sealed")
-        self.assertEqual((result["status"], result["duplicate"]), ("delivered", False))
+        commits = h.store.commits
+        reply = alice.request("send", to="bob", msg_id="m1", envelope="sealed")
         event = await bob.event("envelope")
-        self.assertEqual((event.fields["from"], event.fields["msg_id"], event.fields["envelope"], event.fields["seq"]),
-                         ("alice", "m1", "sealed", result["seq"]))
+        self.assertEqual((event.fields["from"], event.fields["msg_id"], event.fields["envelope"]),
+                         ("alice", "m1", "sealed"))
+        await alice.ok("ping")
+        self.assertFalse(reply.called)
+        self.assertEqual(await bob.ok("ack", seqs=[event.fields["seq"]]), {"acked": 1})
+        result = (await reply).result
+        self.assertEqual(result, {"status": "delivered", "seq": event.fields["seq"], "duplicate": False})
+        self.assertEqual(h.store.commits, commits)
+        self.assertEqual(await h.store.fetch_envelopes("bob", 0, 10), [])
+
+    @harness_test(hold=2.0)
+    async def test_unacked_is_stored(self, h):
+        """Without an ack within the hold, the envelope is stored and then answered; the recipient
+        gets it again at their next login, and its ack then deletes it."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        reply = alice.request("send", to="bob", msg_id="m1", envelope="sealed")
+        seq = (await bob.event("envelope")).fields["seq"]
+        h.clock.advance(1.9)
+        await alice.ok("ping")
+        self.assertFalse(reply.called)
+        h.clock.advance(0.1)
+        self.assertEqual((await reply).result, {"status": "delivered", "seq": seq, "duplicate": False})
+        self.assertEqual([e.msg_id for e in await h.store.fetch_envelopes("bob", 0, 10)], ["m1"])
+        await bob.ok("logout")
+        bob = await h.user("bob")
+        self.assertEqual(bob.login["mailbox"], 1)
+        again = await bob.event("envelope")
+        self.assertEqual((again.fields["seq"], again.fields["msg_id"]), (seq, "m1"))
+        self.assertEqual(await bob.ok("ack", seqs=[seq]), {"acked": 1})
+        self.assertEqual(await h.store.fetch_envelopes("bob", 0, 10), [])
+
+    @harness_test()
+    async def test_held_stored_when_recipient_leaves(self, h):
+        """A recipient who disconnects before acking: what they were sent is stored, the senders
+        hear 'stored', and it comes again, in order, at their next login."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        replies = [alice.request("send", to="bob", msg_id=f"m{i}", envelope="e") for i in range(3)]
+        for _ in range(3):
+            await bob.event("envelope")
+        bob.conn.close()
+        results = [(await r).result for r in replies]
+        self.assertEqual([r["status"] for r in results], ["stored"] * 3)
+        bob = await h.user("bob")
+        self.assertEqual(bob.login["mailbox"], 3)
+        again = [await bob.event("envelope") for _ in range(3)]
+        self.assertEqual([e.fields["msg_id"] for e in again], ["m0", "m1", "m2"])
+        self.assertEqual([e.fields["seq"] for e in again], [r["seq"] for r in results])
+
+    @harness_test()
+    async def test_send_answered_out_of_order(self, h):
+        """A send waiting for the recipient's ack does not hold back the replies to later requests;
+        logout waits for it, then says goodbye."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        reply = alice.request("send", to="bob", msg_id="m1", envelope="e")
+        self.assertEqual((await alice.ok("who"))["users"], ["bob"])
+        logout = alice.request("logout")
+        seq = (await bob.event("envelope")).fields["seq"]
+        await bob.ok("ping")
+        self.assertFalse(logout.called)
+        self.assertEqual(alice.conn.events("bye"), [])
+        await bob.ok("ack", seqs=[seq])
+        self.assertTrue((await reply).ok)
+        self.assertTrue((await logout).ok)
+        self.assertEqual(alice.conn.events("bye")[0].fields["reason"], "logout")
+
+    @harness_test()
+    async def test_seq_never_reused_after_restart(self, h):
+        """Seqs go on above every seq ever stored, even once all are acked and the server restarts."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")
+        first = await alice.ok("send", to="bob", msg_id="m1", envelope="e")
+        bob = await h.user("bob")
+        await bob.ok("ack", seqs=[(await bob.event("envelope")).fields["seq"]])
+        await bob.ok("logout")
+        await alice.ok("logout")
+        await h.store.stop()
+        h = await Harness(self).start_on(h.path)
+        alice = await h.user("alice")
+        second = await alice.ok("send", to="bob", msg_id="m2", envelope="e")
+        self.assertGreater(second["seq"], first["seq"])
 
     @harness_test()
     async def test_send_errors(self, h):
@@ -616,18 +716,41 @@ class RelayTests(TestCase):
         first = await alice.ok("send", to="bob", msg_id="m1", envelope="e")
         second = await alice.ok("send", to="bob", msg_id="m1", envelope="e")
         self.assertEqual((second["seq"], second["duplicate"]), (first["seq"], True))
-        self.assertEqual(await h.store.mailbox_count("bob"), 1)
+        self.assertEqual(len(await h.store.fetch_envelopes("bob", 0, 10)), 1)
+        self.assertEqual((await h.user("bob")).login["mailbox"], 1)
 
     @harness_test(mailbox_limit=2)
     async def test_mailbox_full(self, h):
-        """The sender gets mailbox_full once the recipient's mailbox holds the limit."""
+        """The sender gets mailbox_full once the recipient's mailbox holds the limit; a resend of a
+        stored one is still answered as a duplicate; an ack makes room."""
         alice = await h.user("alice")
         await (await h.user("bob")).ok("logout")
-        await alice.ok("send", to="bob", msg_id="1", envelope="e")
+        first = await alice.ok("send", to="bob", msg_id="1", envelope="e")
         await alice.ok("send", to="bob", msg_id="2", envelope="e")
         reply = await alice.request("send", to="bob", msg_id="3", envelope="e")
         self.assertEqual(reply.code, "mailbox_full")
         self.assertIn("2", reply.message)
+        again = await alice.ok("send", to="bob", msg_id="1", envelope="e")
+        self.assertEqual((again["status"], again["seq"], again["duplicate"]), ("stored", first["seq"], True))
+        bob = await h.user("bob")
+        await bob.ok("ack", seqs=[first["seq"]])
+        await bob.ok("logout")
+        self.assertEqual((await alice.ok("send", to="bob", msg_id="3", envelope="e"))["status"], "stored")
+
+    @harness_test(mailbox_limit=2)
+    async def test_held_count_toward_limit(self, h):
+        """Envelopes an online recipient has not acked yet count toward their mailbox limit."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        held = [alice.request("send", to="bob", msg_id=str(i), envelope="e") for i in range(2)]
+        self.assertEqual(await alice.refused("send", to="bob", msg_id="3", envelope="e"), "mailbox_full")
+        events = [await bob.event("envelope") for _ in range(2)]
+        await bob.ok("ack", seqs=[e.fields["seq"] for e in events])
+        for reply in held:
+            self.assertEqual((await reply).result["status"], "delivered")
+        reply = alice.request("send", to="bob", msg_id="3", envelope="e")
+        await bob.ok("ack", seqs=[(await bob.event("envelope")).fields["seq"]])
+        self.assertTrue((await reply).ok)
 
     @harness_test(mailbox_window=4)
     async def test_mailbox_window_and_live_order(self, h):
@@ -655,7 +778,7 @@ class RelayTests(TestCase):
     async def test_message_rate(self, h):
         """Past the burst, sends are refused with rate_limited until the bucket refills."""
         alice = await h.user("alice")
-        await h.user("bob")
+        await (await h.user("bob")).ok("logout")
         for i in range(3):
             await alice.ok("send", to="bob", msg_id=str(i), envelope="e")
         self.assertEqual(await alice.refused("send", to="bob", msg_id="x", envelope="e"), "rate_limited")

@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from p2pchat.crypto import valid_envelope_key, valid_fingerprint
-from p2pchat.discovery.store.base import Account, MailboxFull, UsernameTaken
+from p2pchat.discovery.store.base import Account, StoredEnvelope, UsernameTaken
 from p2pchat.wire import Code, encode_event
 
 log = Logger()
@@ -56,6 +58,7 @@ class Limits:
     mailbox_window: int = 256
     presence_batch: float = 0.05  # seconds presence changes are gathered before they go out; 0 = at once
     presence_batch_per_user: float = 0.0001  # ... and at least this much per user online (0.2 s at 2000)
+    hold: float = 1.0  # seconds an envelope to an online user waits for their ack before it is stored; 0 = never
 
 
 class Member(Protocol):
@@ -177,6 +180,15 @@ class Directory:
         self._user_tokens: dict[str, list[str]] = {}  # username -> token hashes, oldest first
         self._presence: list[tuple[str, bytes]] = []  # (subject, presence frame) not sent yet
         self._presence_call = None
+        # Envelopes accepted and not yet acked, stored or held, per recipient: the mailbox limit.
+        self._mailbox: dict[str, int] = {}
+        self._next_seq = 1
+        # Envelopes written to an online recipient and kept in memory only, until their ack or
+        # the hold ends: recipient -> seq -> (envelope, the Deferred of the sender's reply).
+        self._held: dict[str, dict[int, tuple[StoredEnvelope, Deferred]]] = {}
+        self._hold_ends: deque[tuple[float, str, int]] = deque()  # (when, recipient, seq), oldest first
+        self._hold_call = None
+        self._storing: dict[str, int] = {}  # recipient -> puts under way
         self.lockouts = Lockouts(clock, limits.block_duration)
         self.address_limits = AddressLimits(clock, limits.login_rate)
 
@@ -185,6 +197,8 @@ class Directory:
     def load(self, snapshot) -> None:
         self.accounts = dict(snapshot.accounts)
         self.last_seen = dict(snapshot.last_seen)
+        self._mailbox = dict(snapshot.mailbox_counts)
+        self._next_seq = snapshot.last_seq + 1
         self._tokens = dict(snapshot.tokens)
         for hashed, (username, expires) in sorted(snapshot.tokens.items(), key=lambda kv: kv[1][1]):
             self._user_tokens.setdefault(username, []).append(hashed)
@@ -360,17 +374,15 @@ class Directory:
             self._announce(username, {"status": "online"})
         log.info("{username} logged in from {host}", username=username, host=member.host)
         try:
-            # Queued together, so the writer thread runs them in one go (in this order) instead of
-            # three round trips one after the other.
-            _, _, mailbox = await gatherResults([
+            # Queued together, so the writer thread runs them in one transaction.
+            await gatherResults([
                 self.store.add_token(username, hashed, now + TOKEN_LIFETIME, keep=KEEP_TOKENS),
                 self.store.record_login(username, now),
-                self.store.mailbox_count(username),
             ], consumeErrors=True)
         except BaseException:
             self.leave(member, "disconnected")
             raise
-        return {"username": username, "token": token, "mailbox": mailbox}
+        return {"username": username, "token": token, "mailbox": self._mailbox.get(username, 0)}
 
     def leave(self, member: Member, reason: str) -> None:
         """C{member} logged out, timed out or disconnected."""
@@ -385,6 +397,9 @@ class Directory:
         if announce:
             self._announce(username, {"status": "offline", "reason": reason})
             log.info("{username} logged out ({reason})", username=username, reason=reason)
+        # What they were sent and did not ack waits for their next login.
+        for envelope, reply in self._held.pop(username, {}).values():
+            self._store(envelope, write=False).chainDeferred(reply)
         self.store.record_logout(username, now).addErrback(
             lambda f: log.failure("recording the logout of {username}", f, username=username)
         )
@@ -478,38 +493,113 @@ class Directory:
     # -- relay and mailbox ------------------------------------------------------------------
 
     def send(self, me: str, to: str, msg_id: str, envelope: str) -> Deferred:
-        """Store the envelope, then hand it to C{to} if online; fires with the reply's result."""
-        self._reachable(me, to)
-        sent_at = self.clock.seconds()
-        # The hot path of the relay: a plain callback chain, no coroutine.
-        return self.store.put_envelope(to, me, msg_id, envelope, sent_at, self.limits.mailbox_limit).addCallbacks(
-            self._stored, self._not_stored,
-            callbackArgs=(me, to, msg_id, envelope, sent_at), errbackArgs=(to,),
-        )
+        """
+        Take an envelope for C{to}; fires with the reply's result once it is safe: acked by the
+        recipient, or stored. The hot path of the relay is a plain callback chain, no coroutine.
 
-    def _stored(self, outcome, me: str, to: str, msg_id: str, envelope: str, sent_at: float) -> dict:
+        An online recipient who has their stored mailbox already, and nothing on its way to the
+        store, is written to at once and the envelope is held in memory: their ack (which means
+        they stored it) answers the sender and nothing touches the disk. Without an ack within
+        C{hold} seconds, or if they leave first, it is stored like any other.
+        """
+        self._reachable(me, to)
+        if self._mailbox.get(to, 0) >= self.limits.mailbox_limit:
+            # A resend of one already stored is still answered as the duplicate it is.
+            return self.store.stored_seq(to, me, msg_id).addCallback(self._full, to)
+        self._mailbox[to] = self._mailbox.get(to, 0) + 1
+        seq = self._next_seq
+        self._next_seq += 1
+        stored = StoredEnvelope(seq, to, me, msg_id, envelope, self.clock.seconds())
+        member = self.online.get(to)
+        if member is None or not member.live or to in self._storing or self.limits.hold <= 0:
+            return self._store(stored, write=True)
+        member.write(envelope_frame(stored))
+        reply = Deferred()
+        self._held.setdefault(to, {})[seq] = (stored, reply)
+        self._hold_ends.append((stored.sent_at + self.limits.hold, to, seq))
+        if self._hold_call is None:
+            self._hold_call = self.clock.callLater(self.limits.hold, self._hold_over)
+        return reply
+
+    def _full(self, seq: int | None, to: str) -> dict:
+        if seq is None:
+            raise Refusal(
+                Code.MAILBOX_FULL,
+                f"{to}'s mailbox is full ({self.limits.mailbox_limit} messages waiting); try again later",
+            )
+        return {"status": "delivered" if to in self.online else "stored", "seq": seq, "duplicate": True}
+
+    def _store(self, envelope: StoredEnvelope, write: bool) -> Deferred:
+        to = envelope.recipient
+        self._storing[to] = self._storing.get(to, 0) + 1
+        return self.store.put_envelope(envelope).addBoth(self._stored, envelope, write)
+
+    def _stored(self, outcome, envelope: StoredEnvelope, write: bool) -> dict:
+        to = envelope.recipient
+        left = self._storing.pop(to) - 1
+        if left:
+            self._storing[to] = left
+        if isinstance(outcome, Failure):
+            self._uncount(to, 1)
+            return outcome
         seq, duplicate = outcome
+        if duplicate:
+            self._uncount(to, 1)
         member = self.online.get(to)
         if member is None:
             return {"status": "stored", "seq": seq, "duplicate": duplicate}
-        if member.live and not duplicate:
-            member.write(envelope_frame(seq, me, msg_id, envelope, sent_at))
-        # A member still receiving its mailbox gets this one from the store, after the older ones.
+        # A member still receiving its stored mailbox gets this one from there, after the older ones.
+        if write and member.live and not duplicate:
+            member.write(envelope_frame(envelope))
         return {"status": "delivered", "seq": seq, "duplicate": duplicate}
 
-    def _not_stored(self, failure, to: str):
-        failure.trap(MailboxFull)
-        raise Refusal(
-            Code.MAILBOX_FULL,
-            f"{to}'s mailbox is full ({self.limits.mailbox_limit} messages waiting); try again later",
-        )
+    def _hold_over(self) -> None:
+        self._hold_call = None
+        now = self.clock.seconds()
+        ends = self._hold_ends
+        while ends and ends[0][0] <= now:
+            _, to, seq = ends.popleft()
+            held = self._held.get(to)
+            entry = held.pop(seq, None) if held else None
+            if entry is not None:
+                envelope, reply = entry
+                self._store(envelope, write=False).chainDeferred(reply)
+        if ends:
+            self._hold_call = self.clock.callLater(ends[0][0] - now, self._hold_over)
+
+    def _uncount(self, user: str, n: int) -> None:
+        left = self._mailbox.get(user, 0) - n
+        if left > 0:
+            self._mailbox[user] = left
+        else:
+            self._mailbox.pop(user, None)
 
     def mailbox_page(self, me: str, after_seq: int, limit: int) -> Deferred:
         """The next C{limit} envelopes stored for C{me} after C{after_seq}, oldest first."""
         return self.store.fetch_envelopes(me, after_seq, limit)
 
     def ack(self, me: str, seqs: list[int]) -> Deferred:
-        return self.store.ack_envelopes(me, seqs).addCallback(lambda acked: {"acked": acked})
+        """C{me} stored these envelopes: answer the senders of held ones, delete the stored ones."""
+        held = self._held.get(me)
+        taken = 0
+        if held:
+            rest = []
+            for seq in seqs:
+                entry = held.pop(seq, None)
+                if entry is None:
+                    rest.append(seq)
+                else:
+                    taken += 1
+                    entry[1].callback({"status": "delivered", "seq": seq, "duplicate": False})
+            self._uncount(me, taken)
+            seqs = rest
+        if not seqs:
+            return succeed({"acked": taken})
+        return self.store.ack_envelopes(me, seqs).addCallback(self._acked, me, taken)
+
+    def _acked(self, deleted: int, me: str, taken: int) -> dict:
+        self._uncount(me, deleted)
+        return {"acked": taken + deleted}
 
     def broadcast(self, me: str, text: str) -> dict:
         frame = encode_event("broadcast", **{"from": me, "text": text, "sent_at": self.clock.seconds()})
@@ -526,13 +616,19 @@ class Directory:
         return {"delivered": delivered, "skipped": skipped}
 
     def shutdown(self) -> None:
-        if self._presence_call is not None and self._presence_call.active():
-            self._presence_call.cancel()
-        self._presence_call = None
+        """Everyone leaves, so every held envelope is queued for the store before it stops."""
+        for call in (self._presence_call, self._hold_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._presence_call = self._hold_call = None
+        self._hold_ends.clear()
         for member in list(self.online.values()):
             self._leave(member, "shutdown", announce=False)
             member.kick("shutdown", "the server is shutting down")
 
 
-def envelope_frame(seq: int, sender: str, msg_id: str, envelope: str, sent_at: float) -> bytes:
-    return encode_event("envelope", seq=seq, msg_id=msg_id, envelope=envelope, sent_at=sent_at, **{"from": sender})
+def envelope_frame(stored: StoredEnvelope) -> bytes:
+    return encode_event(
+        "envelope", seq=stored.seq, msg_id=stored.msg_id, envelope=stored.envelope, sent_at=stored.sent_at,
+        **{"from": stored.sender},
+    )

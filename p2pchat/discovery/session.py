@@ -79,6 +79,8 @@ class Session:
         self._mailbox_after = 0
         self._mailbox_unacked: set[int] = set()
         self._mailbox_fetching = False
+        self._sends_pending = 0
+        self._sends_answered: Deferred[dict] | None = None
 
     # -- connection events ------------------------------------------------------------------
 
@@ -134,29 +136,51 @@ class Session:
         except WireError as e:
             self._reply_now(e.request_id, encode_error(e.request_id, e.code, e.message))
             return
+        if request.op == "send":
+            # Answered as soon as its fate is known, not in request order: for an online recipient
+            # that is their ack, and nothing else the client asked should wait behind it.
+            frame = self._run(request, None)
+            if isinstance(frame, Deferred):
+                self._sends_pending += 1
+                frame.addCallback(self._answer_send)
+            else:
+                self.write(frame)
+            return
         slot = _Slot()
         self._slots.append(slot)
+        frame = self._run(request, slot)
+        if not isinstance(frame, Deferred):
+            self._fill(slot, frame)
+            return
+        barrier = request.op in _BARRIERS
+        if barrier:
+            self._barrier = True
+        frame.addCallback(lambda frame: self._fill(slot, frame))
+        if barrier:
+            frame.addCallback(lambda _: self._release())
+
+    def _run(self, request: Request, slot: _Slot | None) -> bytes | Deferred[bytes]:
+        """The reply frame to C{request}, or a Deferred of it."""
         try:
             outcome = self._dispatch(request, slot)
         except Refusal as e:
-            self._fill(slot, encode_error(request.id, e.code, e.message))
-            return
+            return encode_error(request.id, e.code, e.message)
         except Exception:
             log.failure("request {op} failed", op=request.op)
-            self._fill(slot, encode_error(request.id, Code.INTERNAL_ERROR, "the server failed; nothing was changed"))
-            return
+            return encode_error(request.id, Code.INTERNAL_ERROR, "the server failed; nothing was changed")
         if isinstance(outcome, Deferred):
-            barrier = request.op in _BARRIERS
-            if barrier:
-                self._barrier = True
-            outcome.addCallbacks(
+            return outcome.addCallbacks(
                 lambda result: encode_result(request.id, result),
                 lambda failure: self._error_frame(request, failure),
-            ).addCallback(lambda frame: self._fill(slot, frame))
-            if barrier:
-                outcome.addCallback(lambda _: self._release())
-        else:
-            self._fill(slot, encode_result(request.id, outcome))
+            )
+        return encode_result(request.id, outcome)
+
+    def _answer_send(self, frame: bytes) -> None:
+        self.write(frame)
+        self._sends_pending -= 1
+        if not self._sends_pending and self._sends_answered is not None:
+            answered, self._sends_answered = self._sends_answered, None
+            answered.callback({})
 
     def _error_frame(self, request: Request, failure) -> bytes:
         if failure.check(Refusal):
@@ -226,7 +250,11 @@ class Session:
             self.kick("logout", "goodbye")
 
         slot.after = bye
-        return {}
+        if not self._sends_pending:
+            return {}
+        # Logging out is a barrier: every send is answered before the goodbye.
+        self._sends_answered = Deferred()
+        return self._sends_answered
 
     def _op_who(self, me, slot):
         return self.directory.who(me)
@@ -306,7 +334,7 @@ class Session:
         if self.closed:
             return
         for row in rows:
-            self.connection.write(envelope_frame(row.seq, row.sender, row.msg_id, row.envelope, row.sent_at))
+            self.connection.write(envelope_frame(row))
             self._mailbox_unacked.add(row.seq)
             self._mailbox_after = row.seq
         if len(rows) < asked:

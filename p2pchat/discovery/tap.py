@@ -65,6 +65,7 @@ class Options(usage.Options):
         ["max-line", None, 65536, "Longest request line in bytes.", _number(int, 1024, "max-line")],
         ["max-queued-bytes", None, 1 << 20, "Bytes queued for a client that does not read before it is cut off.", _number(int, 65536, "max-queued-bytes")],
         ["presence-batch", None, 0.05, "Seconds presence changes are gathered before they go out together (at least 0.1 ms per user online); 0 = at once.", _number(float, 0, "presence-batch")],
+        ["hold", None, 1.0, "Seconds an envelope for an online user waits in memory for their ack before it is stored; 0 = store every envelope first.", _number(float, 0, "hold")],
         ["hash-threads", None, 1, "Threads that hash passwords.", _number(int, 1, "hash-threads")],
         ["sync", None, "normal", "SQLite durability: 'normal' survives a killed server, 'full' also a power cut."],
     ]
@@ -91,6 +92,7 @@ class Options(usage.Options):
             open_registration=not self["no-registration"], message_rate=self["message-rate"],
             message_burst=self["message-burst"], login_rate=self["login-rate"], max_line=self["max-line"],
             max_queued_bytes=self["max-queued-bytes"], presence_batch=self["presence-batch"],
+            hold=self["hold"],
         )
 
 

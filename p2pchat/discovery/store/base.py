@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -15,9 +16,10 @@ class Account:
     created_at: float
 
 
-@dataclass(frozen=True)
-class StoredEnvelope:
-    seq: int  # global and strictly increasing; never reused, even after deletes or restarts
+class StoredEnvelope(NamedTuple):  # a tuple, so it is the parameters of its own INSERT
+    # Global and strictly increasing, given by the directory. A stored seq is never given again,
+    # even after its ack or a restart (only an unstored one, handed out just before a crash, can be).
+    seq: int
     recipient: str
     sender: str
     msg_id: str
@@ -35,6 +37,7 @@ class Snapshot:
     # username -> last logout time, or for sessions a crash left open, the time the store started
     last_seen: dict[str, float]
     mailbox_counts: dict[str, int]  # recipient -> stored envelopes
+    last_seq: int = 0  # at least the highest seq ever stored (a duplicate's unused seq may count too)
 
 
 class StoreError(Exception):
@@ -43,10 +46,6 @@ class StoreError(Exception):
 
 class UsernameTaken(StoreError):
     """An account with that username exists already."""
-
-
-class MailboxFull(StoreError):
-    """The recipient's mailbox holds its limit of envelopes."""
 
 
 class UnknownAccount(StoreError):

@@ -13,7 +13,6 @@ from twisted.python.failure import Failure
 
 from .base import (
     Account,
-    MailboxFull,
     Snapshot,
     StoredEnvelope,
     StoreError,
@@ -75,6 +74,13 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """CREATE TRIGGER envelopes_uncounted AFTER DELETE ON envelopes BEGIN
             UPDATE mailbox_counts SET n = n - 1 WHERE recipient = OLD.recipient;
         END""",
+    ),
+    # The directory counts mailboxes in memory (it holds envelopes for online users there too), so
+    # the triggers were a write per put and per ack for nothing. seq now comes from the directory.
+    (
+        "DROP TRIGGER envelopes_counted",
+        "DROP TRIGGER envelopes_uncounted",
+        "DROP TABLE mailbox_counts",
     ),
 ]
 
@@ -175,15 +181,17 @@ class SQLiteStore:
 
     # Mailboxes
 
-    def put_envelope(
-        self, recipient: str, sender: str, msg_id: str, envelope: str, sent_at: float, limit: int
-    ) -> Deferred[tuple[int, bool]]:
+    def put_envelope(self, envelope: StoredEnvelope) -> Deferred[tuple[int, bool]]:
         """
-        Store an envelope; fire with C{(seq, duplicate)}. While an envelope with the same
-        recipient, sender and msg_id is stored, store nothing and fire with its seq and C{True}.
-        L{MailboxFull} when the recipient holds C{limit} envelopes or more.
+        Store an envelope under its own seq (which must be above every seq stored so far); fire with
+        C{(seq, duplicate)}. While an envelope with the same recipient, sender and msg_id is stored,
+        store nothing and fire with that one's seq and C{True}.
         """
-        return self._submit(_put_envelope, recipient, sender, msg_id, envelope, sent_at, limit)
+        return self._submit(_put_envelope, envelope)
+
+    def stored_seq(self, recipient: str, sender: str, msg_id: str) -> Deferred[int | None]:
+        """The seq of the stored envelope with that recipient, sender and msg_id, or C{None}."""
+        return self._submit(_stored_seq, recipient, sender, msg_id)
 
     def fetch_envelopes(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredEnvelope]]:
         """At most C{limit} of the recipient's envelopes with a seq above C{after_seq}, oldest first."""
@@ -192,9 +200,6 @@ class SQLiteStore:
     def ack_envelopes(self, recipient: str, seqs: list[int]) -> Deferred[int]:
         """Delete the recipient's own envelopes among C{seqs}; fire with how many went."""
         return self._submit(_ack_envelopes, recipient, list(seqs))
-
-    def mailbox_count(self, recipient: str) -> Deferred[int]:
-        return self._submit(_mailbox_count, recipient)
 
     # Reactor thread side
 
@@ -352,7 +357,9 @@ def _load_snapshot(db: sqlite3.Connection) -> Snapshot:
             )
         },
         last_seen=dict(db.execute("SELECT username, MAX(logout_at) FROM sessions GROUP BY username")),
-        mailbox_counts=dict(db.execute("SELECT recipient, n FROM mailbox_counts WHERE n > 0")),
+        mailbox_counts=dict(db.execute("SELECT recipient, COUNT(*) FROM envelopes GROUP BY recipient")),
+        # AUTOINCREMENT's record of the highest seq ever put, acked or not.
+        last_seq=(db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'envelopes'").fetchone() or (0,))[0],
     )
 
 
@@ -411,21 +418,22 @@ def _record_logout(db: sqlite3.Connection, username: str, at: float) -> None:
     db.execute("UPDATE sessions SET logout_at = ? WHERE username = ? AND logout_at IS NULL", (at, username))
 
 
-def _put_envelope(
-    db: sqlite3.Connection, recipient: str, sender: str, msg_id: str, envelope: str, sent_at: float, limit: int
-) -> tuple[int, bool]:
+def _put_envelope(db: sqlite3.Connection, envelope: StoredEnvelope) -> tuple[int, bool]:
+    # Duplicates are rare: try the insert first and look for the earlier row only when it is one.
+    if db.execute(
+        "INSERT INTO envelopes (seq, recipient, sender, msg_id, envelope, sent_at) VALUES (?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (recipient, sender, msg_id) DO NOTHING",
+        envelope,
+    ).rowcount:
+        return envelope.seq, False
+    return _stored_seq(db, envelope.recipient, envelope.sender, envelope.msg_id), True
+
+
+def _stored_seq(db: sqlite3.Connection, recipient: str, sender: str, msg_id: str) -> int | None:
     row = db.execute(
         "SELECT seq FROM envelopes WHERE recipient = ? AND sender = ? AND msg_id = ?", (recipient, sender, msg_id)
     ).fetchone()
-    if row is not None:
-        return row[0], True
-    if _mailbox_count(db, recipient) >= limit:
-        raise MailboxFull(recipient)
-    seq = db.execute(
-        "INSERT INTO envelopes (recipient, sender, msg_id, envelope, sent_at) VALUES (?, ?, ?, ?, ?)",
-        (recipient, sender, msg_id, envelope, sent_at),
-    ).lastrowid
-    return seq, False
+    return None if row is None else row[0]
 
 
 def _fetch_envelopes(db: sqlite3.Connection, recipient: str, after_seq: int, limit: int) -> list[StoredEnvelope]:
@@ -444,7 +452,3 @@ def _ack_envelopes(db: sqlite3.Connection, recipient: str, seqs: list[int]) -> i
         "DELETE FROM envelopes WHERE recipient = ? AND seq = ?", [(recipient, seq) for seq in seqs]
     ).rowcount
 
-
-def _mailbox_count(db: sqlite3.Connection, recipient: str) -> int:
-    row = db.execute("SELECT n FROM mailbox_counts WHERE recipient = ?", (recipient,)).fetchone()
-    return 0 if row is None else row[0]
