@@ -248,8 +248,8 @@ class OursLink(Link):
         elif event == "broadcast":
             self.load.on_broadcast(self, frame["from"], frame["text"])
         elif event == "presence":
-            if frame["status"] == "online":
-                self.load.on_presence(self, frame["user"])
+            for user in frame["online"]:
+                self.load.on_presence(self, user)
         elif event == "bye":
             self.load.counts[f"bye_{frame.get('reason')}"] += 1
 

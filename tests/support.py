@@ -46,6 +46,14 @@ def fake_keys() -> tuple[str, str]:
     return os.urandom(32).hex(), base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def changes(*events: Event) -> list[tuple[str, str]]:
+    """Presence events as (user, "online" or the offline reason) pairs, each event's online first."""
+    return [
+        pair for event in events
+        for pair in [(user, "online") for user in event.fields["online"]] + list(event.fields["offline"].items())
+    ]
+
+
 def with_timeout(d: defer.Deferred, seconds: float = TIMEOUT, what: str = "") -> defer.Deferred:
     return d.addTimeout(seconds, reactor, onTimeoutCancel=lambda *_: _timed_out(what, seconds))
 

@@ -593,12 +593,14 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.view.events("broadcast"), [{"user": "bob", "text": "hello all"}])
 
     def test_presence_shown_and_flushes(self) -> None:
-        """Presence events are shown; a user coming online gets the messages that waited for them."""
+        """Presence events are shown, malformed ones ignored; a user coming online gets the messages
+        that waited for them."""
         self.start()
         self.directory.answers["send"] = [RequestError("rate_limited", "later")]
         self.command("send", "bob", "hi")
-        self.messenger.server_event(Event("presence", {"user": "bob", "status": "online"}))
-        self.assertEqual(self.view.events("presence"), [{"user": "bob", "online": True}])
+        self.messenger.server_event(Event("presence", {"online": "bob", "offline": {}}))
+        self.messenger.server_event(Event("presence", {"online": ["bob", 7], "offline": {"carol": "logout", "": "x"}}))
+        self.assertEqual(self.view.events("presence"), [{"user": "carol", "online": False}, {"user": "bob", "online": True}])
         self.assertEqual(self.statuses("bob"), [("hi", SENT)])
 
 
@@ -708,7 +710,7 @@ class PrivateTests(MessengerTestCase):
         self.assertEqual(self.directory.sent, [])
         self.assertEqual(self.view.events("private_ended"), [{"user": "bob", "by_peer": False}])
         self.links.reachable.add("bob")
-        self.messenger.server_event(Event("presence", {"user": "bob", "status": "online"}))
+        self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
         self.assertEqual(len(self.links.connects), 1)  # the private message opened no link
         self.links.accept("bob")
         self.assertEqual(self.links.open["bob"].sent[-1]["text"], "secret")

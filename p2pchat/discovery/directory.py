@@ -178,7 +178,8 @@ class Directory:
         self._blocked_by: dict[str, set[str]] = {}  # user -> users who block them
         self._tokens: dict[str, tuple[str, float]] = {}  # token hash -> (username, expires)
         self._user_tokens: dict[str, list[str]] = {}  # username -> token hashes, oldest first
-        self._presence: list[tuple[str, bytes]] = []  # (subject, presence frame) not sent yet
+        # subject -> None (online) or why they went offline, not sent yet; in the order of the changes
+        self._presence: dict[str, str | None] = {}
         self._presence_call = None
         # Envelopes accepted and not yet acked, stored or held, per recipient: the mailbox limit.
         self._mailbox: dict[str, int] = {}
@@ -371,7 +372,7 @@ class Directory:
         while len(mine) > KEEP_TOKENS:
             self._tokens.pop(mine.pop(0), None)
         if announce:
-            self._announce(username, {"status": "online"})
+            self._announce(username, None)
         log.info("{username} logged in from {host}", username=username, host=member.host)
         try:
             # Queued together, so the writer thread runs them in one transaction.
@@ -395,7 +396,7 @@ class Directory:
         now = self.clock.seconds()
         self.last_seen[username] = now
         if announce:
-            self._announce(username, {"status": "offline", "reason": reason})
+            self._announce(username, reason)
             log.info("{username} logged out ({reason})", username=username, reason=reason)
         # What they were sent and did not ack waits for their next login.
         for envelope, reply in self._held.pop(username, {}).values():
@@ -404,14 +405,16 @@ class Directory:
             lambda f: log.failure("recording the logout of {username}", f, username=username)
         )
 
-    def _announce(self, subject: str, fields: dict[str, Any]) -> None:
+    def _announce(self, subject: str, offline_reason: str | None) -> None:
         """
-        Tell everyone online but C{subject} and those C{subject} blocks. Changes within a
-        window go out together, one write per recipient: a reconnect storm of n users is then a
-        few writes per user instead of n. The window grows with the number online, so that the
-        flushes (a write to everyone) stay a bounded share of the server's time.
+        Tell everyone online but C{subject} and those C{subject} blocks that C{subject} is now
+        online (C{offline_reason} None) or offline. Changes within a window go out together, one
+        event per recipient with the latest status of each subject: a reconnect storm of n users is
+        then a few events per user instead of n. The window grows with the number online, so that
+        the flushes (a write to everyone) stay a bounded share of the server's time.
         """
-        self._presence.append((subject, encode_event("presence", user=subject, **fields)))
+        self._presence.pop(subject, None)
+        self._presence[subject] = offline_reason
         if self.limits.presence_batch <= 0:
             self._flush_presence()
         elif self._presence_call is None:
@@ -420,23 +423,22 @@ class Directory:
 
     def _flush_presence(self) -> None:
         self._presence_call = None
-        pending, self._presence = self._presence, []
+        pending, self._presence = self._presence, {}
         if not pending:
             return
-        subjects = {subject for subject, _ in pending}
         # Recipients who are a subject themselves, or blocked by one, get their own selection.
-        special = subjects.union(*(self._blocking.get(subject, ()) for subject in subjects))
-        everything = b"".join(frame for _, frame in pending)
+        special = set(pending).union(*(self._blocking.get(subject, ()) for subject in pending))
+        everything = presence_frame(pending)
         for name, member in self.online.items():
             if name not in special:
                 member.write(everything)
                 continue
-            data = b"".join(
-                frame for subject, frame in pending
+            mine = {
+                subject: reason for subject, reason in pending.items()
                 if subject != name and name not in self._blocking.get(subject, ())
-            )
-            if data:
-                member.write(data)
+            }
+            if mine:
+                member.write(presence_frame(mine))
 
     # -- presence queries --------------------------------------------------------------
 
@@ -625,6 +627,14 @@ class Directory:
         for member in list(self.online.values()):
             self._leave(member, "shutdown", announce=False)
             member.kick("shutdown", "the server is shutting down")
+
+
+def presence_frame(changes: dict[str, str | None]) -> bytes:
+    return encode_event(
+        "presence",
+        online=[user for user, reason in changes.items() if reason is None],
+        offline={user: reason for user, reason in changes.items() if reason is not None},
+    )
 
 
 def envelope_frame(stored: StoredEnvelope) -> bytes:

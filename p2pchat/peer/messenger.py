@@ -354,12 +354,16 @@ class Messenger:
     # -- server events ---------------------------------------------------------
 
     def _event_presence(self, fields: dict[str, Any]) -> None:
-        user, status = fields.get("user"), fields.get("status")
-        if not valid_username(user) or status not in ("online", "offline"):
+        online, offline = fields.get("online"), fields.get("offline")
+        if not (isinstance(online, list) and isinstance(offline, dict)):
             return
-        self._view.show("presence", user=user, online=status == "online")
-        if status == "online":
-            self._kick(user)
+        for user in offline:
+            if valid_username(user):
+                self._view.show("presence", user=user, online=False)
+        for user in online:
+            if valid_username(user):
+                self._view.show("presence", user=user, online=True)
+                self._kick(user)
 
     def _event_broadcast(self, fields: dict[str, Any]) -> None:
         user, text = fields.get("from"), fields.get("text")
