@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -640,6 +640,25 @@ class RelayTests(TestCase):
         again = [await bob.event("envelope") for _ in range(3)]
         self.assertEqual([e.fields["msg_id"] for e in again], ["m0", "m1", "m2"])
         self.assertEqual([e.fields["seq"] for e in again], [r["seq"] for r in results])
+
+    @harness_test()
+    async def test_held_stored_at_shutdown(self, h):
+        """A server shutting down stores what it holds before the store stops: nothing sent and
+        unacked is lost, and a resend after the restart is recognised as a duplicate."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        unanswered = alice.request("send", to="bob", msg_id="m1", envelope="sealed")
+        seq = (await bob.event("envelope")).fields["seq"]
+        h.directory.shutdown()
+        self.assertEqual(alice.conn.events("bye")[0].fields["reason"], "shutdown")
+        unanswered.addErrback(lambda f: f.trap(CancelledError))
+        unanswered.cancel()  # alice's connection is gone: the answer can never reach her
+        await h.store.stop()
+        h = await Harness(self).start_on(h.path)
+        self.assertEqual([e.seq for e in await h.store.fetch_envelopes("bob", 0, 10)], [seq])
+        alice = await h.user("alice")
+        again = await alice.ok("send", to="bob", msg_id="m1", envelope="sealed")
+        self.assertEqual((again["status"], again["seq"], again["duplicate"]), ("stored", seq, True))
 
     @harness_test()
     async def test_send_answered_out_of_order(self, h):
