@@ -10,6 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from p2pchat.discovery import directory as directory_module
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
 from p2pchat.discovery.session import Session
@@ -432,6 +433,24 @@ class PresenceTests(TestCase):
         self.assertEqual(changes(watcher.conn.events("presence")[1]), [("alice", "online"), ("bob", "logout")])
         self.assertEqual(changes(*blocked.conn.events("presence")), [("watcher", "online"), ("bob", "logout")])
         self.assertEqual(changes(*alice.conn.events("presence")), [("bob", "logout")])
+
+    @harness_test()
+    async def test_presence_in_slices(self, h):
+        """A flush reaches PRESENCE_SLICE users per reactor turn; a newer flush first finishes the
+        one under way, so every user hears the changes once each, in order."""
+        self.patch(directory_module, "PRESENCE_SLICE", 2)
+        users = [await h.user(f"u{i}") for i in range(5)]
+        h.clock.advance(0)
+        for user in users:
+            user.conn.frames.clear()
+        h.directory._announce("zed", None)
+        self.assertEqual([len(u.conn.events("presence")) for u in users], [1, 1, 0, 0, 0])
+        h.directory._announce("zed", "logout")
+        self.assertEqual([len(u.conn.events("presence")) for u in users], [2, 2, 1, 1, 1])
+        h.clock.advance(0)
+        h.clock.advance(0)
+        for user in users:
+            self.assertEqual(changes(*user.conn.events("presence")), [("zed", "online"), ("zed", "logout")])
 
     @harness_test(presence_batch=0.05, presence_batch_per_user=0.02)
     async def test_presence_window_grows(self, h):

@@ -12,7 +12,8 @@ import re
 import secrets
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from itertools import islice
+from typing import Any, Iterable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
@@ -30,6 +31,9 @@ MAX_PASSWORD = 1024
 MAX_FAILURES = 3
 TOKEN_LIFETIME = 30 * 24 * 3600.0
 KEEP_TOKENS = 5  # sessions tokens per user: one per device, a few devices
+# Presence goes out to this many users per reactor turn, so that a flush to thousands online does
+# not hold up the messages of everyone else for its whole length.
+PRESENCE_SLICE = 200
 
 
 class Refusal(Exception):
@@ -181,6 +185,8 @@ class Directory:
         # subject -> None (online) or why they went offline, not sent yet; in the order of the changes
         self._presence: dict[str, str | None] = {}
         self._presence_call = None
+        self._presence_writes: Iterator[None] | None = None  # the rest of a flush under way
+        self._presence_more = None
         # Envelopes accepted and not yet acked, stored or held, per recipient: the mailbox limit.
         self._mailbox: dict[str, int] = {}
         self._next_seq = 1
@@ -423,22 +429,44 @@ class Directory:
 
     def _flush_presence(self) -> None:
         self._presence_call = None
+        # A flush still under way ends first, so that everyone hears the changes in order.
+        self._write_presence(None)
         pending, self._presence = self._presence, {}
-        if not pending:
-            return
+        if pending:
+            self._presence_writes = self._presence_deliveries(pending)
+            self._write_presence(PRESENCE_SLICE)
+
+    def _presence_deliveries(self, pending: dict[str, str | None]) -> Iterator[None]:
+        """Write C{pending} to each user online now, one user per step."""
         # Recipients who are a subject themselves, or blocked by one, get their own selection.
         special = set(pending).union(*(self._blocking.get(subject, ()) for subject in pending))
         everything = presence_frame(pending)
-        for name, member in self.online.items():
+        for name, member in list(self.online.items()):
             if name not in special:
                 member.write(everything)
-                continue
-            mine = {
-                subject: reason for subject, reason in pending.items()
-                if subject != name and name not in self._blocking.get(subject, ())
-            }
-            if mine:
-                member.write(presence_frame(mine))
+            else:
+                mine = {
+                    subject: reason for subject, reason in pending.items()
+                    if subject != name and name not in self._blocking.get(subject, ())
+                }
+                if mine:
+                    member.write(presence_frame(mine))
+            yield
+
+    def _write_presence(self, limit: int | None) -> None:
+        """Take up to C{limit} steps (None: all) of the flush under way; the rest at the next turn."""
+        if self._presence_more is not None and self._presence_more.active():
+            self._presence_more.cancel()
+        self._presence_more = None
+        writes = self._presence_writes
+        if writes is None:
+            return
+        for _ in writes if limit is None else islice(writes, limit - 1):
+            pass
+        if limit is None or next(writes, True):
+            self._presence_writes = None
+        else:
+            self._presence_more = self.clock.callLater(0, self._write_presence, limit)
 
     # -- presence queries --------------------------------------------------------------
 
@@ -619,10 +647,11 @@ class Directory:
 
     def shutdown(self) -> None:
         """Everyone leaves, so every held envelope is queued for the store before it stops."""
-        for call in (self._presence_call, self._hold_call):
+        for call in (self._presence_call, self._presence_more, self._hold_call):
             if call is not None and call.active():
                 call.cancel()
-        self._presence_call = self._hold_call = None
+        self._presence_call = self._presence_more = self._hold_call = None
+        self._presence_writes = None
         self._hold_ends.clear()
         for member in list(self.online.values()):
             self._leave(member, "shutdown", announce=False)
