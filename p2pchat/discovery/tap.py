@@ -22,6 +22,7 @@ from p2pchat.tls import server_certificate_options
 
 log = Logger()
 
+MAX_HOLD = 10.0  # seconds; peers give up on an unanswered request after 30
 GC_THRESHOLDS = (20_000, 20, 20)  # CPython's defaults are (700, 10, 10)
 
 
@@ -76,6 +77,8 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["sync"] not in ("normal", "full"):
             raise usage.UsageError("--sync is 'normal' or 'full'")
+        if self["hold"] > MAX_HOLD:
+            raise usage.UsageError(f"--hold must be at most {MAX_HOLD:g}: the sender waits that long for its answer")
         if self["data-dir"] is None:
             self["data-dir"] = default_data_dir()
         if self["credentials"] is not None and not os.path.isfile(self["credentials"]):
