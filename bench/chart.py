@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 # Per scenario, the ratios worth a bar (the targets' metrics and the stable CPU figure).
 RATIO_BARS = {
@@ -97,6 +98,8 @@ def _ratio_panel(axes, labels: list[str], values: list[float], colours: list[str
     axes.invert_yaxis()
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_xscale("log")
+    # Within about one decade matplotlib labels the minor ticks too, and they overlap.
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("ours / baseline (log scale; green: target met, red: missed, grey: no target)")
     for y, value in zip(positions, values):
         axes.annotate(f"{value:.2f}x", (value, y), xytext=(3, 0), textcoords="offset points",
