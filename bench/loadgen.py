@@ -8,7 +8,6 @@ or C{{"error": "..."}}. Both servers get the same work: the same users, payloads
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
@@ -47,7 +46,7 @@ from bench.codecs import (
 )
 from bench.certs import user_keys
 from bench.ircd import CHANNEL
-from p2pchat.discovery.tap import GC_THRESHOLDS
+from p2pchat.discovery.tap import quiet_collector
 
 log = Logger()
 
@@ -938,10 +937,8 @@ def main(argv: list[str]) -> None:
     stdio.StandardIO(control)
     load = Load(config["server"], config["port"], config.get("tokens"), config["params"].get("concurrency", 10))
     scenario = SCENARIOS[config["scenario"]]
-    # Thousands of connections' objects make the cyclic collector's full passes pauses of tens of
-    # ms, which would show as latency of whichever server is measured: tuned as our server is.
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    # Its pauses would show as latency of whichever server is measured: tuned as our server is.
+    quiet_collector()
 
     async def run() -> None:
         try:

@@ -13,7 +13,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger

@@ -26,6 +26,16 @@ MAX_HOLD = 10.0  # seconds; peers give up on an unanswered request after 30
 GC_THRESHOLDS = (20_000, 20, 20)  # CPython's defaults are (700, 10, 10)
 
 
+def quiet_collector() -> None:
+    """
+    What the process made so far (modules, the snapshot) lives as long as it does: out of the
+    cyclic collector's sight, so its full collections scan only what connections made, and run
+    less often (each is a pause of every connection, tens of ms with thousands online).
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def default_data_dir() -> str:
     return os.path.join(data_home(), "discovery")
 
@@ -69,7 +79,7 @@ class Options(usage.Options):
         ["max-line", None, 65536, "Longest request line in bytes.", _number(int, 1024, "max-line")],
         ["max-queued-bytes", None, 1 << 20, "Bytes queued for a client that does not read before it is cut off.", _number(int, 65536, "max-queued-bytes")],
         ["presence-batch", None, 0.05, "Seconds presence changes are gathered before they go out together (at least 0.1 ms per user online); 0 = at once.", _number(float, 0, "presence-batch")],
-        ["hold", None, 1.0, "Seconds an envelope for an online user waits in memory for their ack before it is stored; 0 = store every envelope first.", _number(float, 0, "hold")],
+        ["hold", None, 1.0, "Seconds an envelope for an online user waits in memory for their ack before it is stored (at most 10); 0 = store every envelope first.", _number(float, 0, "hold")],
         ["hash-threads", None, 1, "Threads that hash passwords.", _number(int, 1, "hash-threads")],
         ["sync", None, "normal", "SQLite durability: 'normal' survives a killed server, 'full' also a power cut."],
     ]
@@ -163,11 +173,7 @@ class DiscoveryService(Service):
             log.info("TLS with the certificate named in --port; peers pin or check that one")
         else:
             log.warn("serving PLAINTEXT: passwords and tokens travel in clear")
-        # What start-up made (modules, the snapshot) lives as long as the process: out of the
-        # cyclic collector's sight, so its full collections scan only what connections made, and
-        # run less often (each is a pause of every connection, tens of ms with thousands online).
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        quiet_collector()
         endpoint = endpoints.serverFromString(self.reactor, config["port"])
         self.listening = await endpoint.listen(factory)
         address = self.listening.getHost()
