@@ -22,7 +22,7 @@ from typing import Any, Callable
 from twisted.internet import defer, reactor, ssl, stdio, task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -538,11 +538,11 @@ class Traffic:
         return self.delivered / elapsed if elapsed > 0 else 0.0
 
 
-async def connect_users(load: Load, p: dict, count: int, **kwargs) -> list[Link]:
-    """Log in the first C{count} load users; each keeps alive from its login on."""
+async def connect_users(load: Load, p: dict, count: int, offset: int = 0, **kwargs) -> list[Link]:
+    """Log in C{count} load users from the C{offset}th on; each keeps alive from its login on."""
     if load.keeper is None:
         load.keeper = load.keep_alive(p["keepalive_s"])
-    links = await load.connect_all(load.users(count), **kwargs)
+    links = await load.connect_all(load.users(count, offset), **kwargs)
     if len(links) < count:
         raise RuntimeError(f"only {len(links)} of {count} users could log in: {dict(load.counts)}")
     return links
@@ -737,28 +737,95 @@ async def reconnect_storm(load: Load, control: Control, p: dict) -> dict:
     }
     await control.mark("back")
     load.on_lost = lambda link: None
-    result.update(await _login_storm(load, p, list(load.online.values())[: p["paced_users"]]))
+    result.update(await _login_storm(load, p))
     await control.mark("end")
     return result
 
 
-async def _login_storm(load: Load, p: dict, paced: list[Link]) -> dict:
-    """Paced traffic between online users; a password-login storm of other users in the middle of it."""
-    traffic = Traffic(load, paced, p["size"])
+async def _login_storm(load: Load, p: dict) -> dict:
+    """
+    A password-login storm of other users while the users of a probe process exchange paced
+    messages. The probe is a process of its own, so that what the storm costs this process
+    (thousands of connections to keep, and on our server their presence events to decrypt and
+    parse) does not show up as latency: only what it costs the server does.
+    """
     storm_users = load.users(p["storm_users"], offset=p["users"])
-    window: dict[str, int] = {}
+    probe_users = load.users(p["paced_users"], offset=p["users"] + p["storm_users"])
+    load.save_tokens()
+    probe = Probe(load, {**p, "offset": p["users"] + p["storm_users"]})
+    await bounded(probe.reached("pacing"), p["timeout_s"])
+    await sleep(p["calm_s"])
+    window = {"start": now_ns()}
+    storm_links = await bounded(Deferred.fromCoroutine(load.connect_all(storm_users, password=True)), p["timeout_s"])
+    window["end"] = now_ns()
+    probe.answer(window)
+    result = await bounded(probe.result, p["storm_duration_s"] + 30)
+    # Its timeouts and errors count as ours; its CPU time is not ours.
+    load.counts.update(result.pop("counts"))
+    del result["loadgen_cpu_s"]
+    # The probe resumed its users' sessions: keep their new tokens when this process saves its own.
+    if load.tokens_path is not None:
+        saved = json.loads(load.tokens_path.read_text())
+        load.tokens.update((user, saved[user]) for user in probe_users if user in saved)
+    return {
+        "storm_logins": len(storm_links),
+        "storm_login_s": (window["end"] - window["start"]) / 1e9,
+        **result,
+    }
 
-    async def storm() -> None:
-        await sleep(p["calm_s"])
-        window["start"] = now_ns()
-        storm_links = await load.connect_all(storm_users, password=True)
-        window["end"] = now_ns()
-        window["logged_in"] = len(storm_links)
 
-    storming = Deferred.fromCoroutine(storm())
+class Probe(ProcessProtocol):
+    """A C{storm_probe} load generator, started and answered by this one as bench.run does."""
+
+    def __init__(self, load: Load, params: dict) -> None:
+        self._buffer = b""
+        self._marks: dict[str, Deferred] = {}
+        self.result: Deferred = Deferred()
+        config = {
+            "server": "irc" if load.link_class is IrcLink else "ours",
+            "port": load.port,
+            "tokens": str(load.tokens_path) if load.tokens_path else None,
+            "scenario": "storm_probe",
+            "params": params,
+            "deadline_s": params["timeout_s"] + params["storm_duration_s"] + 60,
+        }
+        # Its log lines go where ours go.
+        reactor.spawnProcess(
+            self, sys.executable, [sys.executable, "-m", "bench.loadgen", json.dumps(config)],
+            env=os.environ, childFDs={0: "w", 1: "r", 2: 2},
+        )
+
+    def reached(self, mark: str) -> Deferred:
+        return self._marks.setdefault(mark, Deferred())
+
+    def answer(self, message: dict) -> None:
+        self.transport.write(json.dumps(message).encode() + b"\n")
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            message = json.loads(line)
+            if "mark" in message:
+                self.reached(message["mark"]).callback(message)
+            elif "result" in message:
+                self.result.callback(message["result"])
+            else:
+                self.result.errback(RuntimeError(f"storm probe: {message.get('error')} {message.get('counts', '')}"))
+
+    def processEnded(self, reason) -> None:
+        if not self.result.called:
+            self.result.errback(RuntimeError(f"storm probe ended without a result: {reason.value}"))
+
+
+async def storm_probe(load: Load, control: Control, p: dict) -> dict:
+    """The probe of L{_login_storm}: paced messages between its users, until told the storm is over."""
+    links = await connect_users(load, p, p["paced_users"], offset=p["offset"])
+    traffic = Traffic(load, links, p["size"])
+    storm_over = Deferred.fromCoroutine(control.mark("pacing", timeout=p["timeout_s"] + p["calm_s"]))
     # Paced traffic goes on until the storm is over, however long it takes.
-    pacing = Deferred.fromCoroutine(_paced(traffic, paced, p["rate"], p["storm_duration_s"], until=storming))
-    await bounded(storming, p["timeout_s"])
+    pacing = Deferred.fromCoroutine(_paced(traffic, links, p["rate"], p["storm_duration_s"], until=storm_over))
+    window = await storm_over
     traffic.expected = await bounded(pacing, p["storm_duration_s"] + 5)
     traffic.done = Deferred()
     traffic.check_done()
@@ -771,8 +838,6 @@ async def _login_storm(load: Load, p: dict, paced: list[Link]) -> dict:
             during.append(latency)
     calm_summary, storm_summary = latency_summary(calm), latency_summary(during)
     return {
-        "storm_logins": window["logged_in"],
-        "storm_login_s": (window["end"] - window["start"]) / 1e9,
         "storm_p50_ms": storm_summary["p50_ms"],
         "storm_p99_ms": storm_summary["p99_ms"],
         "storm_messages": storm_summary["count"],
@@ -921,7 +986,10 @@ def _traffic_result(traffic: Traffic, name: str) -> dict:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (idle_tls, dm_relay_tls, paced_latency_tls, broadcast_tls, reconnect_storm, offline_backlog, prepare)
+    for f in (
+        idle_tls, dm_relay_tls, paced_latency_tls, broadcast_tls, reconnect_storm, storm_probe, offline_backlog,
+        prepare,
+    )
 }
 
 

@@ -358,7 +358,7 @@ def users_needed(bench: Bench, scenarios: list[str]) -> int:
         p = bench.params(name)
         counts.append({
             "idle_tls": p.get("connections", 0),
-            "reconnect_storm": p.get("users", 0) + p.get("storm_users", 0),
+            "reconnect_storm": p.get("users", 0) + p.get("storm_users", 0) + p.get("paced_users", 0),
             "offline_backlog": p.get("senders", 0) + 1,
             "p2p_direct": 0,
         }.get(name, p.get("users", 0)))
