@@ -751,7 +751,6 @@ async def _login_storm(load: Load, p: dict) -> dict:
     """
     storm_users = load.users(p["storm_users"], offset=p["users"])
     probe_users = load.users(p["paced_users"], offset=p["users"] + p["storm_users"])
-    load.save_tokens()
     probe = Probe(load, {**p, "offset": p["users"] + p["storm_users"]})
     await bounded(probe.reached("pacing"), p["timeout_s"])
     await sleep(p["calm_s"])
@@ -811,11 +810,16 @@ class Probe(ProcessProtocol):
             elif "result" in message:
                 self.result.callback(message["result"])
             else:
-                self.result.errback(RuntimeError(f"storm probe: {message.get('error')} {message.get('counts', '')}"))
+                self._fail(f"storm probe: {message.get('error')} {message.get('counts', '')}")
 
     def processEnded(self, reason) -> None:
-        if not self.result.called:
-            self.result.errback(RuntimeError(f"storm probe ended without a result: {reason.value}"))
+        self._fail(f"storm probe ended without a result: {reason.value}")
+
+    def _fail(self, why: str) -> None:
+        """Whatever still waits on the probe hears why it will not come."""
+        for waiting in [*self._marks.values(), self.result]:
+            if not waiting.called:
+                waiting.errback(RuntimeError(why))
 
 
 async def storm_probe(load: Load, control: Control, p: dict) -> dict:
