@@ -786,6 +786,25 @@ class RelayTests(TestCase):
         await bob.ok("ack", seqs=[(await bob.event("envelope")).fields["seq"]])
         self.assertTrue((await reply).ok)
 
+    @harness_test()
+    async def test_empty_mailbox_not_read(self, h):
+        """A login with nothing stored goes live without reading the store; one with envelopes
+        stored reads them."""
+        reads = []
+        fetch = h.store.fetch_envelopes
+        self.patch(h.store, "fetch_envelopes", lambda *a: reads.append(a[0]) or fetch(*a))
+        alice = await h.user("alice")
+        self.assertEqual(reads, [])
+        self.assertTrue(h.directory.online["alice"].live)
+        await (await h.user("bob")).ok("logout")
+        await alice.ok("send", to="bob", msg_id="s1", envelope="e")
+        bob = await h.user("bob")
+        self.assertEqual(reads, ["bob"])
+        await bob.ok("ack", seqs=[(await bob.event("envelope")).fields["seq"]])
+        await bob.ok("logout")
+        await h.user("bob")
+        self.assertEqual(reads, ["bob"])
+
     @harness_test(mailbox_window=4)
     async def test_mailbox_window_and_live_order(self, h):
         """The mailbox comes at most window unacked at a time; acks let more come, and envelopes sent

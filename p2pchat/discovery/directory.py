@@ -608,6 +608,10 @@ class Directory:
 
     def mailbox_page(self, me: str, after_seq: int, limit: int) -> Deferred:
         """The next C{limit} envelopes stored for C{me} after C{after_seq}, oldest first."""
+        if not self._mailbox.get(me):
+            # Nothing stored, held or on its way to the store: no need to ask the store (most
+            # logins, and every reconnect after a restart).
+            return succeed([])
         return self.store.fetch_envelopes(me, after_seq, limit)
 
     def ack(self, me: str, seqs: list[int]) -> Deferred:
