@@ -1,9 +1,10 @@
 """p2p_direct: a direct peer link against a plain TLS echo, each between two processes on loopback.
 
 Ours: both ends are Twisted with p2pchat.tls (TLS 1.3, both sides present P-256 certificates,
-each pins the other's key); the echo end parses every JSON line and sends it back re-encoded,
-as a peer parses every frame. Baseline: Python C{ssl}, TLS 1.3 with client certificates too, the
-echo end returns the bytes it reads without looking at them.
+each pins the other's key); the echo end parses every JSON line and sends it back re-encoded
+with the codec of a peer's links (p2pchat.wire), as a peer parses every frame. Baseline: Python
+C{ssl}, TLS 1.3 with client certificates too, the echo end returns the bytes it reads without
+looking at them.
 
 Run by bench.run: C{python -m bench.p2p serve-ours|serve-plain PORT DIR} is the echo end,
 C{python -m bench.p2p CONFIG_JSON} the measuring end (mark protocol, see bench.loadgen).
@@ -47,6 +48,7 @@ def serve_ours(port: int, directory: Path) -> None:
 
     from p2pchat.crypto import load_or_create_identity
     from p2pchat.tls import peer_listener_options
+    from p2pchat.wire import dumps_line, loads_line
 
     class Echo(LineOnlyReceiver):
         delimiter = b"\n"
@@ -56,7 +58,7 @@ def serve_ours(port: int, directory: Path) -> None:
             self.transport.setTcpNoDelay(True)
 
         def lineReceived(self, line: bytes) -> None:
-            self.sendLine(json.dumps(json.loads(line), separators=(",", ":")).encode())
+            self.transport.write(dumps_line(loads_line(line)))
 
     identity = load_or_create_identity(str(directory), ECHO_NAME, "bench echo")
     factory = TLSMemoryBIOFactory(peer_listener_options(identity), False, Factory.forProtocol(Echo))

@@ -70,8 +70,10 @@ class DecodeRequestTests(SynchronousTestCase):
             self.assertEqual(refused(self, ('{"id":1,"op":"ack","seqs":%s}' % bad).encode()).code, Code.BAD_REQUEST)
 
     def test_lone_surrogate(self):
-        """A string with a lone surrogate escape cannot be re-encoded, so it is refused."""
-        self.assertEqual(refused(self, b'{"id":1,"op":"broadcast","text":"\\ud800"}').code, Code.BAD_REQUEST)
+        """A string with a lone surrogate escape is not Unicode text (it could not be re-encoded):
+        the line is refused as bad_json."""
+        for line in [b'{"id":1,"op":"broadcast","text":"\\ud800"}', b'{"id":"\\udc00","op":"ping"}']:
+            self.assertEqual(refused(self, line).code, Code.BAD_JSON, line)
 
 
 class EncodeTests(SynchronousTestCase):

@@ -5,7 +5,6 @@ on before that."""
 
 from __future__ import annotations
 
-import json
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -20,6 +19,7 @@ from twisted.python.failure import Failure
 
 from ..crypto import Identity
 from ..tls import peer_connector_creator, peer_fingerprint, peer_listener_options
+from ..wire import WireError, dumps_line, loads_line
 
 log = Logger()
 
@@ -70,8 +70,8 @@ class Link(LineOnlyReceiver, TimeoutMixin):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            frame = json.loads(line)
-        except (ValueError, RecursionError):
+            frame = loads_line(line)
+        except WireError:
             frame = None
         if not isinstance(frame, dict):
             log.warn("closed a direct link ({user}) that sent something other than a JSON object", user=self.user or "?")
@@ -124,7 +124,7 @@ class Link(LineOnlyReceiver, TimeoutMixin):
         self._opened.callback(self)
 
     def _write(self, frame: dict[str, Any]) -> None:
-        self.transport.write(json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+        self.transport.write(dumps_line(frame))
 
     def send(self, frame: dict[str, Any]) -> None:
         if self._open and not self._lost:
