@@ -150,6 +150,29 @@ class ServerProcessTests(E2E):
         self.assertEqual((await alice.request("who")).result["users"], ["bob"])
 
     @e2e
+    async def test_backlog_of_large_envelopes(self):
+        """A mailbox of 300 envelopes of the largest size (about 18 MiB) reaches its user whole and in
+        order: the server sends it as fast as the client reads, and never cuts the client off as a
+        slow consumer for a backlog the server chose to send."""
+        server = await self.server("--message-rate", "0")
+        alice = await self.user(server, "alice")
+        bob = await self.user(server, "bob")
+        await bob.request("logout")
+        large = "e" * 60 * 1024
+        for i in range(300):
+            reply = await alice.request("send", to="bob", msg_id=f"m{i}", envelope=f"{i:03d}{large}")
+            self.assertEqual(reply.result["status"], "stored")
+        bob = await self.user(server, "bob", register=False)
+        self.assertEqual(bob.login_result["mailbox"], 300)
+        got = []
+        for _ in range(300):
+            envelope = await bob.event("envelope")
+            got.append(envelope.fields["msg_id"])
+            self.assertTrue((await bob.request("ack", seqs=[envelope.fields["seq"]])).ok)
+        self.assertEqual(got, [f"m{i}" for i in range(300)])
+        self.assertEqual((await bob.request("who")).result["users"], ["alice"])
+
+    @e2e
     async def test_killed_client_leaves_no_ghost(self):
         """A client process killed with kill -9 is offline at once for everyone else."""
         server = await self.server()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
@@ -57,7 +58,8 @@ class PlainProtocolTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_slow_consumer(self):
-        """A peer that stops reading is cut off once more than max_queued_bytes pile up."""
+        """A peer that stops reading is cut off once more than max_queued_bytes pile up; what
+        is written after that is dropped, and the cut is logged once."""
         proto, transport = self.connect(max_queued_bytes=100_000)
         proto.pauseProducing()  # what the transport does when its buffer is full
         for _ in range(90):
@@ -65,9 +67,13 @@ class PlainProtocolTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         proto.resumeProducing()
         proto.pauseProducing()
-        for _ in range(110):
-            proto.write(b"x" * 1000 + b"\n")
+        before = len(transport.value())
+        with capturedLogs() as events:
+            for _ in range(200):
+                proto.write(b"x" * 1000 + b"\n")
         self.assertTrue(transport.disconnected)
+        self.assertEqual(len(transport.value()) - before, 99 * 1001)
+        self.assertEqual(len([e for e in events if "cutting off" in e["log_format"]]), 1)
 
     def test_one_reply_per_line(self):
         """Each garbage line gets exactly one error reply, with the request id when readable."""

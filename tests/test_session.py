@@ -30,6 +30,7 @@ class MemoryConnection:
         self.writes = 0
         self.closed = False
         self.paused = False
+        self.full = False
         self.session: Session | None = None
         self._reply_waiters: dict = {}
         self._event_waiters: list = []
@@ -167,9 +168,11 @@ class Harness:
         return client
 
     async def settled(self) -> None:
-        """Wait until every store operation asked for so far is done and its callbacks have run
-        (after a login: until the stored mailbox is out and the user takes live envelopes)."""
-        await self.store.stored_seq("", "", "")
+        """Wait until every store operation asked for so far is done and its callbacks have run,
+        then the ones those callbacks asked for (after a login: until a stored mailbox of one
+        page is out, the read that finds no more is done, and the user takes live envelopes)."""
+        for _ in range(2):
+            await self.store.stored_seq("", "", "")
 
 
 def harness_test(**limits):
@@ -789,7 +792,7 @@ class RelayTests(TestCase):
     @harness_test()
     async def test_empty_mailbox_not_read(self, h):
         """A login with nothing stored goes live without reading the store; one with envelopes
-        stored reads them."""
+        stored reads them, then reads once more to find that there are no more."""
         reads = []
         fetch = h.store.fetch_envelopes
         self.patch(h.store, "fetch_envelopes", lambda *a: reads.append(a[0]) or fetch(*a))
@@ -799,16 +802,50 @@ class RelayTests(TestCase):
         await (await h.user("bob")).ok("logout")
         await alice.ok("send", to="bob", msg_id="s1", envelope="e")
         bob = await h.user("bob")
-        self.assertEqual(reads, ["bob"])
         await bob.ok("ack", seqs=[(await bob.event("envelope")).fields["seq"]])
+        self.assertEqual(reads, ["bob", "bob"])
         await bob.ok("logout")
         await h.user("bob")
+        self.assertEqual(reads, ["bob", "bob"])
+
+    @harness_test()
+    async def test_mailbox_waits_for_room(self, h):
+        """Stored envelopes go out only while the connection has room: none is read while it is
+        full, and a page stops where it fills up and goes on once it has drained."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")
+        for i in range(3):
+            await alice.ok("send", to="bob", msg_id=f"s{i}", envelope="e")
+        reads = []
+        fetch = h.store.fetch_envelopes
+        self.patch(h.store, "fetch_envelopes", lambda *a: reads.append(a[0]) or fetch(*a))
+        bob = h.connect()
+        await bob.ok("hello", protocol=1)
+        bob.conn.full = True
+        await bob.ok("login", username="bob", password=PASSWORD, port=0)
+        await h.settled()
+        self.assertEqual((reads, bob.conn.events("envelope")), ([], []))
+        # From now on each envelope written fills the connection up.
+        write = bob.conn.write
+        self.patch(bob.conn, "write", lambda data: write(data) or setattr(bob.conn, "full", b'"envelope"' in data))
+        for sent in range(1, 4):
+            bob.conn.full = False
+            bob.session.drained()
+            await h.settled()
+            self.assertEqual([e.fields["msg_id"] for e in bob.conn.events("envelope")], [f"s{i}" for i in range(sent)])
         self.assertEqual(reads, ["bob"])
+        self.assertFalse(bob.session.live)
+        bob.conn.full = False
+        bob.session.drained()
+        await h.settled()
+        self.assertEqual(reads, ["bob", "bob"])
+        self.assertTrue(bob.session.live)
 
     @harness_test(mailbox_window=4)
     async def test_mailbox_window_and_live_order(self, h):
-        """The mailbox comes at most window unacked at a time; acks let more come, and envelopes sent
-        meanwhile arrive after the stored ones."""
+        """The mailbox comes at most a window of envelope characters unacked at a time (here four
+        envelopes of one character); acks let more come, and envelopes sent meanwhile arrive after
+        the stored ones."""
         alice = await h.user("alice")
         await (await h.user("bob")).ok("logout")
         for i in range(10):

@@ -338,6 +338,16 @@ class MailboxTests(StoreTestCase):
         self.assertEqual([e.seq for e in await store.fetch_envelopes("bob", 0, 10)], [20])
         self.assertEqual(await store.fetch_envelopes("nobody", 0, 10), [])
 
+    async def test_fetch_by_size(self) -> None:
+        """With a byte budget, a fetch stops at the envelope that reaches it (always at least one)."""
+        store, _ = await self.start_store()
+        for seq in range(1, 6):
+            await store.put_envelope(env(seq, "bob", "alice", f"m{seq}", "x" * 100 * seq))
+        self.assertEqual([e.seq for e in await store.fetch_envelopes("bob", 0, 10, 300)], [1, 2])
+        self.assertEqual([e.seq for e in await store.fetch_envelopes("bob", 0, 10, 301)], [1, 2, 3])
+        self.assertEqual([e.seq for e in await store.fetch_envelopes("bob", 3, 10, 1)], [4])
+        self.assertEqual([e.seq for e in await store.fetch_envelopes("bob", 0, 2, 10_000)], [1, 2])
+
     async def test_duplicate_stored_once(self) -> None:
         """A second put of a stored (recipient, sender, msg_id) answers the first seq and stores nothing; after the ack it is new again."""
         store, _ = await self.start_store()

@@ -29,6 +29,9 @@ USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 MAX_FAILURES = 3
+# A read of a user's stored mailbox: what its delivery holds in memory at most (beyond one envelope).
+MAILBOX_PAGE_ROWS = 1024
+MAILBOX_PAGE_BYTES = 256 * 1024
 TOKEN_LIFETIME = 30 * 24 * 3600.0
 KEEP_TOKENS = 5  # sessions tokens per user: one per device, a few devices
 # Presence goes out to this many users per reactor turn, so that a flush to thousands online does
@@ -61,7 +64,7 @@ class Limits:
     login_rate: float = 30.0  # password attempts per address per minute
     max_line: int = 65536
     max_queued_bytes: int = 1 << 20
-    mailbox_window: int = 256
+    mailbox_window: int = 1 << 20  # envelope characters written to a user and not yet acked
     presence_batch: float = 0.05  # seconds presence changes are gathered before they go out; 0 = at once
     presence_batch_per_user: float = 0.0001  # ... and at least this much per user online (0.2 s at 2000)
     hold: float = 1.0  # seconds an envelope to an online user waits for their ack before it is stored; 0 = never
@@ -606,13 +609,17 @@ class Directory:
         else:
             self._mailbox.pop(user, None)
 
-    def mailbox_page(self, me: str, after_seq: int, limit: int) -> Deferred:
-        """The next C{limit} envelopes stored for C{me} after C{after_seq}, oldest first."""
+    def mailbox_page(self, me: str, after_seq: int, max_bytes: int) -> Deferred:
+        """
+        The next envelopes stored for C{me} after C{after_seq}, oldest first: a page of at most
+        L{MAILBOX_PAGE_ROWS} that stops at the one that reaches C{max_bytes} characters (or
+        L{MAILBOX_PAGE_BYTES}); none once all have been read.
+        """
         if not self._mailbox.get(me):
             # Nothing stored, held or on its way to the store: no need to ask the store (most
             # logins, and every reconnect after a restart).
             return succeed([])
-        return self.store.fetch_envelopes(me, after_seq, limit)
+        return self.store.fetch_envelopes(me, after_seq, MAILBOX_PAGE_ROWS, min(max_bytes, MAILBOX_PAGE_BYTES))
 
     def ack(self, me: str, seqs: list[int]) -> Deferred:
         """C{me} stored these envelopes: answer the senders of held ones, delete the stored ones."""

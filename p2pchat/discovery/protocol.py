@@ -34,8 +34,9 @@ class DiscoveryProtocol(LineOnlyReceiver):
         self.clock = clock
         self.MAX_LENGTH = directory.limits.max_line
         self.session: Session | None = None
-        self._full = False
+        self.full = False
         self._queued_while_full = 0
+        self._cut = False
         self._abort_call = None
 
     def connectionMade(self) -> None:
@@ -64,7 +65,9 @@ class DiscoveryProtocol(LineOnlyReceiver):
     # -- Connection, for the session ---------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._full:
+        if self._cut:
+            return
+        if self.full:
             self._queued_while_full += len(data)
             if self._queued_while_full > self.directory.limits.max_queued_bytes:
                 self._cut_slow_consumer()
@@ -85,6 +88,7 @@ class DiscoveryProtocol(LineOnlyReceiver):
     def _cut_slow_consumer(self) -> None:
         log.info("cutting off {host}: more than {limit} bytes waiting", host=self.session.host,
                  limit=self.directory.limits.max_queued_bytes)
+        self._cut = True
         session = self.session
         if session.username is not None:
             self.directory.leave(session, "slow_consumer")
@@ -94,11 +98,13 @@ class DiscoveryProtocol(LineOnlyReceiver):
     # -- IPushProducer: the transport tells us when its buffer is full ------------------
 
     def pauseProducing(self) -> None:
-        self._full = True
+        self.full = True
 
     def resumeProducing(self) -> None:
-        self._full = False
+        self.full = False
         self._queued_while_full = 0
+        if self.session is not None:
+            self.session.drained()
 
     def stopProducing(self) -> None:
         pass

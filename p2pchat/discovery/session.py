@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from p2pchat.discovery.directory import Directory, Refusal, TokenBucket, envelope_frame
+from p2pchat.discovery.store.base import StoredEnvelope
 from p2pchat.wire import (
     PROTOCOL_VERSION, Code, Request, WireError, decode_request, encode_error, encode_event, encode_result,
 )
@@ -30,6 +31,8 @@ _NOT_ACTIVITY = frozenset({"ping", "ack"})
 
 class Connection(Protocol):
     """What a session needs from its transport."""
+
+    full: bool  # the peer is not reading as fast as we write: more goes to a buffer
 
     def write(self, data: bytes) -> None: ...
 
@@ -77,7 +80,9 @@ class Session:
         self._rate: TokenBucket | None = None
         # mailbox delivery
         self._mailbox_after = 0
-        self._mailbox_unacked: set[int] = set()
+        self._mailbox_pending: deque[StoredEnvelope] = deque()
+        self._mailbox_unacked: dict[int, int] = {}  # seq: characters
+        self._mailbox_unacked_bytes = 0
         self._mailbox_fetching = False
         self._sends_pending = 0
         self._sends_answered: Deferred[dict] | None = None
@@ -107,6 +112,10 @@ class Session:
     def line_too_long(self) -> None:
         self._reply_now(None, encode_error(None, Code.LINE_TOO_LONG, f"a line may be at most {self.limits.max_line} bytes"))
         self._close("disconnected")
+
+    def drained(self) -> None:
+        """The connection's buffer has room again."""
+        self._pump_mailbox()
 
     def connection_lost(self) -> None:
         if self._watch_call is not None and self._watch_call.active():
@@ -293,7 +302,9 @@ class Session:
         return self.directory.broadcast(me, text)
 
     def _op_ack(self, me, slot, seqs):
-        self._mailbox_unacked.difference_update(seqs)
+        unacked = self._mailbox_unacked
+        for seq in seqs:
+            self._mailbox_unacked_bytes -= unacked.pop(seq, 0)
         d = self.directory.ack(me, seqs)
         self._pump_mailbox()
         return d
@@ -318,31 +329,40 @@ class Session:
     # -- mailbox ------------------------------------------------------------------------
 
     def _pump_mailbox(self) -> None:
-        """Send the next stored envelopes, keeping at most C{mailbox_window} unacknowledged."""
-        if self.live or self.closed or self._mailbox_fetching or self.username is None:
+        """
+        Write fetched envelopes while the window (C{mailbox_window} characters unacknowledged)
+        and the connection have room; once all are written, fetch the next page.
+        """
+        if self.live or self.closed or self.username is None:
             return
-        room = self.limits.mailbox_window - len(self._mailbox_unacked)
-        if room < self.limits.mailbox_window // 2 and self._mailbox_unacked:
+        pending, unacked, window = self._mailbox_pending, self._mailbox_unacked, self.limits.mailbox_window
+        while pending and self._mailbox_unacked_bytes < window and not self.connection.full:
+            envelope = pending.popleft()
+            self.connection.write(envelope_frame(envelope))
+            unacked[envelope.seq] = size = len(envelope.envelope)
+            self._mailbox_unacked_bytes += size
+        if pending or self._mailbox_fetching or self.connection.full:
+            return
+        room = window - self._mailbox_unacked_bytes
+        if room < window // 2 and unacked:
             return
         self._mailbox_fetching = True
         d = self.directory.mailbox_page(self.username, self._mailbox_after, room)
-        d.addCallback(self._mailbox_fetched, room)
+        d.addCallback(self._mailbox_fetched)
         d.addErrback(lambda f: log.failure("mailbox of {user}", f, user=self.username))
 
-    def _mailbox_fetched(self, rows, asked: int) -> None:
+    def _mailbox_fetched(self, envelopes: list[StoredEnvelope]) -> None:
         self._mailbox_fetching = False
         if self.closed:
             return
-        for row in rows:
-            self.connection.write(envelope_frame(row))
-            self._mailbox_unacked.add(row.seq)
-            self._mailbox_after = row.seq
-        if len(rows) < asked:
-            # Everything stored before this read has been sent; what is stored after it
+        if envelopes:
+            self._mailbox_after = envelopes[-1].seq
+            self._mailbox_pending.extend(envelopes)
+            self._pump_mailbox()
+        else:
+            # Everything stored before this read has been written; what is stored after it
             # reaches us (in store order) after this callback and goes out live.
             self.live = True
-        else:
-            self._pump_mailbox()
 
     # -- timers ---------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import sqlite3
 import threading
@@ -193,9 +194,14 @@ class SQLiteStore:
         """The seq of the stored envelope with that recipient, sender and msg_id, or C{None}."""
         return self._submit(_stored_seq, recipient, sender, msg_id)
 
-    def fetch_envelopes(self, recipient: str, after_seq: int, limit: int) -> Deferred[list[StoredEnvelope]]:
-        """At most C{limit} of the recipient's envelopes with a seq above C{after_seq}, oldest first."""
-        return self._submit(_fetch_envelopes, recipient, after_seq, limit)
+    def fetch_envelopes(
+        self, recipient: str, after_seq: int, limit: int, max_bytes: float = math.inf
+    ) -> Deferred[list[StoredEnvelope]]:
+        """
+        At most C{limit} of the recipient's envelopes with a seq above C{after_seq}, oldest first;
+        no more once their envelopes add up to C{max_bytes} characters.
+        """
+        return self._submit(_fetch_envelopes, recipient, after_seq, limit, max_bytes)
 
     def ack_envelopes(self, recipient: str, seqs: list[int]) -> Deferred[int]:
         """Delete the recipient's own envelopes among C{seqs}; fire with how many went."""
@@ -436,15 +442,20 @@ def _stored_seq(db: sqlite3.Connection, recipient: str, sender: str, msg_id: str
     return None if row is None else row[0]
 
 
-def _fetch_envelopes(db: sqlite3.Connection, recipient: str, after_seq: int, limit: int) -> list[StoredEnvelope]:
-    return [
-        StoredEnvelope(*row)
-        for row in db.execute(
-            "SELECT seq, recipient, sender, msg_id, envelope, sent_at FROM envelopes"
-            " WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (recipient, after_seq, limit),
-        )
-    ]
+def _fetch_envelopes(
+    db: sqlite3.Connection, recipient: str, after_seq: int, limit: int, max_bytes: float
+) -> list[StoredEnvelope]:
+    envelopes = []
+    for row in db.execute(
+        "SELECT seq, recipient, sender, msg_id, envelope, sent_at FROM envelopes"
+        " WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (recipient, after_seq, limit),
+    ):
+        envelopes.append(StoredEnvelope(*row))
+        max_bytes -= len(row[4])
+        if max_bytes <= 0:
+            break
+    return envelopes
 
 
 def _ack_envelopes(db: sqlite3.Connection, recipient: str, seqs: list[int]) -> int:
