@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from p2pchat.discovery import directory as directory_module
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
-from p2pchat.discovery.session import Session
+from p2pchat.discovery.session import WRITE_BATCH, Session
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.wire import Event, decode_frame, encode_request
 
@@ -814,8 +814,8 @@ class RelayTests(TestCase):
         full, and a page stops where it fills up and goes on once it has drained."""
         alice = await h.user("alice")
         await (await h.user("bob")).ok("logout")
-        for i in range(3):
-            await alice.ok("send", to="bob", msg_id=f"s{i}", envelope="e")
+        for i in range(3):  # envelopes of a write each
+            await alice.ok("send", to="bob", msg_id=f"s{i}", envelope="e" * WRITE_BATCH)
         reads = []
         fetch = h.store.fetch_envelopes
         self.patch(h.store, "fetch_envelopes", lambda *a: reads.append(a[0]) or fetch(*a))
