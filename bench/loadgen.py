@@ -702,7 +702,7 @@ async def broadcast_tls(load: Load, control: Control, p: dict) -> dict:
 
 async def reconnect_storm(load: Load, control: Control, p: dict) -> dict:
     n = p["users"]
-    links = await connect_users(load, p, n)
+    await connect_users(load, p, n)
     back: Deferred = Deferred()
     retry = p["retry_s"]
 

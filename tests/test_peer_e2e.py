@@ -297,7 +297,7 @@ class LoginTests(PeerTestCase):
         await self.start_server()
         shared = self.home("shared")
         alice = await Peer(self, "alice", shared).started(cwd=shared)
-        bob = await Peer(self, "bob", shared).started(cwd=shared)
+        await Peer(self, "bob", shared).started(cwd=shared)
         await alice.expect(r"^bob logged in$")
         twin = Peer(self, "alice", shared).start(cwd=shared)
         self.assertNotEqual(await twin.ended(), None)
