@@ -2,8 +2,8 @@
 
 The session turns decoded requests into calls on the L{Directory}, keeps replies in request
 order, runs the keep-alive and idle timers on an injected clock, and feeds the stored
-mailbox to its user at the pace of their acknowledgements. It writes bytes to a
-L{Connection} and never sees a socket.
+mailbox to its user at the pace of their reading and their acknowledgements. It writes bytes
+to a L{Connection} and never sees a socket.
 """
 
 from __future__ import annotations
