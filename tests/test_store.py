@@ -23,7 +23,7 @@ from p2pchat.discovery.store import (
     UnknownAccount,
     UsernameTaken,
 )
-from p2pchat.discovery.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+from p2pchat.discovery.store.sqlite import LOGIN_HISTORY, MIGRATIONS, SCHEMA_VERSION
 
 FINGERPRINT = "ab" * 32
 ENVELOPE_KEY = "K" * 43
@@ -118,6 +118,31 @@ class LifeCycleTests(StoreTestCase):
         self.assertEqual(await store.fetch_envelopes("bob", 0, 10), [env(1, "bob", "alice", "m1", "sealed", 5.0)])
         self.assertEqual(await store.put_envelope(env(3, "bob", "alice", "m1")), (1, True))
         self.assertEqual(await store.put_envelope(env(3, "bob", "alice", "m3")), (3, False))
+
+    async def test_migration_cuts_login_history(self) -> None:
+        """
+        A file of schema version 2 with an unbounded login history keeps each user's newest
+        LOGIN_HISTORY rows, and last_seen is still each user's latest logout.
+        """
+        db = sqlite3.connect(self.path)
+        with db:
+            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for step in MIGRATIONS[:2]:
+                for statement in step:
+                    db.execute(statement)
+            db.execute("INSERT INTO schema_version (version) VALUES (2)")
+            for i in range(30):
+                db.execute("INSERT INTO sessions (username, login_at, logout_at) VALUES ('alice', ?, ?)", (i, i + 0.5))
+                if i < 3:
+                    db.execute("INSERT INTO sessions (username, login_at, logout_at) VALUES ('bob', ?, ?)", (i, i + 0.5))
+        db.close()
+
+        _, snapshot = await self.start_store()
+        self.assertEqual(
+            self.query("SELECT username, COUNT(*), MIN(login_at) FROM sessions GROUP BY username ORDER BY username"),
+            [("alice", LOGIN_HISTORY, 30 - LOGIN_HISTORY), ("bob", 3, 0)],
+        )
+        self.assertEqual(snapshot.last_seen, {"alice": 29.5, "bob": 2.5})
 
     async def test_missing_directory_fails_start(self) -> None:
         """start() does not create directories: a path in a missing directory fails."""
@@ -266,6 +291,25 @@ class PresenceTests(StoreTestCase):
         await store.record_logout("bob", 130.0)
         _, snapshot = await self.restart(store, now=1000.0)
         self.assertEqual(snapshot.last_seen, {"alice": 300.0, "bob": 130.0})
+
+    async def test_login_history_is_bounded(self) -> None:
+        """A login keeps the user's newest LOGIN_HISTORY rows of history, the open one among them; others' rows stay."""
+        store, _ = await self.start_store()
+        await store.record_login("bob", 1.0)
+        for i in range(LOGIN_HISTORY + 5):
+            await store.record_login("alice", 10.0 + i)
+            await store.record_logout("alice", 10.5 + i)
+        await store.record_login("alice", 100.0)
+        self.assertEqual(
+            self.query("SELECT login_at, logout_at FROM sessions WHERE username = 'alice' ORDER BY id")[-2:],
+            [(10.0 + LOGIN_HISTORY + 4, 10.5 + LOGIN_HISTORY + 4), (100.0, None)],
+        )
+        self.assertEqual(
+            self.query("SELECT username, COUNT(*) FROM sessions GROUP BY username ORDER BY username"),
+            [("alice", LOGIN_HISTORY), ("bob", 1)],
+        )
+        _, snapshot = await self.restart(store, now=200.0)
+        self.assertEqual(snapshot.last_seen, {"alice": 200.0, "bob": 200.0})
 
     async def test_kill_closes_open_sessions_at_next_start(self) -> None:
         """

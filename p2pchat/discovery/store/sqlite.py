@@ -28,6 +28,10 @@ MAX_BATCH = 512
 
 SYNCHRONOUS = ("normal", "full")
 
+# Rows of login history kept per user: only the newest logout is read (last seen), the rest is for
+# people looking at the file.
+LOGIN_HISTORY = 10
+
 # MIGRATIONS[n] takes a database from schema version n to n + 1. Append only; never edit a released step.
 MIGRATIONS: list[tuple[str, ...]] = [
     (
@@ -82,6 +86,14 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "DROP TRIGGER envelopes_counted",
         "DROP TRIGGER envelopes_uncounted",
         "DROP TABLE mailbox_counts",
+    ),
+    # Login history is cut to the newest 10 rows per user (LOGIN_HISTORY when this step was written);
+    # it was one row per login, forever.
+    (
+        """DELETE FROM sessions WHERE id IN (
+            SELECT id FROM (
+                SELECT id, row_number() OVER (PARTITION BY username ORDER BY id DESC) AS newer FROM sessions)
+            WHERE newer > 10)""",
     ),
 ]
 
@@ -173,7 +185,7 @@ class SQLiteStore:
         return self._submit(_remove_block, blocker, blocked)
 
     def record_login(self, username: str, at: float) -> Deferred[None]:
-        """Open a row of login history."""
+        """Open a row of login history, then keep only the user's newest L{LOGIN_HISTORY} rows."""
         return self._submit(_record_login, username, at)
 
     def record_logout(self, username: str, at: float) -> Deferred[None]:
@@ -400,10 +412,16 @@ def _add_token(db: sqlite3.Connection, username: str, token_hash: str, expires_a
     db.execute(
         "INSERT INTO tokens (token_hash, username, expires_at) VALUES (?, ?, ?)", (token_hash, username, expires_at)
     )
-    # rowid order is insertion order here: a new row always gets a rowid above the user's others.
+    _keep_newest(db, "tokens", username, keep)
+
+
+def _keep_newest(db: sqlite3.Connection, table: str, username: str, keep: int) -> None:
+    """Delete the user's rows of C{table} but the newest C{keep}."""
+    # rowid order is insertion order here: a new row always gets a rowid above the user's others,
+    # because the newest row is never the one deleted.
     db.execute(
-        "DELETE FROM tokens WHERE username = ? AND rowid NOT IN"
-        " (SELECT rowid FROM tokens WHERE username = ? ORDER BY rowid DESC LIMIT ?)",
+        f"DELETE FROM {table} WHERE username = ? AND rowid NOT IN"
+        f" (SELECT rowid FROM {table} WHERE username = ? ORDER BY rowid DESC LIMIT ?)",
         (username, username, keep),
     )
 
@@ -418,6 +436,7 @@ def _remove_block(db: sqlite3.Connection, blocker: str, blocked: str) -> None:
 
 def _record_login(db: sqlite3.Connection, username: str, at: float) -> None:
     db.execute("INSERT INTO sessions (username, login_at) VALUES (?, ?)", (username, at))
+    _keep_newest(db, "sessions", username, LOGIN_HISTORY)
 
 
 def _record_logout(db: sqlite3.Connection, username: str, at: float) -> None:
