@@ -260,18 +260,21 @@ class ResilienceTests(PeerTestCase):
         alice = Peer(self, "alice")
         alice.start("--server-fingerprint", "ab" * 32)
         await alice.expect(r"THE CERTIFICATE OF 127\.0\.0\.1 HAS CHANGED")
-        await alice.ended()
+        self.assertEqual(await alice.ended(), 1)
         self.assertFalse(any("welcome" in line for line in alice.lines))
 
 
 class LoginTests(PeerTestCase):
     async def test_password_prompt_flows(self) -> None:
-        """Wrong passwords are said and asked again; the third blocks and exits; a login meanwhile is refused."""
+        """
+        Wrong passwords are said and asked again; the third blocks and exits; a login meanwhile is
+        refused. A peer that logs out exits 0; one that could not log in exits 1.
+        """
         await self.start_server("--block-duration", "600")
         alice = Peer(self, "alice")
         await alice.started()
         alice.send("/logout")
-        await alice.ended()
+        self.assertEqual(await alice.ended(), 0)
         alice.start(password_file=False)
         await alice.expect(r"^password for alice:$")
         alice.send("wrong one")
@@ -287,10 +290,11 @@ class LoginTests(PeerTestCase):
             await alice.expect(r"^wrong password$")
         alice.send("bad 3")
         await alice.expect(r"^wrong password too many times: alice is now blocked")
-        await alice.ended()
+        self.assertEqual(await alice.ended(), 1)
         alice.start()
         await alice.expect(r"^alice is blocked after failed logins")
-        await alice.ended()
+        self.assertEqual(await alice.ended(), 1)
+        self.assertFalse(os.path.exists(os.path.join(alice.data_dir, "p2ppeer.pid")), "twistd cleaned up first")
 
     async def test_already_online_and_same_directory(self) -> None:
         """Peers started from one directory all run; a second copy of the same user is refused."""
@@ -304,7 +308,7 @@ class LoginTests(PeerTestCase):
         self.assertTrue(any("Another twistd server is running" in line for line in twin.lines), twin.lines)
         elsewhere = Peer(self, "alice", self.home("elsewhere")).start()
         await elsewhere.expect(r"^alice is already logged in elsewhere$")
-        await elsewhere.ended()
+        self.assertEqual(await elsewhere.ended(), 1)
         await alice.command("/who", r"^online: bob$")
         self.assertTrue(os.path.exists(os.path.join(alice.data_dir, "p2ppeer.pid")))
 

@@ -3,7 +3,9 @@ messenger, direct links, server link and history together."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from typing import Any
 
 from twisted.application.service import Service
@@ -167,6 +169,7 @@ class PeerService(Service):
         Deferred.fromCoroutine(self._run())
 
     async def _run(self) -> None:
+        status = 1
         try:
             await self._history.open()
             finished = self.messenger.when_finished()
@@ -175,11 +178,15 @@ class PeerService(Service):
             await ready
             if not finished.called:
                 self.console.start_commands().addErrback(lambda f: log.failure("console", f))
-            await finished
+            status = await finished
         except Exception as e:
             log.failure("the peer failed")
             self.console.show("internal_error", message=str(e))
         finally:
+            if status:
+                # twistd has no way for a plugin to set the exit status: set it once twistd is done
+                # (pid file removed, logs closed), as the process exits.
+                atexit.register(_exit, status)
             if self._reactor.running:
                 self._reactor.stop()
 
@@ -196,6 +203,12 @@ class PeerService(Service):
             self.console.close()
             if self._restore_terminal is not None:
                 self._restore_terminal()
+
+
+def _exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def makeService(config: Options) -> Service:
