@@ -10,11 +10,13 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from p2pchat.peer.history import (
+    _SCHEMA,
     DELIVERED,
     FAILED,
     HELD,
     MUTED,
     PENDING,
+    SCHEMA_VERSION,
     SENT,
     SHOWN,
     Contact,
@@ -41,7 +43,7 @@ class HistoryTests(unittest.SynchronousTestCase):
         db = sqlite3.connect(self.path)
         self.addCleanup(db.close)
         self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-        self.assertEqual(db.execute("SELECT version FROM schema_version").fetchone()[0], 1)
+        self.assertEqual(db.execute("SELECT version FROM schema_version").fetchone()[0], SCHEMA_VERSION)
 
     def test_unknown_schema_refused(self) -> None:
         """A database from a newer peer is refused rather than misread."""
@@ -51,6 +53,45 @@ class HistoryTests(unittest.SynchronousTestCase):
         db.close()
         failure = self.failureResultOf(History(self.path).open(), RuntimeError)
         self.assertIn("schema version 99", str(failure.value))
+
+    def test_migrates_version_1(self) -> None:
+        """A file of schema version 1 keeps its messages and gains the table of owed receipts."""
+        path = os.path.join(os.path.dirname(self.path), "old.sqlite3")
+        db = sqlite3.connect(path)
+        with db:
+            db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            db.execute("INSERT INTO schema_version VALUES (1)")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO messages (peer, outgoing, msg_id, text, status, sent_at, stored_at)"
+                " VALUES ('bob', 0, 'm1', 'hi', 'shown', 1.0, 1.0)"
+            )
+        db.close()
+        history = History(path)
+        self.successResultOf(history.open())
+        self.addCleanup(history.close)
+        self.assertEqual([e.text for e in self.successResultOf(history.conversation("bob", 10))], ["hi"])
+        self.successResultOf(history.add_incoming("bob", "m2", "again", False, SHOWN, 2.0, 2.0, owe_receipt=True))
+        self.assertEqual(self.successResultOf(history.owed_receipts()), {"bob": ["m2"]})
+        db = sqlite3.connect(path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT version FROM schema_version").fetchone()[0], SCHEMA_VERSION)
+
+    def test_owed_receipts(self) -> None:
+        """
+        A message stored with owe_receipt is owed once, even when it comes again, until
+        receipts_sent; without it nothing is owed. Owed receipts come per sender, oldest first.
+        """
+        h = self.history
+        for peer, msg_id, owe in [("bob", "m1", True), ("carol", "c1", True), ("bob", "m2", True),
+                                  ("bob", "m1", True), ("bob", "d1", False)]:
+            self.successResultOf(h.add_incoming(peer, msg_id, "text", False, SHOWN, 1.0, 1.0, owe_receipt=owe))
+        self.assertEqual(self.successResultOf(h.owed_receipts()), {"bob": ["m1", "m2"], "carol": ["c1"]})
+        self.successResultOf(h.receipts_sent("bob", ["m1", "c1"]))
+        self.assertEqual(self.successResultOf(h.owed_receipts()), {"bob": ["m2"], "carol": ["c1"]})
+        reopened = self.open()
+        self.assertEqual(self.successResultOf(reopened.owed_receipts()), {"bob": ["m2"], "carol": ["c1"]})
 
     def test_outbox_fifo_per_peer(self) -> None:
         """Pending messages come back oldest first, per peer or for everyone."""

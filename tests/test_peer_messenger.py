@@ -257,6 +257,14 @@ class MessengerTestCase(unittest.SynchronousTestCase):
         )
         return json.loads(payload)
 
+    def open_receipt(self, index: int) -> dict[str, Any]:
+        """Open a receipt alice sent bob through the server, as bob would."""
+        item = self.directory.sent[index]
+        payload, _ = crypto.open_sealed(
+            item["envelope"], self.bob.envelope_key, "alice", "bob", item["msg_id"], self.me.fingerprint
+        )
+        return json.loads(payload)
+
     def statuses(self, peer: str) -> list[tuple[str, str]]:
         entries = self.successResultOf(self.history.conversation(peer, 100))
         return [(e.text, e.status) for e in entries if e.outgoing]
@@ -524,6 +532,45 @@ class ReceiveTests(MessengerTestCase):
         self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "two", "sent_at": 2.0})
         self.assertEqual(self.directory.acked, [5, 6])
         self.assertEqual(self.view.messages(), [("bob", "one"), ("bob", "two")])
+
+    def test_receipt_owed_until_the_server_takes_it(self) -> None:
+        """A receipt the server could not take stays owed and goes out after the next login."""
+        self.start()
+        self.directory.answers["send"] = NotConnected("down")
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "hello", "sent_at": 1.0})
+        self.assertEqual(self.directory.acked, [5])
+        self.assertEqual(self.successResultOf(self.history.owed_receipts()), {"bob": ["m1"]})
+        del self.directory.answers["send"]
+        self.messenger.server_lost()
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.open_receipt(0), {"kind": "receipt", "msg_ids": ["m1"]})
+        self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
+
+    def test_receipt_owed_across_a_restart(self) -> None:
+        """A receipt owed when the peer stopped is sent after the restarted peer logs in."""
+        self.start()
+        self.directory.answers["send"] = NotConnected("down")
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "hello", "sent_at": 1.0})
+        del self.directory.answers["send"]
+        self.passwords = ["correct horse"]
+        self.new_messenger()
+        self.start()
+        self.assertEqual(self.open_receipt(0), {"kind": "receipt", "msg_ids": ["m1"]})
+        self.assertEqual(self.view.messages(), [])  # only the receipt went out, nothing was shown again
+
+    def test_receipt_retried_after_a_transient_refusal(self) -> None:
+        """A receipt refused for now (rate limit) is sent again RETRY_DELAY later; one refused for
+        good (no such user any more) is no longer owed."""
+        self.start()
+        self.directory.answers["send"] = [RequestError("rate_limited", "slow down")]
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "hello", "sent_at": 1.0})
+        self.assertEqual(self.directory.sent, [])
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual(self.open_receipt(0), {"kind": "receipt", "msg_ids": ["m1"]})
+        self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
+        self.directory.answers["send"] = [RequestError("unknown_user", "gone")]
+        self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "again", "sent_at": 2.0})
+        self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
 
     def test_duplicate_shown_once(self) -> None:
         """The same message arriving twice (server redelivery, or direct then server) is shown once and acked."""

@@ -1,5 +1,6 @@
 """The peer's local SQLite store: contacts with pinned keys, block and mute state, every message
-sent and received with its status, and the outbox (outgoing messages not yet accepted by anyone).
+sent and received with its status, the outbox (outgoing messages not yet accepted by anyone), and
+the receipts owed for messages received through the server.
 
 All SQL lives here. Each method runs its statements in one transaction through C{run}: a single
 dedicated thread in the peer (L{ThreadRunner}), or L{run_now} in tests.
@@ -22,7 +23,7 @@ log = Logger()
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Outgoing statuses: pending (in the outbox), sent (a server holds it), delivered (the recipient
 # acknowledged it), failed (refused for good). Incoming: shown, muted (stored, not displayed),
@@ -53,6 +54,13 @@ _SCHEMA = [
         stored_at REAL NOT NULL,
         UNIQUE (peer, outgoing, msg_id))""",
     """CREATE INDEX messages_by_status ON messages (status, peer, id)""",
+]
+
+# _MIGRATIONS[n] takes a file from schema version n + 1 to n + 2. Append only.
+_MIGRATIONS = [
+    # Receipts owed to senders, kept until the server has taken them: a receipt that could not be
+    # sent left the sender's message at "sent" for good.
+    ["""CREATE TABLE receipts (peer TEXT NOT NULL, msg_id TEXT NOT NULL, UNIQUE (peer, msg_id))"""],
 ]
 
 
@@ -135,11 +143,18 @@ class History:
             if row is None:
                 for statement in _SCHEMA:
                     db.execute(statement)
-                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
+                db.execute("INSERT INTO schema_version VALUES (1)")
+                version = 1
+            else:
+                version = row[0]
+            if not 1 <= version <= SCHEMA_VERSION:
                 raise RuntimeError(
-                    f"{self._path} has schema version {row[0]}; this peer knows {SCHEMA_VERSION}"
+                    f"{self._path} has schema version {version}; this peer knows up to {SCHEMA_VERSION}"
                 )
+            for step in _MIGRATIONS[version - 1 :]:
+                for statement in step:
+                    db.execute(statement)
+            db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
         self._db = db
 
     def _close(self) -> None:
@@ -221,10 +236,13 @@ class History:
         return self._transact(work)
 
     def add_incoming(
-        self, peer: str, msg_id: str, text: str, private: bool, status: str, sent_at: float, now: float
+        self, peer: str, msg_id: str, text: str, private: bool, status: str, sent_at: float, now: float,
+        owe_receipt: bool = False,
     ) -> Deferred[bool]:
         """
-        Store a received message unless C{(peer, msg_id)} is already stored.
+        Store a received message unless C{(peer, msg_id)} is already stored; with C{owe_receipt},
+        record in the same transaction that its sender is owed a receipt (a duplicate too: its
+        sender sent it again, so it never had one).
 
         @return: whether it is new (a duplicate must be neither stored nor shown again).
         """
@@ -235,7 +253,30 @@ class History:
                 " sent_at, stored_at) VALUES (?, 0, ?, ?, ?, ?, ?, ?)",
                 (peer, msg_id, text, int(private), status, sent_at, now),
             )
-            return cursor.rowcount == 1
+            new = cursor.rowcount == 1
+            if owe_receipt:
+                db.execute("INSERT OR IGNORE INTO receipts (peer, msg_id) VALUES (?, ?)", (peer, msg_id))
+            return new
+
+        return self._transact(work)
+
+    def owed_receipts(self) -> Deferred[dict[str, list[str]]]:
+        """The msg_ids whose receipts are owed, per sender, oldest first."""
+
+        def work(db: sqlite3.Connection) -> dict[str, list[str]]:
+            owed: dict[str, list[str]] = {}
+            for peer, msg_id in db.execute("SELECT peer, msg_id FROM receipts ORDER BY rowid"):
+                owed.setdefault(peer, []).append(msg_id)
+            return owed
+
+        return self._transact(work)
+
+    def receipts_sent(self, peer: str, msg_ids: Iterable[str]) -> Deferred[None]:
+        """Those receipts are no longer owed."""
+        rows = [(peer, msg_id) for msg_id in msg_ids]
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM receipts WHERE peer = ? AND msg_id = ?", rows)
 
         return self._transact(work)
 

@@ -135,7 +135,8 @@ class Messenger:
         self.logged_in = False
         self._in_flight: dict[tuple[str, str], LinkLike] = {}
         self._direct_retry: dict[str, float] = {}
-        self._retry_calls: dict[str, Any] = {}
+        # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed receipts
+        self._retry_calls: dict[tuple[str, ...], Any] = {}
         self._pumping: set[str] = set()
         self._again: set[str] = set()
         self._idle_waiters: list[Deferred[None]] = []
@@ -350,6 +351,7 @@ class Messenger:
             await self._save(replace(self._contact(user), blocked=user in blocked))
         for peer in sorted({entry.peer for entry in await self._history.outbox()}):
             self._kick(peer)
+        await self._send_owed_receipts()
 
     # -- server events ---------------------------------------------------------
 
@@ -448,7 +450,9 @@ class Messenger:
             log.warn("dropped a forged or unreadable envelope {msg_id} from {sender}: {e}", msg_id=msg_id, sender=sender, e=e)
             return True
         if kind == "msg" and _valid_text(data.get("text")) and _number(data.get("sent_at")):
-            await self._store_incoming(sender, msg_id, data["text"], False, data["sent_at"], held=verdict is None)
+            await self._store_incoming(
+                sender, msg_id, data["text"], False, data["sent_at"], held=verdict is None, owe_receipt=True
+            )
             receipts.setdefault(sender, []).append(msg_id)
         elif kind == "receipt" and verdict is True and _msg_ids(data.get("msg_ids")):
             await self._delivered(sender, data["msg_ids"])
@@ -457,10 +461,13 @@ class Messenger:
         return True
 
     async def _store_incoming(
-        self, sender: str, msg_id: str, text: str, private: bool, sent_at: float, held: bool = False
+        self, sender: str, msg_id: str, text: str, private: bool, sent_at: float, held: bool = False,
+        owe_receipt: bool = False,
     ) -> None:
         status = HELD if held else MUTED if self._is_muted(sender) else SHOWN
-        new = await self._history.add_incoming(sender, msg_id, text, private, status, sent_at, self._clock.seconds())
+        new = await self._history.add_incoming(
+            sender, msg_id, text, private, status, sent_at, self._clock.seconds(), owe_receipt
+        )
         if not new:
             log.info("dropped {msg_id} from {sender}: already stored", msg_id=msg_id, sender=sender)
         elif status == SHOWN:
@@ -472,18 +479,33 @@ class Messenger:
         await self._history.set_status(user, msg_ids, DELIVERED, (PENDING, SENT))
 
     async def _send_receipt(self, user: str, msg_ids: list[str]) -> None:
+        """Send a receipt; it stays owed (sent after the next login) unless the server took it."""
         link = self._links.get(user)
         if link is not None:
             link.send({"type": "ack", "msg_ids": msg_ids})
-            return
-        receipt_id = "r-" + secrets.token_hex(16)
-        try:
-            key = await self._recipient_key(user)
-            payload = json.dumps({"kind": "receipt", "msg_ids": msg_ids}).encode()
-            envelope = crypto.seal(self._identity, self.user, user, key, receipt_id, payload)
-            await self._server.request("send", to=user, msg_id=receipt_id, envelope=envelope)
-        except (RequestError, NotConnected, CommandError, CryptoError) as e:
-            log.info("no receipt to {user} for {n} message(s): {e}", user=user, n=len(msg_ids), e=e)
+        else:
+            receipt_id = "r-" + secrets.token_hex(16)
+            try:
+                key = await self._recipient_key(user)
+                payload = json.dumps({"kind": "receipt", "msg_ids": msg_ids}).encode()
+                envelope = crypto.seal(self._identity, self.user, user, key, receipt_id, payload)
+                await self._server.request("send", to=user, msg_id=receipt_id, envelope=envelope)
+            except (RequestError, NotConnected, CommandError, CryptoError) as e:
+                log.info("no receipt to {user} for {n} message(s) yet: {e}", user=user, n=len(msg_ids), e=e)
+                if not isinstance(e, RequestError):
+                    return  # sent after the next login
+                if e.code not in _PERMANENT:
+                    self._retry_later(("receipts",), self._retry_receipts)
+                    return
+        await self._history.receipts_sent(user, msg_ids)
+
+    async def _send_owed_receipts(self) -> None:
+        for user, msg_ids in (await self._history.owed_receipts()).items():
+            for chunk in _chunks(msg_ids, MAX_MSG_IDS):
+                await self._send_receipt(user, chunk)
+
+    def _retry_receipts(self) -> None:
+        Deferred.fromCoroutine(self._send_owed_receipts()).addErrback(lambda f: log.failure("receipts", f))
 
     # -- keys ------------------------------------------------------------------
 
@@ -677,7 +699,7 @@ class Messenger:
                     self._view.show("waiting_for_keys", user=user)
                     return  # flushed again when they log in
                 log.info("outbox for {user} retries later: {code}", user=user, code=e.code)
-                self._retry_later(user)
+                self._retry_later(("outbox", user), lambda: self._kick(user))
                 return
             await self._history.set_status(user, [entry.msg_id], SENT, (PENDING,))
             if status == "stored" and not stored:
@@ -706,14 +728,14 @@ class Messenger:
         result = await self._server.request("send", to=user, msg_id=entry.msg_id, envelope=envelope)
         return result.get("status", "stored")
 
-    def _retry_later(self, user: str) -> None:
-        if user not in self._retry_calls:
+    def _retry_later(self, key: tuple[str, ...], action: Callable[[], object]) -> None:
+        if key not in self._retry_calls:
 
             def retry() -> None:
-                del self._retry_calls[user]
-                self._kick(user)
+                del self._retry_calls[key]
+                action()
 
-            self._retry_calls[user] = self._clock.callLater(RETRY_DELAY, retry)
+            self._retry_calls[key] = self._clock.callLater(RETRY_DELAY, retry)
 
     def when_outbox_idle(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
