@@ -546,6 +546,23 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.open_receipt(0), {"kind": "receipt", "msg_ids": ["m1"]})
         self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
 
+    def test_login_sends_owed_receipts_once(self) -> None:
+        """After a login, the receipts owed from before it go out, and those for the mailbox
+        the login brings go out once, as it is taken, even while they are still unanswered."""
+        self.start()
+        self.directory.answers["send"] = NotConnected("down")
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "before", "sent_at": 1.0})
+        self.messenger.server_lost()
+        blocks: Deferred = Deferred()
+        self.directory.answers.update(blocks=blocks, send=[Deferred()])  # m2's receipt: never answered
+        self.successResultOf(self.messenger.server_connected())
+        self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "in the mailbox", "sent_at": 2.0})
+        blocks.callback({"users": []})
+        self.assertEqual([self.open_receipt(i) for i in range(len(self.directory.sent))],
+                         [{"kind": "receipt", "msg_ids": ["m1"]}])
+        # m1's refused first try, m2's unanswered one, m1's after the login
+        self.assertEqual(self.directory.ops().count("send"), 3)
+
     def test_receipt_owed_across_a_restart(self) -> None:
         """A receipt owed when the peer stopped is sent after the restarted peer logs in."""
         self.start()

@@ -346,12 +346,15 @@ class Messenger:
                 raise _Fatal() from None
 
     async def _after_login(self) -> None:
+        # Read before this login's mailbox is stored (the history runs its work in order): the
+        # receipts for the mailbox go out as it is taken, and would otherwise go twice.
+        owed = await self._history.owed_receipts()
         blocked = set((await self._server.request("blocks")).get("users", []))
         for user in blocked | {u for u, c in self._contacts.items() if c.blocked}:
             await self._save(replace(self._contact(user), blocked=user in blocked))
         for peer in sorted({entry.peer for entry in await self._history.outbox()}):
             self._kick(peer)
-        await self._send_owed_receipts()
+        await self._send_receipts(owed)
 
     # -- server events ---------------------------------------------------------
 
@@ -499,13 +502,15 @@ class Messenger:
                     return
         await self._history.receipts_sent(user, msg_ids)
 
-    async def _send_owed_receipts(self) -> None:
-        for user, msg_ids in (await self._history.owed_receipts()).items():
+    async def _send_receipts(self, owed: dict[str, list[str]]) -> None:
+        for user, msg_ids in owed.items():
             for chunk in _chunks(msg_ids, MAX_MSG_IDS):
                 await self._send_receipt(user, chunk)
 
     def _retry_receipts(self) -> None:
-        Deferred.fromCoroutine(self._send_owed_receipts()).addErrback(lambda f: log.failure("receipts", f))
+        d = self._history.owed_receipts()
+        d.addCallback(lambda owed: Deferred.fromCoroutine(self._send_receipts(owed)))
+        d.addErrback(lambda f: log.failure("receipts", f))
 
     # -- keys ------------------------------------------------------------------
 
