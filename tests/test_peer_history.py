@@ -113,6 +113,27 @@ class HistoryTests(unittest.SynchronousTestCase):
         [entry] = self.successResultOf(self.history.conversation("bob", 10))
         self.assertEqual(entry.status, DELIVERED)
 
+    def test_awaiting_receipt(self) -> None:
+        """Only a sent message newer than everything delivered to that peer is awaited."""
+        h = self.history
+
+        def awaiting(peer: str = "bob") -> bool:
+            return self.successResultOf(h.awaiting_receipt(peer))
+
+        for i in range(4):
+            self.successResultOf(h.add_outgoing("bob", f"m{i}", "hi", False, 1.0 + i))
+        self.assertFalse(awaiting())  # pending is not sent
+        self.successResultOf(h.set_status("bob", ["m0", "m1"], SENT, (PENDING,)))
+        self.assertTrue(awaiting())
+        self.assertFalse(awaiting("carol"))
+        self.successResultOf(h.add_incoming("bob", "in", "yo", False, SHOWN, 1.0, 9.0))
+        self.assertTrue(awaiting())  # a message from bob is no receipt
+        self.successResultOf(h.set_status("bob", ["m0"], DELIVERED, (PENDING, SENT)))
+        self.assertTrue(awaiting())  # m1 still
+        self.successResultOf(h.set_status("bob", ["m2"], SENT, (PENDING,)))
+        self.successResultOf(h.set_status("bob", ["m3"], DELIVERED, (PENDING,)))
+        self.assertFalse(awaiting())  # m1 and m2 are older than the delivered m3
+
     def test_status_only_for_that_peer(self) -> None:
         """A receipt from carol cannot mark a message to bob delivered."""
         self.successResultOf(self.history.add_outgoing("bob", "m1", "hi", False, 1.0))

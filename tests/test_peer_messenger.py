@@ -487,10 +487,44 @@ class SendTests(MessengerTestCase):
         self.command("send", "bob", "one")
         self.command("send", "bob", "two")
         self.assertEqual(len(self.links.connects), 1)
+        self.deliver(1, self.bob, "r-1", {"kind": "receipt", "msg_ids": [m["msg_id"] for m in self.directory.sent]})
         self.clock.advance(DIRECT_RETRY)
         self.links.reachable.add("bob")
         self.command("send", "bob", "three")
         self.assertEqual(self.links.open["bob"].sent[-1]["text"], "three")
+
+    def test_order_kept_across_routes(self) -> None:
+        """
+        After a message through the server, the next ones follow it there until bob's receipt,
+        even with a direct link open: the link could overtake it. Without the server, the link
+        carries them.
+        """
+        self.directory.online.add("bob")
+        self.start()
+        self.command("send", "bob", "one")
+        self.links.accept("bob")  # bob opened a link meanwhile
+        self.command("send", "bob", "two")
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
+        self.assertEqual(self.links.open["bob"].sent, [])
+        [one_id, two_id] = [m["msg_id"] for m in self.directory.sent]
+        self.deliver(1, self.bob, "r-1", {"kind": "receipt", "msg_ids": [one_id]})
+        self.command("send", "bob", "three")  # two has no receipt yet
+        self.assertEqual(self.open_sent(2, self.bob)["text"], "three")
+        self.deliver(2, self.bob, "r-2", {"kind": "receipt", "msg_ids": [two_id, self.directory.sent[2]["msg_id"]]})
+        self.command("send", "bob", "four")
+        self.assertEqual([f["text"] for f in self.links.open["bob"].sent], ["four"])
+        self.assertEqual(len(self.directory.sent), 3)
+        self.assertEqual(self.statuses("bob"), [("one", DELIVERED), ("two", DELIVERED), ("three", DELIVERED), ("four", PENDING)])
+        # The link drops before four's ack: four goes again through the server, and five after it.
+        # Then the server goes away: the open link takes the next one.
+        self.links.close("bob")
+        self.command("send", "bob", "five")
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in (3, 4)], ["four", "five"])
+        self.links.accept("bob")
+        self.directory.connected = False
+        self.messenger.server_lost()
+        self.command("send", "bob", "six")
+        self.assertEqual([f["text"] for f in self.links.open["bob"].sent], ["six"])
 
     def test_lost_link_resends_unacknowledged(self) -> None:
         """A message written to a link that dropped before the ack goes out again (through the server)."""

@@ -288,6 +288,24 @@ class History:
             args.append(peer)
         return self._transact(lambda db: _entries(db, where, args, "id"))
 
+    def awaiting_receipt(self, peer: str) -> Deferred[bool]:
+        """
+        Whether a message to C{peer} that a server holds (C{sent}) is newer than every one
+        C{peer} acknowledged: it may not have reached them yet. A C{sent} one older than a
+        delivered one is not counted (its receipt was lost, or it was overtaken already).
+        """
+
+        def work(db: sqlite3.Connection) -> bool:
+            # Both maxima come from the end of messages_by_status (status, peer, id).
+            newest_sent, newest_delivered = db.execute(
+                "SELECT (SELECT MAX(id) FROM messages WHERE status = ? AND peer = ?),"
+                " (SELECT MAX(id) FROM messages WHERE status = ? AND peer = ?)",
+                (SENT, peer, DELIVERED, peer),
+            ).fetchone()
+            return newest_sent is not None and newest_sent > (newest_delivered or 0)
+
+        return self._transact(work)
+
     def set_status(self, peer: str, msg_ids: Iterable[str], status: str, only_from: Iterable[str]) -> Deferred[int]:
         """
         Move outgoing messages to C{status}, but only those currently in one of C{only_from}

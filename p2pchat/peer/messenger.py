@@ -674,6 +674,11 @@ class Messenger:
 
     async def _pump(self, user: str) -> None:
         stored = False
+        # Once a message has gone through the server, the next ones follow it there until the
+        # recipient's receipt says it arrived: a direct link opened meanwhile could overtake it
+        # (the server may have stored it, or written it without waiting for the ack). Without the
+        # server, a link open already carries them rather than leaving them pending.
+        behind_server = await self._history.awaiting_receipt(user)
         for entry in await self._history.outbox(user):
             if (user, entry.msg_id) in self._in_flight:
                 continue
@@ -681,7 +686,10 @@ class Messenger:
                 link = self._links.get(user)
                 if link is None and entry.private:
                     continue  # only over a private session, never through the server
-                link = link or await self._open_link(user)
+                if behind_server and self.logged_in and not entry.private:
+                    link = None
+                else:
+                    link = link or await self._open_link(user)
                 if link is not None:
                     link.send(_msg_frame(entry))
                     self._in_flight[(user, entry.msg_id)] = link
@@ -689,6 +697,7 @@ class Messenger:
                 if not self.logged_in:
                     return
                 status = await self._send_sealed(user, entry)
+                behind_server = True
             except CommandError as e:
                 if e.code != "key_changed":
                     log.warn("outbox for {user}: {code}", user=user, code=e.code)
