@@ -17,24 +17,31 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class ProcStats:
-    """CPU time (user + system, all threads) in seconds and resident set size in KiB."""
+    """
+    CPU time (user + system) in seconds, of all threads and of the main thread alone (for our
+    server, the reactor's), and resident set size in KiB.
+    """
 
     cpu_s: float
     rss_kib: int
+    main_cpu_s: float
+
+
+def _cpu_s(stat_path: str) -> float:
+    stat = Path(stat_path).read_text()
+    # The command name may hold spaces and parentheses: the fields start after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def proc_stats(pid: int) -> ProcStats:
-    """Read utime+stime from /proc/PID/stat and VmRSS from /proc/PID/status."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name may hold spaces and parentheses: the fields start after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
+    """Read utime+stime from /proc/PID/stat and /proc/PID/task/PID/stat, VmRSS from /proc/PID/status."""
     rss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1])
             break
-    return ProcStats((utime + stime) / CLOCK_TICKS, rss)
+    return ProcStats(_cpu_s(f"/proc/{pid}/stat"), rss, _cpu_s(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def free_port() -> int:

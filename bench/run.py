@@ -178,7 +178,7 @@ class Bench:
                 message = json.loads(line)
                 if "mark" in message:
                     stats = measured.stats() if measured is not None else proc_stats(proc.pid)
-                    reading = {**message, "cpu_s": stats.cpu_s, "rss_kib": stats.rss_kib}
+                    reading = {**message, "cpu_s": stats.cpu_s, "main_cpu_s": stats.main_cpu_s, "rss_kib": stats.rss_kib}
                     answer = measured.restart() if message.get("restart") else {}
                     readings[message["mark"]] = {**reading, **answer}
                     proc.stdin.write(json.dumps(answer) + "\n")
@@ -225,6 +225,11 @@ def between(readings: dict, first: str, last: str) -> tuple[float, float, float]
     """Wall time, measured process CPU and load generator CPU between two marks."""
     a, b = readings[first], readings[last]
     return b["t"] - a["t"], b["cpu_s"] - a["cpu_s"], b.get("loadgen_cpu_s", 0) - a.get("loadgen_cpu_s", 0)
+
+
+def _main_cpu(readings: dict, first: str, last: str) -> float:
+    """CPU time of the measured process's main thread between two marks."""
+    return readings[last]["main_cpu_s"] - readings[first]["main_cpu_s"]
 
 
 def _errors(result: dict) -> dict:
@@ -319,8 +324,8 @@ def run_offline_backlog(bench: Bench, side: str, p: dict) -> dict:
         readings, result = bench.drive("bench.rawstore", config, None, 2 * p["timeout_s"])
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
-    _, store_cpu, _ = between(readings, "store_start", "store_end")
-    _, deliver_cpu, _ = between(readings, "store_end", "deliver_end")
+    store_wall, store_cpu, store_loadgen_cpu = between(readings, "store_start", "store_end")
+    deliver_wall, deliver_cpu, deliver_loadgen_cpu = between(readings, "store_end", "deliver_end")
     return {
         "store_per_s": result["store_per_s"],
         "deliver_per_s": result["deliver_per_s"],
@@ -328,6 +333,14 @@ def run_offline_backlog(bench: Bench, side: str, p: dict) -> dict:
         "deliver_s": result["deliver_s"],
         "store_cpu_per_envelope_us": store_cpu / result["stored"] * 1e6,
         "deliver_cpu_per_envelope_us": deliver_cpu / max(1, result["received"]) * 1e6,
+        # Which of the two processes, and which thread of the server, were busy: the server's
+        # threads share one interpreter lock.
+        "store_server_cpu_util": store_cpu / store_wall,
+        "store_main_thread_cpu_util": _main_cpu(readings, "store_start", "store_end") / store_wall,
+        "store_loadgen_cpu_util": store_loadgen_cpu / store_wall,
+        "deliver_server_cpu_util": deliver_cpu / deliver_wall,
+        "deliver_main_thread_cpu_util": _main_cpu(readings, "store_end", "deliver_end") / deliver_wall,
+        "deliver_loadgen_cpu_util": deliver_loadgen_cpu / deliver_wall,
         "stored": result["stored"],
         "received": result["received"],
         **_errors(result),

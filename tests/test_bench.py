@@ -4,6 +4,8 @@ import json
 import math
 import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 from hypothesis import given
@@ -158,3 +160,20 @@ class ProcStatsTests(SynchronousTestCase):
         stats = proc_stats(os.getpid())
         self.assertGreater(stats.rss_kib, 0)
         self.assertGreaterEqual(stats.cpu_s, 0)
+
+    def test_main_thread_apart(self):
+        """CPU time spent by another thread counts for the process, not for its main thread."""
+
+        def burn() -> None:
+            start = time.thread_time()
+            while time.thread_time() - start < 0.1:
+                pass
+
+        before = proc_stats(os.getpid())
+        worker = threading.Thread(target=burn)
+        worker.start()
+        worker.join()
+        after = proc_stats(os.getpid())
+        spent, main_spent = after.cpu_s - before.cpu_s, after.main_cpu_s - before.main_cpu_s
+        self.assertGreaterEqual(spent, 0.09)
+        self.assertLess(main_spent, spent - 0.07)
