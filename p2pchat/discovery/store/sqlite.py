@@ -111,8 +111,8 @@ class SQLiteStore:
 
     Every method queues an operation for the writer thread and returns a Deferred fired in the
     reactor thread once the operation's transaction has committed. The thread runs all the
-    operations queued so far in one transaction, each inside its own SAVEPOINT so that one
-    failing operation is undone alone.
+    operations queued so far in one transaction, each inside its own SAVEPOINT (but those of
+    one statement, see L{_ONE_STATEMENT}) so that one failing operation is undone alone.
 
     @ivar commits: how many transactions the writer thread has committed (for tests and benchmarks).
     """
@@ -303,7 +303,9 @@ class SQLiteStore:
         try:
             db.execute("SELECT value FROM json_each('[]')")
         except sqlite3.OperationalError:
-            raise StoreError(f"this SQLite ({sqlite3.sqlite_version}) has no JSON functions, which the store needs")
+            raise StoreError(
+                f"this SQLite ({sqlite3.sqlite_version}) has no JSON functions, which the store needs"
+            ) from None
         db.execute("BEGIN IMMEDIATE")
         try:
             _migrate(db, self._path)
