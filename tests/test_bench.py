@@ -166,7 +166,7 @@ class ProcStatsTests(SynchronousTestCase):
 
         def burn() -> None:
             start = time.thread_time()
-            while time.thread_time() - start < 0.1:
+            while time.thread_time() - start < 0.3:
                 pass
 
         before = proc_stats(os.getpid())
@@ -175,5 +175,6 @@ class ProcStatsTests(SynchronousTestCase):
         worker.join()
         after = proc_stats(os.getpid())
         spent, main_spent = after.cpu_s - before.cpu_s, after.main_cpu_s - before.main_cpu_s
-        self.assertGreaterEqual(spent, 0.09)
-        self.assertLess(main_spent, spent - 0.07)
+        # /proc counts CPU in ticks of 10 ms, sampled: allow a few ticks either way.
+        self.assertGreaterEqual(spent, 0.25)
+        self.assertLess(main_spent, 0.05)
