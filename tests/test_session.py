@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -14,6 +14,7 @@ from p2pchat.discovery import directory as directory_module
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
 from p2pchat.discovery.session import WRITE_BATCH, Session
+from p2pchat.discovery.store.base import StoreError
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.wire import Event, decode_frame, encode_request
 
@@ -699,6 +700,26 @@ class RelayTests(TestCase):
         self.assertTrue((await reply).ok)
         self.assertTrue((await logout).ok)
         self.assertEqual(alice.conn.events("bye")[0].fields["reason"], "logout")
+
+    @harness_test(hold=2.0)
+    async def test_store_failure_answered(self, h):
+        """A send the store fails to take, stored at once or after its hold, is answered
+        internal_error; the session goes on, and a logout still waits for every send's answer."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+
+        def broken(envelope):
+            return fail(StoreError("disk I/O error"))
+
+        h.store.put_envelope = broken
+        held = alice.request("send", to="bob", msg_id="m1", envelope="e")
+        await bob.event("envelope")
+        await bob.ok("logout")
+        self.assertEqual(await alice.refused("send", to="bob", msg_id="m2", envelope="e"), "internal_error")
+        self.assertEqual((await held).code, "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 2)
+        self.assertEqual((await alice.ok("who"))["users"], [])
+        self.assertEqual(await alice.ok("logout"), {})
 
     @harness_test()
     async def test_seq_never_reused_after_restart(self, h):

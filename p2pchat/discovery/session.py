@@ -9,12 +9,14 @@ to a L{Connection} and never sees a socket.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from p2pchat.discovery.directory import Directory, Refusal, TokenBucket, envelope_frame
+from p2pchat.discovery.directory import Answer, Directory, Refusal, TokenBucket, envelope_frame
 from p2pchat.discovery.store.base import StoredEnvelope
 from p2pchat.wire import (
     PROTOCOL_VERSION, Code, Request, WireError, decode_request, encode_error, encode_event, encode_result,
@@ -149,14 +151,7 @@ class Session:
             self._reply_now(e.request_id, encode_error(e.request_id, e.code, e.message))
             return
         if request.op == "send":
-            # Answered as soon as its fate is known, not in request order: for an online recipient
-            # that is their ack, and nothing else the client asked should wait behind it.
-            frame = self._run(request, None)
-            if isinstance(frame, Deferred):
-                self._sends_pending += 1
-                frame.addCallback(self._answer_send)
-            else:
-                self.write(frame)
+            self._send(request)
             return
         slot = _Slot()
         self._slots.append(slot)
@@ -187,8 +182,22 @@ class Session:
             )
         return encode_result(request.id, outcome)
 
-    def _answer_send(self, frame: bytes) -> None:
-        self.write(frame)
+    def _send(self, request: Request) -> None:
+        """
+        A send is answered as soon as its fate is known, not in request order: for an online
+        recipient that is their ack, and nothing else the client asked should wait behind it.
+        """
+        self._sends_pending += 1
+        try:
+            self._dispatch(request, partial(self._send_answered, request))
+        except Exception:  # noqa: BLE001 - a refusal, or a failure that _error_frame logs
+            self._send_answered(request, Failure())
+
+    def _send_answered(self, request: Request, outcome: dict | Failure) -> None:
+        if isinstance(outcome, Failure):
+            self.write(self._error_frame(request, outcome))
+        else:
+            self.write(encode_result(request.id, outcome))
         self._sends_pending -= 1
         if not self._sends_pending and self._sends_answered is not None:
             answered, self._sends_answered = self._sends_answered, None
@@ -207,7 +216,8 @@ class Session:
         if not self._barrier:
             self.connection.resume_reading()
 
-    def _dispatch(self, request: Request, slot: _Slot) -> Any:
+    def _dispatch(self, request: Request, slot: _Slot | Answer) -> Any:
+        """Runs C{request}; C{slot} is where its reply goes, or for a send what takes its outcome."""
         op, args = request.op, request.args
         if not self._greeted:
             if op != "hello":
@@ -296,9 +306,9 @@ class Session:
                 f"you are sending faster than {self.limits.message_rate:g} messages a second; slow down",
             )
 
-    def _op_send(self, me, slot, to, msg_id, envelope):
+    def _op_send(self, me, answer, to, msg_id, envelope):
         self._check_rate()
-        return self.directory.send(me, to, msg_id, envelope)
+        self.directory.send(me, to, msg_id, envelope, answer)
 
     def _op_broadcast(self, me, slot, text):
         self._check_rate()
