@@ -635,13 +635,18 @@ async def _paced(
 
 async def broadcast_tls(load: Load, control: Control, p: dict) -> dict:
     n = p["users"]
+    # The phase ends once every two users have heard of each other. IRC tells each pair once (the
+    # later JOIN, to the earlier member); ours tells both users who log in within the same presence
+    # window about each other, so deliveries alone would end it early.
     presence = [0]
+    pairs: set[tuple[str, str]] = set()
     presence_expected = n * (n - 1) // 2
     presence_done: Deferred = Deferred()
 
     def seen(link: Link, user: str) -> None:
         presence[0] += 1
-        if presence[0] >= presence_expected and not presence_done.called:
+        pairs.add((link.user, user) if link.user < user else (user, link.user))
+        if len(pairs) >= presence_expected and not presence_done.called:
             presence_done.callback(None)
 
     load.on_presence = seen
@@ -694,6 +699,7 @@ async def broadcast_tls(load: Load, control: Control, p: dict) -> dict:
     await control.mark("end")
     return {
         "presence_deliveries": presence[0],
+        "presence_pairs": len(pairs),
         "presence_expected": presence_expected,
         "presence_s": presence_s,
         **_traffic_result(traffic, "deliveries"),
