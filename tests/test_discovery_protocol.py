@@ -1,22 +1,27 @@
-"""The discovery server's wire end on in-memory transports: plain, and real TLS in memory."""
+"""The discovery server's wire end: on in-memory transports (plain, and real TLS in memory), and
+its TCP transport on loopback sockets."""
 
 from __future__ import annotations
 
-from twisted.internet.protocol import Factory
+import socket
+import struct
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pchat.crypto import cert_fingerprint, generate_identity
 from p2pchat.discovery.directory import Directory, Limits
-from p2pchat.discovery.protocol import DiscoveryFactory
+from p2pchat.discovery.protocol import DiscoveryFactory, PromptServer, serve_promptly
 from p2pchat.tls import ServerTrust, server_certificate_options
 from p2pchat.wire import Event, decode_frame
 
-from .support import LineClient
+from .support import LineClient, with_timeout
 
 SERVER_IDENTITY = generate_identity("test discovery server")
 
@@ -26,13 +31,22 @@ def directory(**limits) -> Directory:
     return Directory(store=None, clock=Clock(), limits=Limits(**limits), hasher=None)
 
 
+class CountingTransport(StringTransport):
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
 def frames(transport: StringTransport):
     return [decode_frame(line) for line in transport.value().splitlines()]
 
 
 class PlainProtocolTests(SynchronousTestCase):
     def connect(self, **limits):
-        proto = DiscoveryFactory(directory(**limits), Clock()).buildProtocol(None)
+        self.clock = Clock()
+        proto = DiscoveryFactory(directory(**limits), self.clock).buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
         return proto, transport
@@ -64,16 +78,64 @@ class PlainProtocolTests(SynchronousTestCase):
         proto.pauseProducing()  # what the transport does when its buffer is full
         for _ in range(90):
             proto.write(b"x" * 1000 + b"\n")
+        self.clock.advance(0)
         self.assertFalse(transport.disconnecting)
         proto.resumeProducing()
         proto.pauseProducing()
         before = len(transport.value())
         with capturedLogs() as events:
-            for _ in range(200):
+            for _ in range(99):
                 proto.write(b"x" * 1000 + b"\n")
+            self.clock.advance(0)
+            self.assertFalse(transport.disconnected)
+            self.assertEqual(len(transport.value()) - before, 99 * 1001)
+            for _ in range(101):
+                proto.write(b"x" * 1000 + b"\n")
+            self.clock.advance(0)
         self.assertTrue(transport.disconnected)
         self.assertEqual(len(transport.value()) - before, 99 * 1001)
         self.assertEqual(len([e for e in events if "cutting off" in e["log_format"]]), 1)
+
+    def test_answers_leave_with_the_read(self):
+        """What answers a read is written when the read has been handled, in one write and with
+        no timer; the hello on connect likewise."""
+        clock = Clock()
+        proto = DiscoveryFactory(directory(), clock).buildProtocol(None)
+        transport = CountingTransport()
+        proto.makeConnection(transport)
+        self.assertEqual((transport.writes, frames(transport)[0].name), (1, "hello"))
+        timers = len(clock.getDelayedCalls())
+        proto.dataReceived(b'{"id":"a","op":"hello","protocol":1}\n{"id":"b","op":"ping"}\n')
+        self.assertEqual([r.id for r in frames(transport)[1:]], ["a", "b"])
+        self.assertEqual((transport.writes, len(clock.getDelayedCalls())), (2, timers))
+
+    def test_outbox(self):
+        """Lines written to connections outside their own reading (a relay, a fan-out) go out at
+        the end of the reactor pass: one write per connection, one timer for them all."""
+        clock = Clock()
+        factory = DiscoveryFactory(directory(), clock)
+        pairs = []
+        for _ in range(3):
+            proto, transport = factory.buildProtocol(None), CountingTransport()
+            proto.makeConnection(transport)
+            pairs.append((proto, transport))
+        timers = len(clock.getDelayedCalls())
+        for proto, _ in pairs:
+            proto.write(b"one\n")
+            proto.write(b"two\n")
+        self.assertEqual([t.writes for _, t in pairs], [1, 1, 1])  # the hellos
+        self.assertEqual(len(clock.getDelayedCalls()), timers + 1)
+        clock.advance(0)
+        self.assertEqual([(t.writes, t.value().endswith(b"\none\ntwo\n")) for _, t in pairs], [(2, True)] * 3)
+        self.assertEqual(len(clock.getDelayedCalls()), timers)
+
+    def test_close_flushes(self):
+        """Lines written before a close go out before the close."""
+        proto, transport = self.connect()
+        proto.write(b"last words\n")
+        proto.close()
+        self.assertTrue(transport.value().endswith(b"last words\n"))
+        self.assertTrue(transport.disconnecting)
 
     def test_one_reply_per_line(self):
         """Each garbage line gets exactly one error reply, with the request id when readable."""
@@ -117,3 +179,82 @@ class TLSInMemoryTests(SynchronousTestCase):
         self.assertEqual(list(client.events), [])
         self.assertTrue(client.lost.called)
         self.assertEqual(trust.last_error.seen, cert_fingerprint(SERVER_IDENTITY.certificate))
+
+
+class _Grab(Protocol):
+    def __init__(self, made: defer.Deferred, lost: defer.Deferred | None = None) -> None:
+        self.made, self.lost = made, lost
+
+    def connectionMade(self) -> None:
+        self.made.callback(self.transport)
+
+    def connectionLost(self, reason) -> None:
+        if self.lost is not None:
+            self.lost.callback(reason.value)
+
+
+class _Collect(Protocol):
+    def __init__(self, size: int) -> None:
+        self.size, self.chunks, self.got, self.done = size, [], 0, defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.got += len(data)
+        if self.got >= self.size and not self.done.called:
+            self.done.callback(b"".join(self.chunks))
+
+
+class PromptServerTests(TestCase):
+    """L{PromptServer} on a real loopback port of the reactor."""
+
+    def listen(self, lost: defer.Deferred | None = None):
+        made = defer.Deferred()
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Grab(made, lost)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        serve_promptly(port)
+        return port.getHost().port, made
+
+    async def server_side(self, made: defer.Deferred):
+        transport = await with_timeout(made, what="accept")
+        self.addCleanup(lambda: transport.abortConnection() if transport.connected else None)
+        self.assertIsInstance(transport, PromptServer)
+        return transport
+
+    async def test_sent_at_once(self):
+        """A write reaches the peer with no pass of the reactor in between: the client reads it
+        with the reactor blocked in that very read."""
+        port, made = self.listen()
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(client.close)
+        transport = await self.server_side(made)
+        transport.write(b"hello\n")
+        self.assertEqual(client.recv(100), b"hello\n")
+
+    async def test_order_kept(self):
+        """What the kernel does not take at once is queued, and later writes go behind it."""
+        port, made = self.listen()
+        size = 64 * 1024
+        chunks = [b"%08d" % i * (size // 8) for i in range(128)]  # 8 MiB: far more than socket buffers
+        collect = _Collect(len(chunks) * size)
+        connector = reactor.connectTCP("127.0.0.1", port, ClientFactory.forProtocol(lambda: collect))
+        self.addCleanup(connector.disconnect)
+        transport = await self.server_side(made)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        for chunk in chunks:
+            transport.write(chunk)
+        self.assertTrue(transport.dataBuffer or transport._tempDataBuffer)  # some of it had to wait
+        received = await with_timeout(collect.done, what="all data")
+        self.assertEqual(received, b"".join(chunks))
+
+    async def test_peer_gone(self):
+        """A write to a peer that reset the connection does not raise; the connection is lost the
+        usual way."""
+        lost = defer.Deferred()
+        port, made = self.listen(lost)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        transport = await self.server_side(made)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # with a zero linger: a reset
+        for _ in range(3):
+            transport.write(b"x" * 1000)
+        await with_timeout(lost, what="connection lost")

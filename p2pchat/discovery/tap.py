@@ -9,14 +9,13 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from p2pchat import data_home
 from p2pchat.crypto import CryptoError, cert_fingerprint, format_fingerprint, load_or_create_identity
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
-from p2pchat.discovery.protocol import DiscoveryFactory
+from p2pchat.discovery.protocol import DiscoveryFactory, DiscoveryTLSFactory, serve_promptly
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.tls import server_certificate_options
 
@@ -168,7 +167,7 @@ class DiscoveryService(Service):
 
         factory = DiscoveryFactory(self.directory, self.reactor)
         if identity is not None:
-            factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, factory)
+            factory = DiscoveryTLSFactory(server_certificate_options(identity), False, factory)
         elif own_certificate:
             log.info("TLS with the certificate named in --port; peers pin or check that one")
         else:
@@ -176,6 +175,7 @@ class DiscoveryService(Service):
         quiet_collector()
         endpoint = endpoints.serverFromString(self.reactor, config["port"])
         self.listening = await endpoint.listen(factory)
+        serve_promptly(self.listening)
         address = self.listening.getHost()
         log.info("p2pdiscovery listening on {host}:{port}", host=address.host, port=address.port)
 
