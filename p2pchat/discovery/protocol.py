@@ -109,17 +109,16 @@ class DiscoveryProtocol(LineOnlyReceiver):
         host = getattr(peer, "host", "unknown")
         self.session = Session(self.directory, self.clock, self, host)
         self.transport.registerProducer(self, True)
-        self._reading = True
-        try:
-            self.session.connected()
-        finally:
-            self._reading = False
-        self.flush()
+        self._answering(self.session.connected)
 
     def dataReceived(self, data: bytes) -> None:
+        self._answering(super().dataReceived, data)
+
+    def _answering(self, handle, *args) -> None:
+        """Run C{handle}: what it writes answers this connection and goes out once it returns."""
         self._reading = True
         try:
-            super().dataReceived(data)
+            handle(*args)
         finally:
             self._reading = False
         self.flush()
