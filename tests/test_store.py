@@ -23,7 +23,7 @@ from p2pchat.discovery.store import (
     UnknownAccount,
     UsernameTaken,
 )
-from p2pchat.discovery.store.sqlite import LOGIN_HISTORY, MIGRATIONS, SCHEMA_VERSION
+from p2pchat.discovery.store.sqlite import LOGIN_HISTORY, MIGRATIONS, SCHEMA_VERSION, _put_envelopes
 
 FINGERPRINT = "ab" * 32
 ENVELOPE_KEY = "K" * 43
@@ -523,6 +523,61 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual(sorted(snapshot.accounts), ["alice", "bob"])
         self.assertEqual(snapshot.tokens, {})
         self.assertEqual(snapshot.mailbox_counts, {"bob": 1})
+
+
+class PutRunTests(unittest.SynchronousTestCase):
+    """The writer thread's way of storing a run of queued puts, on a connection of the test's own."""
+
+    def setUp(self) -> None:
+        self.db = sqlite3.connect(self.mktemp(), isolation_level=None)
+        self.addCleanup(self.db.close)
+        for step in MIGRATIONS:
+            for statement in step:
+                self.db.execute(statement)
+        self.inserts = 0
+
+        def trace(statement: str) -> None:
+            self.inserts += statement.startswith("INSERT")
+
+        self.db.set_trace_callback(trace)
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def stored(self) -> list[tuple]:
+        return self.db.execute("SELECT seq, sender, msg_id FROM envelopes ORDER BY seq").fetchall()
+
+    def test_few_statements(self) -> None:
+        """300 puts are stored with 6 INSERTs (256 + 16 + 16 + 4 + 4 + 4), not one per envelope."""
+        outcomes = _put_envelopes(self.db, [env(i, "bob", "alice", f"m{i}") for i in range(1, 301)])
+        self.assertEqual(outcomes, [(i, False) for i in range(1, 301)])
+        self.assertEqual(self.inserts, 6)
+        self.assertEqual(self.stored(), [(i, "alice", f"m{i}") for i in range(1, 301)])
+
+    def test_duplicates(self) -> None:
+        """
+        A duplicate of a stored envelope, or of one earlier in the same run, stores nothing and is
+        answered with the stored one's seq; the others in its INSERT are stored as usual.
+        """
+        _put_envelopes(self.db, [env(1, "bob", "alice", "m1")])
+        outcomes = _put_envelopes(
+            self.db,
+            [
+                env(2, "bob", "alice", "m2"),
+                env(3, "bob", "alice", "m1"),  # stored before this run
+                env(4, "bob", "carol", "m1"),
+                env(5, "bob", "alice", "m2"),  # earlier in this run
+            ],
+        )
+        self.assertEqual(outcomes, [(2, False), (1, True), (4, False), (2, True)])
+        self.assertEqual(self.stored(), [(1, "alice", "m1"), (2, "alice", "m2"), (4, "carol", "m1")])
+
+    def test_failing_put_fails_alone(self) -> None:
+        """A put that fails (here: a seq stored already) fails alone; the rest of its INSERT is stored."""
+        _put_envelopes(self.db, [env(2, "bob", "alice", "m0")])
+        outcomes = _put_envelopes(self.db, [env(i, "bob", "alice", f"m{i}") for i in range(1, 6)])
+        self.assertEqual([outcomes[0], *outcomes[2:]], [(1, False), (3, False), (4, False), (5, False)])
+        outcomes[1].trap(sqlite3.IntegrityError)
+        self.assertEqual([seq for seq, _, _ in self.stored()], [1, 2, 3, 4, 5])
+        self.assertEqual(self.stored()[1], (2, "alice", "m0"))
 
 
 class HostileInputTests(StoreTestCase):
