@@ -546,7 +546,7 @@ class PutRunTests(unittest.SynchronousTestCase):
         return self.db.execute("SELECT seq, sender, msg_id FROM envelopes ORDER BY seq").fetchall()
 
     def test_few_statements(self) -> None:
-        """300 puts are stored with 6 INSERTs (256 + 16 + 16 + 4 + 4 + 4), not one per envelope."""
+        """300 puts are stored with 6 INSERTs (128 + 128 + 32 + 8 + 2 + 2), not one per envelope."""
         outcomes = _put_envelopes(self.db, [env(i, "bob", "alice", f"m{i}") for i in range(1, 301)])
         self.assertEqual(outcomes, [(i, False) for i in range(1, 301)])
         self.assertEqual(self.inserts, 6)
