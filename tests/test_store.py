@@ -524,6 +524,35 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual(snapshot.tokens, {})
         self.assertEqual(snapshot.mailbox_counts, {"bob": 1})
 
+    async def test_transaction_lost_fails_whole_batch(self) -> None:
+        """
+        When SQLite rolls the whole transaction back by itself, every operation of the batch fails
+        and none of the later ones is stored on its own outside the transaction.
+        """
+        store, _ = await self.start_store()
+        await store.put_envelope(env(1, "bob", "alice", "boom"))
+        await store.stop()
+        db = sqlite3.connect(self.path)
+        with db:
+            db.execute(
+                "CREATE TRIGGER boom BEFORE DELETE ON envelopes WHEN OLD.msg_id = 'boom'"
+                " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END"
+            )
+        db.close()
+        store, _ = await self.start_store()
+        before = store.commits
+        outcomes = await DeferredList(
+            [
+                store.put_envelope(env(2, "bob", "alice", "m2")),
+                store.ack_envelopes("bob", [1]),
+                store.put_envelope(env(3, "bob", "alice", "m3")),
+            ],
+            consumeErrors=True,
+        )
+        self.assertEqual(store.commits, before)
+        self.assertEqual([ok for ok, _ in outcomes], [False, False, False])
+        self.assertEqual(self.query("SELECT seq FROM envelopes"), [(1,)])
+
 
 class PutRunTests(unittest.SynchronousTestCase):
     """The writer thread's way of storing a run of queued puts, on a connection of the test's own."""
@@ -578,6 +607,21 @@ class PutRunTests(unittest.SynchronousTestCase):
         outcomes[1].trap(sqlite3.IntegrityError)
         self.assertEqual([seq for seq, _, _ in self.stored()], [1, 2, 3, 4, 5])
         self.assertEqual(self.stored()[1], (2, "alice", "m0"))
+
+    def test_transaction_lost(self) -> None:
+        """
+        When SQLite rolls the whole transaction back by itself, the error is raised: the rest of
+        the run is not stored one by one outside the transaction.
+        """
+        self.db.execute(
+            "CREATE TEMP TRIGGER boom BEFORE INSERT ON envelopes WHEN NEW.msg_id = 'boom'"
+            " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END"
+        )
+        _put_envelopes(self.db, [env(1, "bob", "alice", "m1")])
+        with self.assertRaises(sqlite3.IntegrityError):
+            _put_envelopes(self.db, [env(i, "bob", "alice", "boom" if i == 3 else f"m{i}") for i in range(2, 6)])
+        self.assertFalse(self.db.in_transaction)
+        self.assertEqual(self.stored(), [])
 
 
 class HostileInputTests(StoreTestCase):
