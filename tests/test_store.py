@@ -23,7 +23,12 @@ from p2pchat.discovery.store import (
     UnknownAccount,
     UsernameTaken,
 )
-from p2pchat.discovery.store.sqlite import LOGIN_HISTORY, MIGRATIONS, SCHEMA_VERSION, _put_envelopes
+from p2pchat.discovery.store.sqlite import (
+    LOGIN_HISTORY,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    _put_envelopes,
+)
 
 FINGERPRINT = "ab" * 32
 ENVELOPE_KEY = "K" * 43
