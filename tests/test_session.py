@@ -457,16 +457,26 @@ class PresenceTests(TestCase):
             self.assertEqual(changes(*user.conn.events("presence")), [("zed", "online"), ("zed", "logout")])
 
     @harness_test(presence_batch=0.05, presence_batch_per_user=0.02)
-    async def test_presence_window_grows(self, h):
-        """With more users online the presence window is longer: here 5 online x 0.02 s = 0.1 s."""
+    async def test_presence_flushes_spaced(self, h):
+        """A flush comes at the earliest presence_batch_per_user per user online after the one
+        before (here 5 online x 0.02 s = 0.1 s); a change after a quiet spell goes out after
+        presence_batch."""
         users = [await h.user(f"u{i}") for i in range(4)]
         h.clock.advance(0.05)
         before = len(users[0].conn.events("presence"))
+        self.assertEqual(changes(users[0].conn.events("presence")[-1]), [("u1", "online"), ("u2", "online"), ("u3", "online")])
         await h.user("late")
         h.clock.advance(0.099)
         self.assertEqual(len(users[0].conn.events("presence")), before)
         h.clock.advance(0.001)
         self.assertEqual(changes(users[0].conn.events("presence")[-1]), [("late", "online")])
+        # Quiet for longer than the spacing: the next change waits presence_batch only.
+        h.clock.advance(0.1)
+        await h.user("later")
+        h.clock.advance(0.049)
+        self.assertEqual(len(users[0].conn.events("presence")), before + 1)
+        h.clock.advance(0.001)
+        self.assertEqual(changes(users[0].conn.events("presence")[-1]), [("later", "online")])
 
     @harness_test()
     async def test_who(self, h):

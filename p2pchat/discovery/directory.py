@@ -69,7 +69,7 @@ class Limits:
     max_queued_bytes: int = 1 << 20
     mailbox_window: int = 1 << 20  # envelope characters written to a user and not yet acked
     presence_batch: float = 0.05  # seconds presence changes are gathered before they go out; 0 = at once
-    presence_batch_per_user: float = 0.0001  # ... and at least this much per user online (0.2 s at 2000)
+    presence_batch_per_user: float = 0.0003  # flushes at least this much per user online apart (0.6 s at 2000)
     hold: float = 1.0  # seconds an envelope to an online user waits for their ack before it is stored; 0 = never
 
 
@@ -193,6 +193,7 @@ class Directory:
         # subject -> None (online) or why they went offline, not sent yet; in the order of the changes
         self._presence: dict[str, str | None] = {}
         self._presence_call = None
+        self._presence_flushed_at = float("-inf")
         self._presence_writes: Iterator[None] | None = None  # the rest of a flush under way
         self._presence_more = None
         # Envelopes accepted and not yet acked, stored or held, per recipient: the mailbox limit.
@@ -424,19 +425,24 @@ class Directory:
         Tell everyone online but C{subject} and those C{subject} blocks that C{subject} is now
         online (C{offline_reason} None) or offline. Changes within a window go out together, one
         event per recipient with the latest status of each subject: a reconnect storm of n users is
-        then a few events per user instead of n. The window grows with the number online, so that
-        the flushes (a write to everyone) stay a bounded share of the server's time.
+        then a few events per user instead of n. A change goes out C{presence_batch} after it
+        happens, but a flush (a write to everyone) comes at the earliest C{presence_batch_per_user}
+        per user online after the one before: flushes then stay a bounded share of the server's
+        time however many users come and go, while a lone change still goes out soon.
         """
         self._presence.pop(subject, None)
         self._presence[subject] = offline_reason
         if self.limits.presence_batch <= 0:
             self._flush_presence()
         elif self._presence_call is None:
-            window = max(self.limits.presence_batch, len(self.online) * self.limits.presence_batch_per_user)
-            self._presence_call = self.clock.callLater(window, self._flush_presence)
+            now = self.clock.seconds()
+            spaced = self._presence_flushed_at + len(self.online) * self.limits.presence_batch_per_user
+            at = max(now + self.limits.presence_batch, spaced)
+            self._presence_call = self.clock.callLater(at - now, self._flush_presence)
 
     def _flush_presence(self) -> None:
         self._presence_call = None
+        self._presence_flushed_at = self.clock.seconds()
         # A flush still under way ends first, so that everyone hears the changes in order.
         self._write_presence(None)
         pending, self._presence = self._presence, {}

@@ -77,7 +77,7 @@ class Options(usage.Options):
         ["login-rate", None, 30.0, "Password attempts (login, register) per minute per address; 0 = no limit.", _number(float, 0, "login-rate")],
         ["max-line", None, 65536, "Longest request line in bytes.", _number(int, 1024, "max-line")],
         ["max-queued-bytes", None, 1 << 20, "Bytes queued for a client that does not read before it is cut off.", _number(int, 65536, "max-queued-bytes")],
-        ["presence-batch", None, 0.05, "Seconds presence changes are gathered before they go out together (at least 0.1 ms per user online); 0 = at once.", _number(float, 0, "presence-batch")],
+        ["presence-batch", None, 0.05, "Seconds presence changes are gathered before they go out together; one flush to everyone follows another after at least 0.3 ms per user online; 0 = at once.", _number(float, 0, "presence-batch")],
         ["hold", None, 1.0, "Seconds an envelope for an online user waits in memory for their ack before it is stored (at most 10); 0 = store every envelope first.", _number(float, 0, "hold")],
         ["hash-threads", None, 1, "Threads that hash passwords.", _number(int, 1, "hash-threads")],
         ["sync", None, "normal", "SQLite durability: 'normal' survives a killed server, 'full' also a power cut."],
