@@ -464,7 +464,9 @@ class PresenceTests(TestCase):
         users = [await h.user(f"u{i}") for i in range(4)]
         h.clock.advance(0.05)
         before = len(users[0].conn.events("presence"))
-        self.assertEqual(changes(users[0].conn.events("presence")[-1]), [("u1", "online"), ("u2", "online"), ("u3", "online")])
+        self.assertEqual(
+            changes(users[0].conn.events("presence")[-1]), [("u1", "online"), ("u2", "online"), ("u3", "online")]
+        )
         await h.user("late")
         h.clock.advance(0.099)
         self.assertEqual(len(users[0].conn.events("presence")), before)
