@@ -1,4 +1,4 @@
-"""The load generator: one process driving ngircd (IRC) or p2pdiscovery (PROTOCOL.md) over TLS.
+"""The load generator: one process driving ngircd (IRC), p2pdiscovery (PROTOCOL.md) or bench.relay over TLS.
 
 bench.run starts it as C{python -m bench.loadgen CONFIG_JSON}. It talks to bench.run on stdout, one
 JSON object a line: C{{"mark": NAME, ...}}, after which it waits for one JSON line on stdin (so that
@@ -297,6 +297,34 @@ class OursLink(Link):
         self.request("ping")
 
 
+class RelayLink(Link):
+    """The bare TLS relay's client (bench.relay): logged in once it answers C{ok} to our name."""
+
+    def start(self) -> None:
+        self.queue(self.user.encode() + b"\n")
+
+    def line_received(self, line: bytes) -> None:
+        if line.startswith(b"<"):
+            sender, _, text = line[1:].partition(b" ")
+            self.load.on_direct(self, sender.decode(), text.decode())
+        elif line.startswith(b"?"):
+            self.load.on_error(self, "send", "no_such_user")
+        elif self.online:
+            self.load.counts["echoes"] += 1
+        elif line == b"ok":
+            self.logged_in()
+
+    def send_direct(self, to: str, text: str) -> None:
+        self.queue(f"@{to} {text}\n".encode())
+
+    def ping(self) -> None:
+        # The bytes of our server's keep-alive, so that both carry the same records.
+        self.queue(request(0, "ping"))
+
+
+LINKS: dict[str, type[Link]] = {"irc": IrcLink, "ours": OursLink, "relay": RelayLink}
+
+
 class Load:
     """
     The load users of one run and what happened to them. Scenarios set the C{on_*} hooks;
@@ -306,7 +334,7 @@ class Load:
     def __init__(
         self, server: str, port: int, tokens_path: str | None, concurrency: int = 10, prefix: str = "b"
     ) -> None:
-        self.link_class = IrcLink if server == "irc" else OursLink
+        self.link_class = LINKS[server]
         self.port = port
         self.prefix = prefix
         self.tokens_path = Path(tokens_path) if tokens_path else None

@@ -17,15 +17,26 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from bench import ircd
 from bench.codecs import median_metrics, ratios
 from bench.procs import Processes, proc_stats
-from bench.servers import REPO, Server, child_env, discovery_server, ngircd_server
+from bench.servers import (
+    REPO,
+    Server,
+    child_env,
+    discovery_server,
+    ngircd_server,
+    relay_server,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# Run only when named with --scenarios: context for the figures, with no target of their own.
+OPTIONAL = ("idle_tls_floor", "dm_relay_tls_floor")
 
 # Sizes per scenario: "quick" finishes the whole run in under 3 minutes on 2 cores, "full" in under 15.
 # keepalive_s: every connection sends a keep-alive this often, for both servers. 0.5 s where senders
@@ -63,10 +74,16 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "full": dict(round_trips=5000, bulk_messages=200000, window=64, size=1024),
     },
 }
+# The floors run the same load as the scenario they are the floor of.
+SIZES |= {"idle_tls_floor": SIZES["idle_tls"], "dm_relay_tls_floor": SIZES["dm_relay_tls"]}
 
 DESCRIPTIONS = {
     "idle_tls": "authenticated idle TLS connections with keep-alives: server RSS per connection, idle CPU",
+    "idle_tls_floor": "idle_tls against a bare Twisted TLS line relay with our server's TLS options: what our "
+                      "own code adds to what Twisted, pyOpenSSL and OpenSSL cost per connection",
     "dm_relay_tls": "server-relayed direct messages in a burst (window per sender): deliveries/s, CPU per delivery",
+    "dm_relay_tls_floor": "dm_relay_tls against the bare Twisted TLS line relay: what our own code adds per "
+                          "relayed message",
     "paced_latency_tls": "users sending 10 messages/s each: delivery latency p50/p99",
     "broadcast_tls": "presence fan-out while users log in, then broadcasts to every other user",
     "reconnect_storm": "server restart with users online: time until all are back; then a password-login "
@@ -77,6 +94,8 @@ DESCRIPTIONS = {
 }
 
 BASELINES = {name: "ngircd" for name in SIZES} | {
+    "idle_tls_floor": "bare Twisted TLS line relay (bench.relay)",
+    "dm_relay_tls_floor": "bare Twisted TLS line relay (bench.relay)",
     "offline_backlog": "raw sqlite3 loop",
     "p2p_direct": "plain TLS echo (Python ssl)",
 }
@@ -87,6 +106,8 @@ TARGETS: dict[str, list[tuple[str, str, str, str, float]]] = {
         ("RSS per connection <= 2.0x ngircd", "ratio", "rss_per_conn_kib", "<=", 2.0),
         ("idle CPU <= 2x ngircd", "ratio", "idle_cpu_s", "<=", 2.0),
     ],
+    "idle_tls_floor": [],
+    "dm_relay_tls_floor": [],
     "dm_relay_tls": [
         ("deliveries/s >= 1.0x ngircd", "ratio", "deliveries_per_s", ">=", 1.0),
         ("CPU per delivery <= 1.3x ngircd", "ratio", "cpu_per_delivery_us", "<=", 1.3),
@@ -126,7 +147,10 @@ class Bench:
         self.ngircd = ircd.find_ngircd()
         self.data_dir = workdir / "ours-data"
         self.tokens = workdir / "tokens.json"
-        self.overrides = {"idle_tls": {"connections": args.idle_connections}} if args.idle_connections else {}
+        self.overrides = (
+            {name: {"connections": args.idle_connections} for name in ("idle_tls", "idle_tls_floor")}
+            if args.idle_connections else {}
+        )
         self._runs = 0
 
     def params(self, scenario: str) -> dict[str, Any]:
@@ -143,6 +167,11 @@ class Bench:
 
     def start_ngircd(self) -> Server:
         server = ngircd_server(self.procs, self.ngircd, self.workdir, self.name("ngircd"))
+        server.start()
+        return server
+
+    def start_relay(self) -> Server:
+        server = relay_server(self.procs, self.workdir, self.name("relay"))
         server.start()
         return server
 
@@ -190,11 +219,15 @@ class Bench:
         finally:
             self.procs.stop(proc)
 
-    def loadgen(self, side: str, scenario: str, params: dict, timeout: float, server_args: tuple = ()) -> tuple:
-        server = self.start_ours(*server_args) if side == "ours" else self.start_ngircd()
+    def loadgen(
+        self, side: str, scenario: str, params: dict, timeout: float, server_args: tuple = (), baseline: str = "irc"
+    ) -> tuple:
+        """Run the load generator's C{scenario} against our server or the C{baseline} (irc or relay)."""
+        kind = "ours" if side == "ours" else baseline
+        server = {"ours": lambda: self.start_ours(*server_args), "irc": self.start_ngircd, "relay": self.start_relay}[kind]()
         try:
             config = {
-                "server": "ours" if side == "ours" else "irc",
+                "server": kind,
                 "port": server.port,
                 "scenario": scenario,
                 "params": params,
@@ -258,8 +291,8 @@ def _traffic_metrics(readings: dict, result: dict, first: str, last: str, name: 
     }
 
 
-def run_idle_tls(bench: Bench, side: str, p: dict) -> dict:
-    readings, result = bench.loadgen(side, "idle_tls", p, timeout=p["idle_s"] + 300)
+def run_idle_tls(bench: Bench, side: str, p: dict, baseline: str = "irc") -> dict:
+    readings, result = bench.loadgen(side, "idle_tls", p, timeout=p["idle_s"] + 300, baseline=baseline)
     connections = result["connections"]
     start, connected = readings["start"], readings["connected"]
     idle_wall, idle_cpu, _ = between(readings, "connected", "idle_end")
@@ -277,8 +310,8 @@ def run_idle_tls(bench: Bench, side: str, p: dict) -> dict:
     }
 
 
-def run_dm_relay_tls(bench: Bench, side: str, p: dict) -> dict:
-    readings, result = bench.loadgen(side, "dm_relay_tls", p, timeout=p["timeout_s"] + 120)
+def run_dm_relay_tls(bench: Bench, side: str, p: dict, baseline: str = "irc") -> dict:
+    readings, result = bench.loadgen(side, "dm_relay_tls", p, timeout=p["timeout_s"] + 120, baseline=baseline)
     return _traffic_metrics(readings, result, "start", "end")
 
 
@@ -356,7 +389,9 @@ def run_p2p_direct(bench: Bench, side: str, p: dict) -> dict:
 
 RUNNERS: dict[str, Callable[[Bench, str, dict], dict]] = {
     "idle_tls": run_idle_tls,
+    "idle_tls_floor": partial(run_idle_tls, baseline="relay"),
     "dm_relay_tls": run_dm_relay_tls,
+    "dm_relay_tls_floor": partial(run_dm_relay_tls, baseline="relay"),
     "paced_latency_tls": run_paced_latency_tls,
     "broadcast_tls": run_broadcast_tls,
     "reconnect_storm": run_reconnect_storm,
@@ -372,6 +407,7 @@ def users_needed(bench: Bench, scenarios: list[str]) -> int:
         p = bench.params(name)
         counts.append({
             "idle_tls": p.get("connections", 0),
+            "idle_tls_floor": p.get("connections", 0),
             "reconnect_storm": p.get("users", 0) + p.get("storm_users", 0) + p.get("paced_users", 0),
             "offline_backlog": p.get("senders", 0) + 1,
             "p2p_direct": 0,
@@ -477,11 +513,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmarks p2pchat against ngircd, a raw sqlite3 loop and a plain TLS echo.",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under 3 minutes")
-    parser.add_argument("--scenarios", default=",".join(SIZES),
-                        help=f"comma-separated, from: {', '.join(SIZES)} (default: all)")
+    parser.add_argument("--scenarios", default=",".join(name for name in SIZES if name not in OPTIONAL),
+                        help=f"comma-separated, from: {', '.join(SIZES)} (default: all but {', '.join(OPTIONAL)})")
     parser.add_argument("--rounds", type=int, default=3, help="A B rounds per scenario (default: 3)")
     parser.add_argument("--idle-connections", type=int, default=0,
-                        help="connections in idle_tls (default 2000, --quick 300); try 10000 with the memory for it")
+                        help="connections in idle_tls and idle_tls_floor (default 2000, --quick 300); try 10000 with the memory for it")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where latest.json and latest.png go")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs, databases)")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The two servers under test as processes: ours (twistd p2pdiscovery) and the baseline (ngircd)."""
+"""The servers under test as processes: ours (twistd p2pdiscovery), the baseline (ngircd), and bench.relay."""
 
 from __future__ import annotations
 
@@ -82,3 +82,8 @@ def ngircd_server(procs: Processes, binary: str, workdir: Path, name: str) -> Se
     conf = ircd.write_config(directory, port)
     return Server(procs, ircd.ngircd_argv(binary, conf), port, workdir / f"{name}.log", directory)
 
+
+
+def relay_server(procs: Processes, workdir: Path, name: str) -> Server:
+    port = free_port()
+    return Server(procs, [sys.executable, "-m", "bench.relay", str(port)], port, workdir / f"{name}.log", workdir)

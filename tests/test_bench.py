@@ -1,19 +1,24 @@
-"""The benchmark's own logic: the load generator's codecs, the result arithmetic, the raw sqlite3 baseline."""
+"""The benchmark's own logic: the load generator's codecs, the result arithmetic, the raw sqlite3 baseline,
+the bare TLS relay."""
 
 import json
 import math
 import os
+import re
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from bench import codecs, rawstore, run
+from bench import codecs, loadgen, rawstore, run
 from bench.procs import proc_stats
+from tests.support import start_process, with_timeout
 
 
 class IrcCodecTests(SynchronousTestCase):
@@ -138,6 +143,64 @@ class ResultTests(SynchronousTestCase):
             loaded = json.loads(f.read(), parse_constant=lambda name: self.fail(f"{name} in JSON"))
         self.assertEqual(loaded["scenarios"]["idle_tls"]["ours"], {"x": None})
         self.assertEqual(set(loaded), {"scenarios", "machine"})
+
+
+class OptionTests(SynchronousTestCase):
+    def test_floors_only_when_named(self):
+        """The floor scenarios are left out of a run unless named, and --idle-connections sizes idle_tls_floor too."""
+        self.assertEqual([name for name in run.parse_args([]).scenarios if name.endswith("_floor")], [])
+        self.assertIn("idle_tls", run.parse_args([]).scenarios)
+        args = run.parse_args(["--scenarios", "idle_tls_floor,dm_relay_tls_floor", "--idle-connections", "7"])
+        self.assertEqual(args.scenarios, ["idle_tls_floor", "dm_relay_tls_floor"])
+        bench = run.Bench(args, None, Path(self.mktemp()))
+        self.assertEqual(bench.params("idle_tls_floor")["connections"], 7)
+        self.assertEqual(bench.params("dm_relay_tls_floor"), bench.params("dm_relay_tls"))
+        self.assertEqual(run.users_needed(bench, ["idle_tls_floor"]), 7)
+
+
+class RelayTests(TestCase):
+    def test_relay(self):
+        """Against a real bench.relay process: relay links log in by name, a line reaches the user it names
+        (or comes back refused when nobody has that name), and keep-alives come back."""
+
+        async def scenario() -> None:
+            directory = self.mktemp()
+            os.mkdir(directory)
+            server = start_process(self, [sys.executable, "-m", "bench.relay", "0"], path=directory)
+            line = await server.output.wait_for(r"listening on|Traceback")
+            port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+            load = loadgen.Load("relay", port, None)
+            seen = []
+            done = defer.Deferred()
+
+            def note(*what) -> None:
+                seen.append(what)
+                if len(seen) == 3:
+                    done.callback(None)
+
+            load.on_direct = lambda link, sender, text: note("direct", link.user, sender, text)
+            load.on_error = lambda link, op, code: note("error", link.user, op, code)
+            load.on_after_read = lambda link: note("echo", link.user) if load.counts.pop("echoes", 0) else None
+            alice, bob = await load.connect("b00000"), await load.connect("b00001")
+            alice.send_direct("b00001", "1:2:3:hello there")
+            alice.send_direct("b99999", "1:3:4:nobody")
+            alice.flush()
+            bob.ping()
+            bob.flush()
+            await with_timeout(done, what="the relayed line, the refusal and the echo")
+            self.assertEqual(sorted(seen), [
+                ("direct", "b00001", "b00000", "1:2:3:hello there"),
+                ("echo", "b00001"),
+                ("error", "b00000", "send", "no_such_user"),
+            ])
+            # Closed by us, so that they do not outlive the test (the server is killed at cleanup).
+            for link in (alice, bob):
+                lost = defer.Deferred()
+                load.on_lost = lost.callback
+                link.transport.loseConnection()
+                await with_timeout(lost, what=f"{link.user}'s close")
+
+        return defer.Deferred.fromCoroutine(scenario())
 
 
 class RawStoreTests(SynchronousTestCase):

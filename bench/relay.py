@@ -1,0 +1,74 @@
+"""The floor under a server on Twisted's TLS: a bare line relay with the discovery server's TLS options.
+
+bench.run starts it as C{python -m bench.relay PORT} (0: any free port; it prints the one it got) for
+the C{*_floor} scenarios; it keeps its certificate in C{relay-identity} under its working directory.
+What Twisted, pyOpenSSL and OpenSSL cost per connection and per line, this costs too; whatever our
+server costs above it is our own code.
+
+Its protocol, one line each: the first line names the user and is answered C{ok}; C{@NAME TEXT}
+goes to NAME's connection as C{<SENDER TEXT} (or back as C{?NAME} when NAME is not connected);
+any other line comes back as it is (keep-alives). No parsing beyond that, no checks, no acks.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from p2pchat.crypto import load_or_create_identity
+from p2pchat.tls import server_certificate_options
+
+
+class Relay(LineOnlyReceiver):
+    delimiter = b"\n"
+    name: bytes | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+
+    def lineReceived(self, line: bytes) -> None:
+        users = self.factory.users
+        if self.name is None:
+            self.name = line
+            users[line] = self
+            self.sendLine(b"ok")
+        elif line.startswith(b"@"):
+            to, _, text = line[1:].partition(b" ")
+            target = users.get(to)
+            if target is None:
+                self.sendLine(b"?" + to)
+            else:
+                target.sendLine(b"<" + self.name + b" " + text)
+        else:
+            self.sendLine(line)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.factory.users.get(self.name) is self:
+            del self.factory.users[self.name]
+
+
+class RelayFactory(Factory):
+    protocol = Relay
+
+    def __init__(self) -> None:
+        self.users: dict[bytes, Relay] = {}
+
+
+def main(argv: list[str]) -> None:
+    from twisted.internet import reactor
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    identity = load_or_create_identity("relay-identity", "relay", "p2pchat bench relay")
+    factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, RelayFactory())
+    port = reactor.listenTCP(int(argv[1]), factory, interface="127.0.0.1")
+    print(f"relay listening on 127.0.0.1:{port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
