@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from p2pchat.crypto import valid_envelope_key, valid_fingerprint
 from p2pchat.discovery.store.base import Account, StoredEnvelope, UsernameTaken
-from p2pchat.wire import Code, encode_event
+from p2pchat.wire import Code, dumps_line, encode_event
 
 log = Logger()
 
@@ -696,7 +696,9 @@ def presence_frame(changes: dict[str, str | None]) -> bytes:
 
 
 def envelope_frame(stored: StoredEnvelope) -> bytes:
-    return encode_event(
-        "envelope", seq=stored.seq, msg_id=stored.msg_id, envelope=stored.envelope, sent_at=stored.sent_at,
-        **{"from": stored.sender},
-    )
+    # Once per envelope written, the most frequent frame: the dict goes straight to the encoder
+    # (through encode_event's keyword arguments it took four times as long as the encoding).
+    return dumps_line({
+        "event": "envelope", "seq": stored.seq, "msg_id": stored.msg_id, "envelope": stored.envelope,
+        "sent_at": stored.sent_at, "from": stored.sender,
+    })
