@@ -83,7 +83,6 @@ def ngircd_server(procs: Processes, binary: str, workdir: Path, name: str) -> Se
     return Server(procs, ircd.ngircd_argv(binary, conf), port, workdir / f"{name}.log", directory)
 
 
-
 def relay_server(procs: Processes, workdir: Path, name: str) -> Server:
     port = free_port()
     return Server(procs, [sys.executable, "-m", "bench.relay", str(port)], port, workdir / f"{name}.log", workdir)
