@@ -35,8 +35,9 @@ from bench.servers import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# Run only when named with --scenarios: context for the figures, with no target of their own.
-OPTIONAL = ("idle_tls_floor", "dm_relay_tls_floor")
+# Floor scenario -> the scenario whose load it gives to the bare relay (bench.relay) in place of
+# ngircd. Floors run only when named with --scenarios: context for the figures, no target of their own.
+FLOORS = {"idle_tls_floor": "idle_tls", "dm_relay_tls_floor": "dm_relay_tls"}
 
 # Sizes per scenario: "quick" finishes the whole run in under 3 minutes on 2 cores, "full" in under 15.
 # keepalive_s: every connection sends a keep-alive this often, for both servers. 0.5 s where senders
@@ -74,8 +75,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "full": dict(round_trips=5000, bulk_messages=200000, window=64, size=1024),
     },
 }
-# The floors run the same load as the scenario they are the floor of.
-SIZES |= {"idle_tls_floor": SIZES["idle_tls"], "dm_relay_tls_floor": SIZES["dm_relay_tls"]}
+SIZES |= {floor: SIZES[of] for floor, of in FLOORS.items()}
 
 DESCRIPTIONS = {
     "idle_tls": "authenticated idle TLS connections with keep-alives: server RSS per connection, idle CPU",
@@ -94,8 +94,7 @@ DESCRIPTIONS = {
 }
 
 BASELINES = {name: "ngircd" for name in SIZES} | {
-    "idle_tls_floor": "bare Twisted TLS line relay (bench.relay)",
-    "dm_relay_tls_floor": "bare Twisted TLS line relay (bench.relay)",
+    **dict.fromkeys(FLOORS, "bare Twisted TLS line relay (bench.relay)"),
     "offline_backlog": "raw sqlite3 loop",
     "p2p_direct": "plain TLS echo (Python ssl)",
 }
@@ -106,8 +105,7 @@ TARGETS: dict[str, list[tuple[str, str, str, str, float]]] = {
         ("RSS per connection <= 2.0x ngircd", "ratio", "rss_per_conn_kib", "<=", 2.0),
         ("idle CPU <= 2x ngircd", "ratio", "idle_cpu_s", "<=", 2.0),
     ],
-    "idle_tls_floor": [],
-    "dm_relay_tls_floor": [],
+    **{floor: [] for floor in FLOORS},
     "dm_relay_tls": [
         ("deliveries/s >= 1.0x ngircd", "ratio", "deliveries_per_s", ">=", 1.0),
         ("CPU per delivery <= 1.3x ngircd", "ratio", "cpu_per_delivery_us", "<=", 1.3),
@@ -147,14 +145,11 @@ class Bench:
         self.ngircd = ircd.find_ngircd()
         self.data_dir = workdir / "ours-data"
         self.tokens = workdir / "tokens.json"
-        self.overrides = (
-            {name: {"connections": args.idle_connections} for name in ("idle_tls", "idle_tls_floor")}
-            if args.idle_connections else {}
-        )
+        self.overrides = {"idle_tls": {"connections": args.idle_connections}} if args.idle_connections else {}
         self._runs = 0
 
     def params(self, scenario: str) -> dict[str, Any]:
-        return {**SIZES[scenario][self.mode], **self.overrides.get(scenario, {})}
+        return {**SIZES[scenario][self.mode], **self.overrides.get(FLOORS.get(scenario, scenario), {})}
 
     def name(self, what: str) -> str:
         self._runs += 1
@@ -389,15 +384,14 @@ def run_p2p_direct(bench: Bench, side: str, p: dict) -> dict:
 
 RUNNERS: dict[str, Callable[[Bench, str, dict], dict]] = {
     "idle_tls": run_idle_tls,
-    "idle_tls_floor": partial(run_idle_tls, baseline="relay"),
     "dm_relay_tls": run_dm_relay_tls,
-    "dm_relay_tls_floor": partial(run_dm_relay_tls, baseline="relay"),
     "paced_latency_tls": run_paced_latency_tls,
     "broadcast_tls": run_broadcast_tls,
     "reconnect_storm": run_reconnect_storm,
     "offline_backlog": run_offline_backlog,
     "p2p_direct": run_p2p_direct,
 }
+RUNNERS |= {floor: partial(RUNNERS[of], baseline="relay") for floor, of in FLOORS.items()}
 
 
 def users_needed(bench: Bench, scenarios: list[str]) -> int:
@@ -407,11 +401,10 @@ def users_needed(bench: Bench, scenarios: list[str]) -> int:
         p = bench.params(name)
         counts.append({
             "idle_tls": p.get("connections", 0),
-            "idle_tls_floor": p.get("connections", 0),
             "reconnect_storm": p.get("users", 0) + p.get("storm_users", 0) + p.get("paced_users", 0),
             "offline_backlog": p.get("senders", 0) + 1,
             "p2p_direct": 0,
-        }.get(name, p.get("users", 0)))
+        }.get(FLOORS.get(name, name), p.get("users", 0)))
     return max(counts)
 
 
@@ -510,11 +503,11 @@ def _fmt(value: Any) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmarks p2pchat against ngircd, a raw sqlite3 loop and a plain TLS echo.",
+        description="Benchmarks p2pchat against ngircd, a raw sqlite3 loop and a plain TLS echo (and a bare Twisted TLS relay, when asked).",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under 3 minutes")
-    parser.add_argument("--scenarios", default=",".join(name for name in SIZES if name not in OPTIONAL),
-                        help=f"comma-separated, from: {', '.join(SIZES)} (default: all but {', '.join(OPTIONAL)})")
+    parser.add_argument("--scenarios", default=",".join(name for name in SIZES if name not in FLOORS),
+                        help=f"comma-separated, from: {', '.join(SIZES)} (default: all but {', '.join(FLOORS)})")
     parser.add_argument("--rounds", type=int, default=3, help="A B rounds per scenario (default: 3)")
     parser.add_argument("--idle-connections", type=int, default=0,
                         help="connections in idle_tls and idle_tls_floor (default 2000, --quick 300); try 10000 with the memory for it")
