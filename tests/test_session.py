@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from p2pchat.discovery import directory as directory_module
@@ -720,10 +721,10 @@ class RelayTests(TestCase):
         alice = await h.user("alice")
         bob = await h.user("bob")
 
-        def broken(envelope):
-            return fail(StoreError("disk I/O error"))
+        def broken(envelope, then):
+            then(Failure(StoreError("disk I/O error")))
 
-        h.store.put_envelope = broken
+        h.store.put_envelope_then = broken
         held = alice.request("send", to="bob", msg_id="m1", envelope="e")
         await bob.event("envelope")
         await bob.ok("logout")

@@ -499,6 +499,32 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual(results, [(i, False) for i in range(1, 1001)])
         self.assertLess(store.commits - before, 100)
 
+    async def test_put_envelope_then(self) -> None:
+        """
+        put_envelope_then calls its taker with the outcome, (seq, duplicate) or the Failure, in the
+        reactor thread; a taker that raises is logged and keeps no other operation of its batch
+        from its outcome. Before start() it is called at once with StoreError.
+        """
+        store = SQLiteStore(self.path, reactor)
+        early: list = []
+        store.put_envelope_then(env(1, "bob", "alice", "m1"), early.append)
+        self.assertIsInstance(early[0].value, StoreError)
+        store, _ = await self.start_store()
+        outcomes: list = []
+
+        def broken(outcome):
+            outcomes.append(outcome)
+            raise RuntimeError("a bug in the taker")
+
+        store.put_envelope_then(env(1, "bob", "alice", "m1"), broken)
+        store.put_envelope_then(env(2, "bob", "alice", "m1"), outcomes.append)
+        store.put_envelope_then(env(1, "bob", "alice", "m2"), outcomes.append)
+        after = store.fetch_envelopes("bob", 0, 10)
+        self.assertEqual([e.msg_id for e in await after], ["m1"])
+        self.assertEqual(outcomes[:2], [(1, False), (1, True)])
+        outcomes[2].trap(sqlite3.IntegrityError)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     async def test_failing_operation_undone_alone(self) -> None:
         """In one transaction, operations that fail are undone alone: the others around them are stored."""
         store, _ = await self.start_store()

@@ -12,6 +12,7 @@ import re
 import secrets
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -415,7 +416,7 @@ class Directory:
             log.info("{username} logged out ({reason})", username=username, reason=reason)
         # What they were sent and did not ack waits for their next login.
         for envelope, answer in self._held.pop(username, {}).values():
-            self._store(envelope, write=False).addBoth(answer)
+            self._store(envelope, answer, write=False)
         self.store.record_logout(username, now).addErrback(
             lambda f: log.failure("recording the logout of {username}", f, username=username)
         )
@@ -561,7 +562,7 @@ class Directory:
         stored = StoredEnvelope(seq, to, me, msg_id, envelope, self.clock.seconds())
         member = self.online.get(to)
         if member is None or not member.live or to in self._storing or self.limits.hold <= 0:
-            self._store(stored, write=True).addBoth(answer)
+            self._store(stored, answer, write=True)
             return
         member.write(envelope_frame(stored))
         self._held.setdefault(to, {})[seq] = (stored, answer)
@@ -577,10 +578,18 @@ class Directory:
             )
         return {"status": "delivered" if to in self.online else "stored", "seq": seq, "duplicate": True}
 
-    def _store(self, envelope: StoredEnvelope, write: bool) -> Deferred:
+    def _store(self, envelope: StoredEnvelope, answer: Answer, write: bool) -> None:
+        """Store C{envelope}, then C{answer} its sender (L{_stored} says with what)."""
         to = envelope.recipient
         self._storing[to] = self._storing.get(to, 0) + 1
-        return self.store.put_envelope(envelope).addBoth(self._stored, envelope, write)
+        self.store.put_envelope_then(envelope, partial(self._answer_stored, envelope, write, answer))
+
+    def _answer_stored(self, envelope: StoredEnvelope, write: bool, answer: Answer, outcome) -> None:
+        try:
+            reply = self._stored(outcome, envelope, write)
+        except Exception:  # noqa: BLE001 - a bug here must still answer the sender, with the failure
+            reply = Failure()
+        answer(reply)
 
     def _stored(self, outcome, envelope: StoredEnvelope, write: bool) -> dict:
         to = envelope.recipient
@@ -611,7 +620,7 @@ class Directory:
             entry = held.pop(seq, None) if held else None
             if entry is not None:
                 envelope, answer = entry
-                self._store(envelope, write=False).addBoth(answer)
+                self._store(envelope, answer, write=False)
         if ends:
             self._hold_call = self.clock.callLater(ends[0][0] - now, self._hold_over)
 
