@@ -6,6 +6,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
@@ -511,9 +512,11 @@ class GroupCommitTests(StoreTestCase):
         self.assertIsInstance(early[0].value, StoreError)
         store, _ = await self.start_store()
         outcomes: list = []
+        threads: set = set()
 
         def broken(outcome):
             outcomes.append(outcome)
+            threads.add(threading.current_thread())
             raise RuntimeError("a bug in the taker")
 
         store.put_envelope_then(env(1, "bob", "alice", "m1"), broken)
@@ -523,6 +526,7 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual([e.msg_id for e in await after], ["m1"])
         self.assertEqual(outcomes[:2], [(1, False), (1, True)])
         outcomes[2].trap(sqlite3.IntegrityError)
+        self.assertEqual(threads, {threading.main_thread()})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     async def test_failing_operation_undone_alone(self) -> None:

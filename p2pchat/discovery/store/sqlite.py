@@ -116,10 +116,9 @@ class SQLiteStore:
 
     Every method queues an operation for the writer thread and returns a Deferred fired in the
     reactor thread once the operation's transaction has committed (L{put_envelope_then} calls a
-    function instead). The thread runs all the
-    operations queued so far in one transaction, each inside its own SAVEPOINT (but those of
-    one statement, see L{_ONE_STATEMENT}, and puts, see L{_put_envelopes}) so that one failing
-    operation is undone alone.
+    function instead). The thread runs all the operations queued so far in one transaction, each
+    inside its own SAVEPOINT (but those of one statement, see L{_ONE_STATEMENT}, and puts, see
+    L{_put_envelopes}) so that one failing operation is undone alone.
 
     @ivar commits: how many transactions the writer thread has committed (for tests and benchmarks).
     """
