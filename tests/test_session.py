@@ -558,6 +558,24 @@ class TimerTests(TestCase):
         self.assertEqual((await bob.event("bye")).fields["reason"], "idle_timeout")
 
 
+    @harness_test(idle_timeout=30, keepalive_timeout=45)
+    async def test_one_timer_per_connection(self, h):
+        """Logging in moves the connection's timer to the idle deadline instead of cancelling it
+        for a new one: a cancelled call stays in the reactor's queue until its time comes."""
+        client = h.connect()
+        timer = client.session._watch_call
+        self.assertEqual(timer.getTime(), h.clock.seconds() + 45)
+        h.clock.advance(5)
+        await client.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        await client.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        await client.ok("login", username="alice", password=PASSWORD, port=4000)
+        self.assertIs(client.session._watch_call, timer)
+        self.assertTrue(timer.active())
+        self.assertEqual(timer.getTime(), h.clock.seconds() + 30)
+        h.clock.advance(30)
+        self.assertEqual((await client.event("bye")).fields["reason"], "idle_timeout")
+
 class BlockTests(TestCase):
     @harness_test()
     async def test_block_errors(self, h):

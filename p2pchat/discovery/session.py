@@ -50,11 +50,18 @@ class Connection(Protocol):
 
 
 class _Slot:
-    __slots__ = ("frame", "after")
+    """
+    A request's place in the order of replies: its reply frame once known, what runs once that is
+    written, and the next request's slot. Slots chain rather than wait in a deque, which would
+    cost every connection 0.7 KiB.
+    """
+
+    __slots__ = ("frame", "after", "next")
 
     def __init__(self) -> None:
         self.frame: bytes | None = None
         self.after: Callable[[], None] | None = None
+        self.next: _Slot | None = None
 
 
 class Session:
@@ -75,9 +82,12 @@ class Session:
         self.live = False
         self.closed = False
         self._greeted = False
-        self._slots: deque[_Slot] = deque()
+        # Replies in request order: the oldest slot not yet written, and the newest.
+        self._first_slot: _Slot | None = None
+        self._last_slot: _Slot | None = None
         self._barrier = False
-        self._waiting: deque[bytes] = deque()
+        # Lines that wait behind a barrier; made when one does (a deque is 0.7 KiB).
+        self._waiting: deque[bytes] | None = None
         now = clock.seconds()
         self._last_heard = now
         self._last_active = now
@@ -85,7 +95,7 @@ class Session:
         self._rate: TokenBucket | None = None
         # mailbox delivery
         self._mailbox_after = 0
-        self._mailbox_pending: deque[StoredEnvelope] = deque()
+        self._mailbox_pending: list[StoredEnvelope] = []  # the fetched page, newest first
         self._mailbox_unacked: dict[int, int] = {}  # seq: characters
         self._mailbox_unacked_bytes = 0
         self._mailbox_fetching = False
@@ -109,6 +119,8 @@ class Session:
             return
         self._last_heard = self.clock.seconds()
         if self._barrier:
+            if self._waiting is None:
+                self._waiting = deque()
             self._waiting.append(line)
             self.connection.pause_reading()
             return
@@ -153,8 +165,7 @@ class Session:
         if request.op == "send":
             self._send(request)
             return
-        slot = _Slot()
-        self._slots.append(slot)
+        slot = self._new_slot()
         frame = self._run(request, slot)
         if not isinstance(frame, Deferred):
             self._fill(slot, frame)
@@ -213,6 +224,8 @@ class Session:
         self._barrier = False
         while self._waiting and not self._barrier and not self.closed:
             self._handle(self._waiting.popleft())
+        if not self._waiting:
+            self._waiting = None
         if not self._barrier:
             self.connection.resume_reading()
 
@@ -324,15 +337,24 @@ class Session:
 
     # -- replies in order ---------------------------------------------------------------
 
-    def _reply_now(self, request_id, frame: bytes) -> None:
+    def _new_slot(self) -> _Slot:
         slot = _Slot()
-        self._slots.append(slot)
-        self._fill(slot, frame)
+        if self._last_slot is None:
+            self._first_slot = slot
+        else:
+            self._last_slot.next = slot
+        self._last_slot = slot
+        return slot
+
+    def _reply_now(self, request_id, frame: bytes) -> None:
+        self._fill(self._new_slot(), frame)
 
     def _fill(self, slot: _Slot, frame: bytes) -> None:
         slot.frame = frame
-        while self._slots and self._slots[0].frame is not None:
-            done = self._slots.popleft()
+        while (done := self._first_slot) is not None and done.frame is not None:
+            self._first_slot = done.next
+            if done.next is None:
+                self._last_slot = None
             if self.closed:
                 continue
             self.connection.write(done.frame)
@@ -353,7 +375,7 @@ class Session:
             # The connection can only fill up on a write.
             frames, batch = [], 0
             while pending and batch < WRITE_BATCH and self._mailbox_unacked_bytes < window:
-                envelope = pending.popleft()
+                envelope = pending.pop()
                 frames.append(envelope_frame(envelope))
                 unacked[envelope.seq] = size = len(envelope.envelope)
                 self._mailbox_unacked_bytes += size
@@ -375,7 +397,7 @@ class Session:
             return
         if envelopes:
             self._mailbox_after = envelopes[-1].seq
-            self._mailbox_pending.extend(envelopes)
+            self._mailbox_pending[:0] = reversed(envelopes)
             self._pump_mailbox()
         else:
             # Everything stored before this read has been written; what is stored after it
@@ -387,12 +409,15 @@ class Session:
     def _schedule_watch(self) -> None:
         if self.closed:
             return
-        if self._watch_call is not None and self._watch_call.active():
-            self._watch_call.cancel()
         deadline = self._last_heard + self.limits.keepalive_timeout
         if self.username is not None and self.limits.idle_timeout > 0:
             deadline = min(deadline, self._last_active + self.limits.idle_timeout)
-        self._watch_call = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._watch)
+        delay = max(0.0, deadline - self.clock.seconds())
+        if self._watch_call is not None and self._watch_call.active():
+            # A cancelled call would stay in the reactor's queue until its time came.
+            self._watch_call.reset(delay)
+        else:
+            self._watch_call = self.clock.callLater(delay, self._watch)
 
     def _watch(self) -> None:
         self._watch_call = None
