@@ -160,7 +160,10 @@ class Harness:
 
     async def user(self, name: str, port: int = 4000, host: str = "127.0.0.1") -> Client:
         """A logged-in client for C{name}, registering it first if needed."""
-        client = self.connect(host)
+        return await self.log_in(self.connect(host), name, port)
+
+    async def log_in(self, client: Client, name: str, port: int = 4000) -> Client:
+        """Greet on C{client}'s connection and log in as C{name}, registering it first if needed."""
         await client.ok("hello", protocol=1)
         if name not in self.directory.accounts:
             fp, ek = self.keys.setdefault(name, fake_keys())
@@ -557,7 +560,6 @@ class TimerTests(TestCase):
         h.clock.advance(20)
         self.assertEqual((await bob.event("bye")).fields["reason"], "idle_timeout")
 
-
     @harness_test(idle_timeout=30, keepalive_timeout=45)
     async def test_one_timer_per_connection(self, h):
         """Logging in moves the connection's timer to the idle deadline instead of cancelling it
@@ -566,15 +568,13 @@ class TimerTests(TestCase):
         timer = client.session._watch_call
         self.assertEqual(timer.getTime(), h.clock.seconds() + 45)
         h.clock.advance(5)
-        await client.ok("hello", protocol=1)
-        fp, ek = fake_keys()
-        await client.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
-        await client.ok("login", username="alice", password=PASSWORD, port=4000)
+        await h.log_in(client, "alice")
         self.assertIs(client.session._watch_call, timer)
         self.assertTrue(timer.active())
         self.assertEqual(timer.getTime(), h.clock.seconds() + 30)
         h.clock.advance(30)
         self.assertEqual((await client.event("bye")).fields["reason"], "idle_timeout")
+
 
 class BlockTests(TestCase):
     @harness_test()
