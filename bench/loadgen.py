@@ -918,8 +918,9 @@ async def offline_backlog(load: Load, control: Control, p: dict) -> dict:
             stored_done.callback(None)
 
     load.on_reply, load.on_error = replied, error
-    load.on_after_read = refill
     await control.mark("store_start")
+    # Only now: a read before the mark (a presence event) would otherwise start sending early.
+    load.on_after_read = refill
     started = time.monotonic()
     for link in links:
         refill(link)
