@@ -18,9 +18,10 @@ log = Logger()
 CLOSE_TIMEOUT = 5.0
 
 
-class PromptServer(tcp.Server):
+class PromptWrites:
     """
-    A TCP transport that sends a write at once when nothing waits to go before it.
+    For a TCP transport class (a L{tcp.Connection}): send a write at once when nothing waits to
+    go before it.
 
     Twisted queues every write until a later pass of the reactor finds the socket writable
     (twisted#5303): per reply, two C{epoll_ctl} calls and a pass more. Nagle's algorithm is off
@@ -39,6 +40,10 @@ class PromptServer(tcp.Server):
         sent = self.writeSomeData(data)
         if sent != len(data):
             super().write(data[sent:] if isinstance(sent, int) else data)
+
+
+class PromptServer(PromptWrites, tcp.Server):
+    """A server connection's TCP transport with L{PromptWrites}."""
 
 
 def serve_promptly(port) -> None:
