@@ -19,9 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet import defer, reactor, ssl, stdio, task
+from twisted.internet import defer, reactor, ssl, stdio, task, tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import (
     FilteringLogObserver,
@@ -32,6 +33,8 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from bench.codecs import (
     irc_command,
@@ -46,17 +49,29 @@ from bench.codecs import (
 )
 from bench.certs import user_keys
 from bench.ircd import CHANNEL
+from p2pchat.discovery.protocol import PromptWrites
 from p2pchat.discovery.tap import quiet_collector
 
 log = Logger()
 
 MAX_ACK = 1000
 
-# Each write is one TLS record. ngircd reads 2048 bytes at a time from GnuTLS and then waits for
+# Writes of at most 2048 bytes. ngircd reads 2048 bytes at a time from GnuTLS and then waits for
 # the socket to turn readable again, so the rest of a larger record would sit in GnuTLS's buffer
-# until the client writes again: records of at most 2048 bytes, for both servers. (GnuTLS also
-# reads whole records ahead; bench.run's keep-alive interval deals with that.)
+# until the client writes again. Each write is a TLS record of its own only with the client
+# writes "records" and "prompt" (see CLIENT_WRITES); by default Twisted's TLS layer joins the
+# writes of one reactor pass into records of up to 16 KiB. (GnuTLS also reads whole records
+# ahead; bench.run's keep-alive interval deals with that.)
 MAX_RECORD = 2048
+
+# How the load users' writes reach the servers (the same for both):
+# - "coalesced": Twisted's client TLS as it comes; a connection's writes of one reactor pass go
+#   out together in the next pass, in records of up to 16 KiB, and so do all connections' writes.
+# - "records": each write (at most MAX_RECORD bytes) is a TLS record of its own, handed to the
+#   socket in the next pass of the reactor, with every other connection's.
+# - "prompt": as "records", and each goes to the socket at once, as it would from a client
+#   process of its own (one process plays all the load users).
+CLIENT_WRITES = ("coalesced", "records", "prompt")
 
 
 def now_ns() -> int:
@@ -325,6 +340,43 @@ class RelayLink(Link):
 LINKS: dict[str, type[Link]] = {"irc": IrcLink, "ours": OursLink, "relay": RelayLink}
 
 
+class RecordPerWriteTLSFactory(TLSMemoryBIOFactory):
+    """Client TLS that makes each write a record of its own, at once (no joining of small writes)."""
+
+    protocol = TLSMemoryBIOProtocol
+
+
+class PromptClient(PromptWrites, tcp.Client):
+    """A client connection's TCP transport that sends a write at once (L{PromptWrites})."""
+
+
+class PromptConnector(tcp.Connector):
+    def _makeTransport(self) -> PromptClient:
+        return PromptClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+class _PromptTCP:
+    """The C{connectTCP} of L{TCP4ClientEndpoint}'s reactor, with L{PromptClient} transports."""
+
+    def connectTCP(self, host, port, factory, timeout=30.0, bindAddress=None) -> PromptConnector:
+        connector = PromptConnector(host, port, factory, timeout, bindAddress, reactor)
+        connector.connect()
+        return connector
+
+
+@implementer(IStreamClientEndpoint)
+class RecordPerWriteTLSEndpoint:
+    """TLS to 127.0.0.1:C{port} with L{RecordPerWriteTLSFactory}, over L{PromptClient} if C{prompt}."""
+
+    def __init__(self, port: int, tls, prompt: bool) -> None:
+        self._tcp = TCP4ClientEndpoint(_PromptTCP() if prompt else reactor, "127.0.0.1", port)
+        self._tls = tls
+
+    def connect(self, factory) -> Deferred:
+        connected = self._tcp.connect(RecordPerWriteTLSFactory(self._tls, True, factory))
+        return connected.addCallback(lambda tls: tls.wrappedProtocol)
+
+
 class Load:
     """
     The load users of one run and what happened to them. Scenarios set the C{on_*} hooks;
@@ -332,10 +384,14 @@ class Load:
     """
 
     def __init__(
-        self, server: str, port: int, tokens_path: str | None, concurrency: int = 10, prefix: str = "b"
+        self, server: str, port: int, tokens_path: str | None, concurrency: int = 10, prefix: str = "b",
+        writes: str = "coalesced",
     ) -> None:
+        if writes not in CLIENT_WRITES:
+            raise ValueError(f"client writes must be one of {CLIENT_WRITES}, not {writes!r}")
         self.link_class = LINKS[server]
         self.port = port
+        self.writes = writes
         self.prefix = prefix
         self.tokens_path = Path(tokens_path) if tokens_path else None
         self.tokens: dict[str, str] = (
@@ -379,7 +435,10 @@ class Load:
         link = self.link_class(self, user, password, join)
         if anonymous:
             link.anonymous = True
-        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", self.port, self.tls)
+        if self.writes == "coalesced":
+            endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", self.port, self.tls)
+        else:
+            endpoint = RecordPerWriteTLSEndpoint(self.port, self.tls, prompt=self.writes == "prompt")
         await bounded(connectProtocol(endpoint, link), timeout)
         try:
             return await bounded(link.when_ready(), timeout)
@@ -1042,7 +1101,9 @@ def main(argv: list[str]) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     control = Control()
     stdio.StandardIO(control)
-    load = Load(config["server"], config["port"], config.get("tokens"), config["params"].get("concurrency", 10))
+    params = config["params"]
+    load = Load(config["server"], config["port"], config.get("tokens"), params.get("concurrency", 10),
+                writes=params.get("client_writes", "coalesced"))
     scenario = SCENARIOS[config["scenario"]]
     # Its pauses would show as latency of whichever server is measured: tuned as our server is.
     quiet_collector()

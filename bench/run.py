@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import ircd
+from bench import ircd, loadgen
 from bench.codecs import median_metrics, ratios
 from bench.procs import Processes, proc_stats
 from bench.servers import (
@@ -146,10 +146,14 @@ class Bench:
         self.data_dir = workdir / "ours-data"
         self.tokens = workdir / "tokens.json"
         self.overrides = {"idle_tls": {"connections": args.idle_connections}} if args.idle_connections else {}
+        self.client_writes = args.client_writes
         self._runs = 0
 
     def params(self, scenario: str) -> dict[str, Any]:
-        return {**SIZES[scenario][self.mode], **self.overrides.get(FLOORS.get(scenario, scenario), {})}
+        p = {**SIZES[scenario][self.mode], **self.overrides.get(FLOORS.get(scenario, scenario), {})}
+        if scenario != "p2p_direct":  # the one scenario without the load generator
+            p["client_writes"] = self.client_writes
+        return p
 
     def name(self, what: str) -> str:
         self._runs += 1
@@ -511,6 +515,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="A B rounds per scenario (default: 3)")
     parser.add_argument("--idle-connections", type=int, default=0,
                         help="connections in idle_tls and idle_tls_floor (default 2000, --quick 300); try 10000 with the memory for it")
+    parser.add_argument("--client-writes", choices=loadgen.CLIENT_WRITES, default="coalesced",
+                        help="how the load users' writes go out, the same for both servers: coalesced (default: "
+                             "Twisted's client TLS as it comes, each reactor pass's writes together in records of up "
+                             "to 16 KiB), records (a TLS record per write of at most 2048 bytes), prompt (records, "
+                             "each sent at once, as from a process per client)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where latest.json and latest.png go")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs, databases)")
     args = parser.parse_args(argv)

@@ -158,49 +158,105 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(run.users_needed(bench, ["idle_tls_floor"]), 7)
 
 
+def _records(data: bytes) -> list[int]:
+    """The payload lengths of the TLS records that C{data} holds (whole records only)."""
+    lengths = []
+    while len(data) >= 5:
+        length = int.from_bytes(data[3:5], "big")
+        lengths.append(length)
+        data = data[5 + length:]
+    return lengths
+
+
+def _unsent(link) -> bytes:
+    """What a load link's TCP transport holds and has not handed to the kernel yet."""
+    tcp = link.transport.transport
+    return bytes(tcp.dataBuffer[tcp.offset:]) + b"".join(tcp._tempDataBuffer)
+
+
 class RelayTests(TestCase):
+    async def relay(self) -> int:
+        """Start a real bench.relay process; its port."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        server = start_process(self, [sys.executable, "-m", "bench.relay", "0"], path=directory)
+        line = await server.output.wait_for(r"listening on|Traceback")
+        return int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+
+    async def close(self, load, *links) -> None:
+        """Close links ourselves, so that they do not outlive the test (the server is killed at cleanup)."""
+        for link in links:
+            lost = defer.Deferred()
+            load.on_lost = lost.callback
+            link.transport.loseConnection()
+            await with_timeout(lost, what=f"{link.user}'s close")
+
     def test_relay(self):
-        """Against a real bench.relay process: relay links log in by name, a line reaches the user it names
-        (or comes back refused when nobody has that name), and keep-alives come back."""
+        """Against a real bench.relay process, whichever way the load users write: relay links log in by
+        name, a line reaches the user it names (or comes back refused when nobody has that name), and
+        keep-alives come back."""
 
         async def scenario() -> None:
-            directory = self.mktemp()
-            os.mkdir(directory)
-            server = start_process(self, [sys.executable, "-m", "bench.relay", "0"], path=directory)
-            line = await server.output.wait_for(r"listening on|Traceback")
-            port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
-            load = loadgen.Load("relay", port, None)
-            seen = []
-            done = defer.Deferred()
-
-            def note(*what) -> None:
-                seen.append(what)
-                if len(seen) == 3:
-                    done.callback(None)
-
-            load.on_direct = lambda link, sender, text: note("direct", link.user, sender, text)
-            load.on_error = lambda link, op, code: note("error", link.user, op, code)
-            load.on_after_read = lambda link: note("echo", link.user) if load.counts.pop("echoes", 0) else None
-            alice, bob = await load.connect("b00000"), await load.connect("b00001")
-            alice.send_direct("b00001", "1:2:3:hello there")
-            alice.send_direct("b99999", "1:3:4:nobody")
-            alice.flush()
-            bob.ping()
-            bob.flush()
-            await with_timeout(done, what="the relayed line, the refusal and the echo")
-            self.assertEqual(sorted(seen), [
-                ("direct", "b00001", "b00000", "1:2:3:hello there"),
-                ("echo", "b00001"),
-                ("error", "b00000", "send", "no_such_user"),
-            ])
-            # Closed by us, so that they do not outlive the test (the server is killed at cleanup).
-            for link in (alice, bob):
-                lost = defer.Deferred()
-                load.on_lost = lost.callback
-                link.transport.loseConnection()
-                await with_timeout(lost, what=f"{link.user}'s close")
+            port = await self.relay()
+            for writes in loadgen.CLIENT_WRITES:
+                await self.exchange(loadgen.Load("relay", port, None, writes=writes))
 
         return defer.Deferred.fromCoroutine(scenario())
+
+    async def exchange(self, load) -> None:
+        seen = []
+        done = defer.Deferred()
+
+        def note(*what) -> None:
+            seen.append(what)
+            if len(seen) == 3:
+                done.callback(None)
+
+        load.on_direct = lambda link, sender, text: note("direct", link.user, sender, text)
+        load.on_error = lambda link, op, code: note("error", link.user, op, code)
+        load.on_after_read = lambda link: note("echo", link.user) if load.counts.pop("echoes", 0) else None
+        alice, bob = await load.connect("b00000"), await load.connect("b00001")
+        alice.send_direct("b00001", "1:2:3:hello there")
+        alice.send_direct("b99999", "1:3:4:nobody")
+        alice.flush()
+        bob.ping()
+        bob.flush()
+        await with_timeout(done, what=f"the relayed line, the refusal and the echo ({load.writes})")
+        self.assertEqual(sorted(seen), [
+            ("direct", "b00001", "b00000", "1:2:3:hello there"),
+            ("echo", "b00001"),
+            ("error", "b00000", "send", "no_such_user"),
+        ], load.writes)
+        await self.close(load, alice, bob)
+
+    def test_client_writes(self):
+        """A flush of 3000 bytes: with "records" it is two TLS records (2048 and 952 bytes of data) waiting
+        for the socket at once; with "prompt" it is in the kernel at once; with "coalesced" Twisted's TLS
+        layer keeps it from the TCP transport until a later pass of the reactor. Each comes back from
+        the relay whole."""
+
+        async def scenario() -> None:
+            port = await self.relay()
+            for writes in loadgen.CLIENT_WRITES:
+                await self.flush_3000(loadgen.Load("relay", port, None, writes=writes))
+
+        return defer.Deferred.fromCoroutine(scenario())
+
+    async def flush_3000(self, load) -> None:
+        echoed = defer.Deferred()
+        load.on_after_read = lambda link: echoed.callback(None) if load.counts.pop("echoes", 0) else None
+        link = await load.connect("b00000")
+        self.assertEqual(_unsent(link), b"", load.writes)
+        link.queue(b"x" * 2999 + b"\n")
+        link.flush()
+        unsent = _unsent(link)
+        if load.writes == "records":
+            # AES-GCM adds 16 bytes and TLS 1.3 one byte of content type per record.
+            self.assertEqual(_records(unsent), [2048 + 17, 952 + 17])
+        else:
+            self.assertEqual(unsent, b"", load.writes)
+        await with_timeout(echoed, what=f"the echo ({load.writes})")
+        await self.close(load, link)
 
 
 class RawStoreTests(SynchronousTestCase):
