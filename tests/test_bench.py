@@ -1,6 +1,7 @@
 """The benchmark's own logic: the load generator's codecs, the result arithmetic, the raw sqlite3 baseline,
 the bare TLS relay."""
 
+import io
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import sqlite3
 import sys
 import threading
 import time
+from contextlib import redirect_stderr
 from pathlib import Path
 
 from hypothesis import given
@@ -156,6 +158,20 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(bench.params("idle_tls_floor")["connections"], 7)
         self.assertEqual(bench.params("dm_relay_tls_floor"), bench.params("dm_relay_tls"))
         self.assertEqual(run.users_needed(bench, ["idle_tls_floor"]), 7)
+
+    def test_client_writes(self):
+        """--client-writes reaches every scenario the load generator drives (coalesced unless given), and
+        nothing else is taken."""
+        bench = run.Bench(run.parse_args([]), None, Path(self.mktemp()))
+        self.assertEqual(bench.params("dm_relay_tls")["client_writes"], "coalesced")
+        bench = run.Bench(run.parse_args(["--client-writes", "prompt"]), None, Path(self.mktemp()))
+        self.assertEqual({bench.params(name)["client_writes"] for name in run.SIZES if name != "p2p_direct"},
+                         {"prompt"})
+        self.assertNotIn("client_writes", bench.params("p2p_direct"))
+        with redirect_stderr(io.StringIO()) as usage:
+            self.assertRaises(SystemExit, run.parse_args, ["--client-writes", "bunched"])
+        self.assertIn("invalid choice: 'bunched'", usage.getvalue())
+        self.assertRaises(ValueError, loadgen.Load, "ours", 1, None, writes="bunched")
 
 
 def _records(data: bytes) -> list[int]:
