@@ -207,17 +207,17 @@ class RelayTests(TestCase):
             link.transport.loseConnection()
             await with_timeout(lost, what=f"{link.user}'s close")
 
+    async def each_way(self, check) -> None:
+        """C{check(load)} against one bench.relay process, for a load of each way of writing."""
+        port = await self.relay()
+        for writes in loadgen.CLIENT_WRITES:
+            await check(loadgen.Load("relay", port, None, writes=writes))
+
     def test_relay(self):
         """Against a real bench.relay process, whichever way the load users write: relay links log in by
         name, a line reaches the user it names (or comes back refused when nobody has that name), and
         keep-alives come back."""
-
-        async def scenario() -> None:
-            port = await self.relay()
-            for writes in loadgen.CLIENT_WRITES:
-                await self.exchange(loadgen.Load("relay", port, None, writes=writes))
-
-        return defer.Deferred.fromCoroutine(scenario())
+        return self.each_way(self.exchange)
 
     async def exchange(self, load) -> None:
         seen = []
@@ -250,13 +250,7 @@ class RelayTests(TestCase):
         for the socket at once; with "prompt" it is in the kernel at once; with "coalesced" Twisted's TLS
         layer keeps it from the TCP transport until a later pass of the reactor. Each comes back from
         the relay whole."""
-
-        async def scenario() -> None:
-            port = await self.relay()
-            for writes in loadgen.CLIENT_WRITES:
-                await self.flush_3000(loadgen.Load("relay", port, None, writes=writes))
-
-        return defer.Deferred.fromCoroutine(scenario())
+        return self.each_way(self.flush_3000)
 
     async def flush_3000(self, load) -> None:
         echoed = defer.Deferred()
