@@ -575,6 +575,22 @@ class TimerTests(TestCase):
         h.clock.advance(30)
         self.assertEqual((await client.event("bye")).fields["reason"], "idle_timeout")
 
+    @harness_test(keepalive_timeout=45)
+    async def test_timers_fire_on_whole_seconds(self, h):
+        """Deadlines are rounded up to the whole second: the timers of connections made within
+        one second come due together, in one wake-up of the reactor, at most a second late."""
+        h.clock.advance(10.25 - h.clock.seconds())
+        early = h.connect()
+        h.clock.advance(0.5)
+        late = h.connect()
+        self.assertEqual(early.session._watch_call.getTime(), 56)
+        self.assertEqual(late.session._watch_call.getTime(), 56)
+        h.clock.advance(45)  # 45.5 s after the first connection
+        self.assertFalse(early.conn.closed)
+        h.clock.advance(0.25)
+        self.assertTrue(early.conn.closed)
+        self.assertTrue(late.conn.closed)
+
 
 class BlockTests(TestCase):
     @harness_test()

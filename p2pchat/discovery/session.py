@@ -8,6 +8,7 @@ to a L{Connection} and never sees a socket.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from functools import partial
 from typing import Any, Callable, Protocol
@@ -412,7 +413,9 @@ class Session:
         deadline = self._last_heard + self.limits.keepalive_timeout
         if self.username is not None and self.limits.idle_timeout > 0:
             deadline = min(deadline, self._last_active + self.limits.idle_timeout)
-        delay = max(0.0, deadline - self.clock.seconds())
+        # Up to the next whole second, so that the timers of many connections come due together
+        # and fire in one wake-up of the reactor rather than one each.
+        delay = max(0.0, math.ceil(deadline) - self.clock.seconds())
         if self._watch_call is not None and self._watch_call.active():
             # A cancelled call would stay in the reactor's queue until its time came.
             self._watch_call.reset(delay)
