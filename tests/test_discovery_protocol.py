@@ -17,7 +17,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pchat.crypto import cert_fingerprint, generate_identity
 from p2pchat.discovery.directory import Directory, Limits
-from p2pchat.discovery.protocol import DiscoveryFactory, PromptServer, serve_promptly
+from p2pchat.discovery.protocol import (
+    DiscoveryFactory,
+    DiscoveryTLSFactory,
+    PromptServer,
+    serve_promptly,
+)
 from p2pchat.tls import ServerTrust, server_certificate_options
 from p2pchat.wire import Event, decode_frame
 
@@ -149,13 +154,13 @@ class PlainProtocolTests(SynchronousTestCase):
 class TLSInMemoryTests(SynchronousTestCase):
     def pair(self, pinned: str):
         clock = Clock()  # the TLS layer flushes its writes on this clock; the pump advances it
-        server_factory = TLSMemoryBIOFactory(
+        server_factory = DiscoveryTLSFactory(
             server_certificate_options(SERVER_IDENTITY), False, DiscoveryFactory(directory(), clock), clock
         )
         trust = ServerTrust("localhost", pinned=pinned)
         app = LineClient()
         client_factory = TLSMemoryBIOFactory(trust.creator(), True, Factory.forProtocol(lambda: app), clock)
-        client, server, pump = connectedServerAndClient(
+        _, self.server_tls, pump = connectedServerAndClient(
             lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None), clock=clock
         )
         return app, trust, pump
@@ -171,6 +176,24 @@ class TLSInMemoryTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual([r.ok for r in replies], [True, True])
         self.assertIsNone(trust.last_error)
+
+    def test_burst_reaches_openssl_in_small_pieces(self):
+        """A burst of requests reaches OpenSSL at most 2048 bytes at a time (its memory BIO keeps
+        a buffer as large as the most it ever held), and every request in it is answered in order."""
+        client, _, pump = self.pair(cert_fingerprint(SERVER_IDENTITY.certificate))
+        pump.flush()
+        openssl = self.server_tls._tlsConnection
+        handed, bio_write = [], openssl.bio_write
+        openssl.bio_write = lambda data: (handed.append(len(data)), bio_write(data))[1]
+        replies = []
+        client.request("hello", protocol=1).addCallback(replies.append)
+        for _ in range(1500):
+            client.request("ping").addCallback(replies.append)
+        pump.flush()
+        self.assertEqual([r.ok for r in replies], [True] * 1501)
+        self.assertEqual([r.id for r in replies], sorted(r.id for r in replies))
+        self.assertGreater(sum(handed), 30_000)
+        self.assertLessEqual(max(handed), 2048)
 
     def test_wrong_pin(self):
         """With a wrong pin the handshake fails and the client hears nothing from the server."""

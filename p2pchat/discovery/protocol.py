@@ -216,8 +216,31 @@ class DiscoveryFactory(Factory):
         return p
 
 
+class ChunkedReadTLS(TLSMemoryBIOProtocol):
+    """
+    TLS that hands OpenSSL what the socket read C{read_chunk} bytes at a time.
+
+    OpenSSL's memory BIO keeps a buffer as large as the most it ever held until the connection
+    closes, and Twisted reads up to 64 KiB at once: one burst from a client would otherwise add
+    that much to the server for as long as the client stays connected.
+    """
+
+    read_chunk = 2048
+
+    def dataReceived(self, data: bytes) -> None:
+        chunk = self.read_chunk
+        if len(data) <= chunk:
+            super().dataReceived(data)
+            return
+        for start in range(0, len(data), chunk):
+            if self._lostTLSConnection or self._aborted:
+                return
+            super().dataReceived(data[start:start + chunk])
+
+
 class DiscoveryTLSFactory(TLSMemoryBIOFactory):
     """TLS for L{DiscoveryFactory}: its protocols put their writes together themselves (L{Outbox}),
-    so the TLS layer need not hold them for a pass of its own."""
+    so the TLS layer need not hold them for a pass of its own; reads reach OpenSSL in chunks
+    (L{ChunkedReadTLS})."""
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = ChunkedReadTLS
