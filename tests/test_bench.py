@@ -269,6 +269,17 @@ class RelayTests(TestCase):
         await self.close(load, link)
 
 
+class ReadChunksTests(TestCase):
+    async def test_run(self):
+        """bench.read_chunks runs a relay with each TLS layer, bursts into it and reports both."""
+        process = start_process(self, [sys.executable, "-m", "bench.read_chunks", "--connections", "3",
+                                       "--burst", "20000", "--rounds", "1", "--settle", "0"])
+        await with_timeout(process.when_ended(), seconds=120, what="bench.read_chunks")
+        output = "\n".join(process.output.lines)
+        for layer in ("whole", "chunked"):
+            self.assertRegex(output, rf"round 1  {layer} +\+ *[-\d.]+ KiB per connection after the bursts")
+
+
 class RawStoreTests(SynchronousTestCase):
     def test_store_and_drain(self):
         """The raw loop stores every envelope in batches and drains them all, oldest first, leaving none."""
