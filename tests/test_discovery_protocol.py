@@ -7,7 +7,9 @@ import socket
 import struct
 
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
@@ -18,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from p2pchat.crypto import cert_fingerprint, generate_identity
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.protocol import (
+    ChunkedReadTLS,
     DiscoveryFactory,
     DiscoveryTLSFactory,
     PromptServer,
@@ -281,3 +284,21 @@ class PromptServerTests(TestCase):
         for _ in range(3):
             transport.write(b"x" * 1000)
         await with_timeout(lost, what="connection lost")
+
+    async def test_own_tls(self):
+        """A port that brings its own TLS (C{listenSSL}, as an C{ssl:} description makes) gets our
+        TLS layer as well: reads in chunks (L{ChunkedReadTLS}) over a L{PromptServer}."""
+        made = defer.Deferred()
+        port = reactor.listenSSL(0, Factory.forProtocol(lambda: _Grab(made)),
+                                 server_certificate_options(SERVER_IDENTITY), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        serve_promptly(port)
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, CertificateOptions(verify=False))
+        collect = _Collect(5)
+        client = await with_timeout(connectProtocol(endpoint, collect), what="connect")
+        self.addCleanup(client.transport.abortConnection)
+        server = await with_timeout(made, what="accept")
+        self.assertIsInstance(server, ChunkedReadTLS)
+        self.assertIsInstance(server.transport, PromptServer)
+        server.write(b"hello")
+        self.assertEqual(await with_timeout(collect.done, what="hello"), b"hello")

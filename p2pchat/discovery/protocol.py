@@ -47,9 +47,15 @@ class PromptServer(PromptWrites, tcp.Server):
 
 
 def serve_promptly(port) -> None:
-    """Give a listening TCP port's new connections L{PromptServer}; other ports keep theirs."""
+    """
+    Give a listening TCP port's new connections L{PromptServer}; other ports keep theirs. A port
+    that brings its own TLS (an C{ssl:} description, which wraps our factory in Twisted's
+    L{TLSMemoryBIOFactory}) gets the TLS layer of L{DiscoveryTLSFactory} too.
+    """
     if isinstance(port, tcp.Port) and port.transport is tcp.Server:
         port.transport = PromptServer
+        if type(port.factory) is TLSMemoryBIOFactory:
+            port.factory.protocol = ChunkedReadTLS
 
 
 class Outbox:
