@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,19 +29,12 @@ LINE = b"@nobody " + b"x" * 91 + b"\n"  # 100 bytes
 
 def serve(port: int, layer: str) -> None:
     from twisted.internet import reactor
-    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-    from bench.relay import RelayFactory
-    from p2pchat.crypto import load_or_create_identity
+    from bench.relay import listen
     from p2pchat.discovery.protocol import ChunkedReadTLS
-    from p2pchat.tls import server_certificate_options
 
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    identity = load_or_create_identity("relay-identity", "relay", "p2pchat bench relay")
-    factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, RelayFactory())
-    factory.protocol = {"whole": TLSMemoryBIOProtocol, "chunked": ChunkedReadTLS}[layer]
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    listen(port, {"whole": TLSMemoryBIOProtocol, "chunked": ChunkedReadTLS}[layer])
     reactor.run()
 
 

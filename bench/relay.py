@@ -17,7 +17,7 @@ import sys
 
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from p2pchat.crypto import load_or_create_identity
 from p2pchat.tls import server_certificate_options
@@ -58,14 +58,24 @@ class RelayFactory(Factory):
         self.users: dict[bytes, Relay] = {}
 
 
-def main(argv: list[str]) -> None:
+def listen(port: int, tls_protocol: type[TLSMemoryBIOProtocol] | None = None):
+    """Listen on 127.0.0.1:C{port} (0: any free one) with C{tls_protocol} as the TLS layer
+    (Twisted's default when None); the listening port."""
     from twisted.internet import reactor
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     identity = load_or_create_identity("relay-identity", "relay", "p2pchat bench relay")
     factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, RelayFactory())
-    port = reactor.listenTCP(int(argv[1]), factory, interface="127.0.0.1")
+    if tls_protocol is not None:
+        factory.protocol = tls_protocol
+    return reactor.listenTCP(port, factory, interface="127.0.0.1")
+
+
+def main(argv: list[str]) -> None:
+    from twisted.internet import reactor
+
+    port = listen(int(argv[1]))
     print(f"relay listening on 127.0.0.1:{port.getHost().port}", flush=True)
     reactor.run()
 
