@@ -45,8 +45,8 @@ FLOORS = {"idle_tls_floor": "idle_tls", "dm_relay_tls_floor": "dm_relay_tls"}
 # readable again, so a sender's last messages would otherwise wait for its next write.
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "idle_tls": {
-        "quick": dict(connections=300, idle_s=3, keepalive_s=3),
-        "full": dict(connections=2000, idle_s=60, keepalive_s=15),
+        "quick": dict(connections=300, idle_s=3, keepalive_s=3, settle_s=1),
+        "full": dict(connections=2000, idle_s=60, keepalive_s=15, settle_s=5),
     },
     "dm_relay_tls": {
         "quick": dict(users=50, messages=100, window=20, size=100, timeout_s=60, keepalive_s=0.5),
