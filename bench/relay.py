@@ -3,7 +3,8 @@
 bench.run starts it as C{python -m bench.relay PORT} (0: any free port; it prints the one it got) for
 the C{*_floor} scenarios; it keeps its certificate in C{relay-identity} under its working directory.
 What Twisted, pyOpenSSL and OpenSSL cost per connection and per line, this costs too; whatever our
-server costs above it is our own code.
+server costs above it is our own code. With C{--stack stdlib} its TLS goes through Python's own
+C{ssl} module (L{bench.stdlib_tls}) instead of Twisted's layer on pyOpenSSL.
 
 Its protocol, one line each: the first line names the user and is answered C{ok}; C{@NAME TEXT}
 goes to NAME's connection as C{<SENDER TEXT} (or back as C{?NAME} when NAME is not connected);
@@ -12,6 +13,8 @@ any other line comes back as it is (keep-alives). No parsing beyond that, no che
 
 from __future__ import annotations
 
+import argparse
+import os
 import resource
 import sys
 
@@ -19,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
+from bench.stdlib_tls import StdlibTLSFactory, server_context
 from p2pchat.crypto import load_or_create_identity
 from p2pchat.tls import server_certificate_options
 
@@ -58,24 +62,34 @@ class RelayFactory(Factory):
         self.users: dict[bytes, Relay] = {}
 
 
-def listen(port: int, tls_protocol: type[TLSMemoryBIOProtocol] | None = None):
+def listen(port: int, tls_protocol: type[TLSMemoryBIOProtocol] | None = None, stack: str = "pyopenssl"):
     """Listen on 127.0.0.1:C{port} (0: any free one) with C{tls_protocol} as the TLS layer
-    (Twisted's default when None); the listening port."""
+    (Twisted's default when None), or with Python's C{ssl} module when C{stack} is C{stdlib};
+    the listening port."""
     from twisted.internet import reactor
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     identity = load_or_create_identity("relay-identity", "relay", "p2pchat bench relay")
-    factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, RelayFactory())
-    if tls_protocol is not None:
-        factory.protocol = tls_protocol
+    if stack == "stdlib":
+        paths = (os.path.join("relay-identity", "relay.crt"), os.path.join("relay-identity", "relay.key"))
+        factory = StdlibTLSFactory(server_context(*paths), RelayFactory())
+    else:
+        factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, RelayFactory())
+        if tls_protocol is not None:
+            factory.protocol = tls_protocol
     return reactor.listenTCP(port, factory, interface="127.0.0.1")
 
 
 def main(argv: list[str]) -> None:
     from twisted.internet import reactor
 
-    port = listen(int(argv[1]))
+    parser = argparse.ArgumentParser(prog="python -m bench.relay", description="A bare TLS line relay.")
+    parser.add_argument("port", type=int, help="0: any free port")
+    parser.add_argument("--stack", choices=("pyopenssl", "stdlib"), default="pyopenssl",
+                        help="TLS through Twisted's layer on pyOpenSSL, or through Python's ssl module")
+    args = parser.parse_args(argv[1:])
+    port = listen(args.port, stack=args.stack)
     print(f"relay listening on 127.0.0.1:{port.getHost().port}", flush=True)
     reactor.run()
 

@@ -37,7 +37,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Floor scenario -> the scenario whose load it gives to the bare relay (bench.relay) in place of
 # ngircd. Floors run only when named with --scenarios: context for the figures, no target of their own.
-FLOORS = {"idle_tls_floor": "idle_tls", "dm_relay_tls_floor": "dm_relay_tls"}
+# The *_stdlib floors run the relay with its TLS on Python's ssl module (bench.relay --stack stdlib).
+FLOORS = {
+    "idle_tls_floor": "idle_tls", "dm_relay_tls_floor": "dm_relay_tls",
+    "idle_tls_floor_stdlib": "idle_tls", "dm_relay_tls_floor_stdlib": "dm_relay_tls",
+}
+STDLIB_FLOORS = ("idle_tls_floor_stdlib", "dm_relay_tls_floor_stdlib")
 
 # Sizes per scenario: "quick" finishes the whole run in under 3 minutes on 2 cores, "full" in under 15.
 # keepalive_s: every connection sends a keep-alive this often, for both servers. 0.5 s where senders
@@ -84,6 +89,8 @@ DESCRIPTIONS = {
     "dm_relay_tls": "server-relayed direct messages in a burst (window per sender): deliveries/s, CPU per delivery",
     "dm_relay_tls_floor": "dm_relay_tls against the bare Twisted TLS line relay: what our own code adds per "
                           "relayed message",
+    "idle_tls_floor_stdlib": "idle_tls_floor with the relay's TLS on Python's ssl module instead of pyOpenSSL",
+    "dm_relay_tls_floor_stdlib": "dm_relay_tls_floor with the relay's TLS on Python's ssl module instead of pyOpenSSL",
     "paced_latency_tls": "users sending 10 messages/s each: delivery latency p50/p99",
     "broadcast_tls": "presence fan-out while users log in, then broadcasts to every other user",
     "reconnect_storm": "server restart with users online: time until all are back; then a password-login "
@@ -95,6 +102,7 @@ DESCRIPTIONS = {
 
 BASELINES = {name: "ngircd" for name in SIZES} | {
     **dict.fromkeys(FLOORS, "bare Twisted TLS line relay (bench.relay)"),
+    **dict.fromkeys(STDLIB_FLOORS, "bare Twisted line relay, TLS on Python's ssl (bench.relay --stack stdlib)"),
     "offline_backlog": "raw sqlite3 loop",
     "p2p_direct": "plain TLS echo (Python ssl)",
 }
@@ -169,8 +177,8 @@ class Bench:
         server.start()
         return server
 
-    def start_relay(self) -> Server:
-        server = relay_server(self.procs, self.workdir, self.name("relay"))
+    def start_relay(self, stack: str = "pyopenssl") -> Server:
+        server = relay_server(self.procs, self.workdir, self.name("relay"), stack)
         server.start()
         return server
 
@@ -221,12 +229,18 @@ class Bench:
     def loadgen(
         self, side: str, scenario: str, params: dict, timeout: float, server_args: tuple = (), baseline: str = "irc"
     ) -> tuple:
-        """Run the load generator's C{scenario} against our server or the C{baseline} (irc or relay)."""
+        """Run the load generator's C{scenario} against our server or the C{baseline} (irc, relay or
+        relay-stdlib: the relay with its TLS on Python's ssl module)."""
         kind = "ours" if side == "ours" else baseline
-        server = {"ours": lambda: self.start_ours(*server_args), "irc": self.start_ngircd, "relay": self.start_relay}[kind]()
+        server = {
+            "ours": lambda: self.start_ours(*server_args),
+            "irc": self.start_ngircd,
+            "relay": self.start_relay,
+            "relay-stdlib": lambda: self.start_relay("stdlib"),
+        }[kind]()
         try:
             config = {
-                "server": kind,
+                "server": kind.removesuffix("-stdlib"),  # the relay's protocol either way
                 "port": server.port,
                 "scenario": scenario,
                 "params": params,
@@ -395,7 +409,10 @@ RUNNERS: dict[str, Callable[[Bench, str, dict], dict]] = {
     "offline_backlog": run_offline_backlog,
     "p2p_direct": run_p2p_direct,
 }
-RUNNERS |= {floor: partial(RUNNERS[of], baseline="relay") for floor, of in FLOORS.items()}
+RUNNERS |= {
+    floor: partial(RUNNERS[of], baseline="relay-stdlib" if floor in STDLIB_FLOORS else "relay")
+    for floor, of in FLOORS.items()
+}
 
 
 def users_needed(bench: Bench, scenarios: list[str]) -> int:

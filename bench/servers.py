@@ -83,6 +83,7 @@ def ngircd_server(procs: Processes, binary: str, workdir: Path, name: str) -> Se
     return Server(procs, ircd.ngircd_argv(binary, conf), port, workdir / f"{name}.log", directory)
 
 
-def relay_server(procs: Processes, workdir: Path, name: str) -> Server:
+def relay_server(procs: Processes, workdir: Path, name: str, stack: str = "pyopenssl") -> Server:
     port = free_port()
-    return Server(procs, [sys.executable, "-m", "bench.relay", str(port)], port, workdir / f"{name}.log", workdir)
+    argv = [sys.executable, "-m", "bench.relay", str(port), "--stack", stack]
+    return Server(procs, argv, port, workdir / f"{name}.log", workdir)

@@ -191,11 +191,11 @@ def _unsent(link) -> bytes:
 
 
 class RelayTests(TestCase):
-    async def relay(self) -> int:
-        """Start a real bench.relay process; its port."""
+    async def relay(self, stack: str) -> int:
+        """Start a real bench.relay process with its TLS on C{stack}; its port."""
         directory = self.mktemp()
         os.mkdir(directory)
-        server = start_process(self, [sys.executable, "-m", "bench.relay", "0"], path=directory)
+        server = start_process(self, [sys.executable, "-m", "bench.relay", "0", "--stack", stack], path=directory)
         line = await server.output.wait_for(r"listening on|Traceback")
         return int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
 
@@ -207,9 +207,9 @@ class RelayTests(TestCase):
             link.transport.loseConnection()
             await with_timeout(lost, what=f"{link.user}'s close")
 
-    async def each_way(self, check) -> None:
+    async def each_way(self, check, stack: str = "pyopenssl") -> None:
         """C{check(load)} against one bench.relay process, for a load of each way of writing."""
-        port = await self.relay()
+        port = await self.relay(stack)
         for writes in loadgen.CLIENT_WRITES:
             await check(loadgen.Load("relay", port, None, writes=writes))
 
@@ -218,6 +218,10 @@ class RelayTests(TestCase):
         name, a line reaches the user it names (or comes back refused when nobody has that name), and
         keep-alives come back."""
         return self.each_way(self.exchange)
+
+    def test_relay_stdlib(self):
+        """The same with the relay's TLS on Python's ssl module (--stack stdlib)."""
+        return self.each_way(self.exchange, "stdlib")
 
     async def exchange(self, load) -> None:
         seen = []
@@ -251,6 +255,10 @@ class RelayTests(TestCase):
         layer keeps it from the TCP transport until a later pass of the reactor. Each comes back from
         the relay whole."""
         return self.each_way(self.flush_3000)
+
+    def test_client_writes_stdlib(self):
+        """The same with the relay's TLS on Python's ssl module (--stack stdlib)."""
+        return self.each_way(self.flush_3000, "stdlib")
 
     async def flush_3000(self, load) -> None:
         echoed = defer.Deferred()
