@@ -114,6 +114,15 @@ class StatisticsTests(SynchronousTestCase):
 
 
 class ResultTests(SynchronousTestCase):
+    def test_cpu_between_marks(self):
+        """CPU time between marks is whole ticks: 2 ticks against 1 is a ratio of exactly 2, which
+        meets a target of at most 2x."""
+        ours = {"start": {"t": 0.0, "cpu_s": 0.07}, "end": {"t": 3.0, "cpu_s": 0.09}}
+        theirs = {"start": {"t": 0.0, "cpu_s": 0.11, "loadgen_cpu_s": 1.1}, "end": {"t": 3.0, "cpu_s": 0.12, "loadgen_cpu_s": 1.3}}
+        self.assertEqual(run.between(ours, "start", "end"), (3.0, 0.02, 0))
+        self.assertEqual(run.between(theirs, "start", "end"), (3.0, 0.01, 0.2))
+        self.assertEqual(codecs.ratios({"cpu": 0.02}, {"cpu": 0.01}), {"cpu": 2.0})
+
     def test_targets(self):
         """A target on a ratio reads the ratio, an absolute one our value; without a value it is undecided."""
         checks = run.check_targets(
