@@ -70,10 +70,12 @@ def listen(port: int, tls_protocol: type[TLSMemoryBIOProtocol] | None = None, st
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    identity = load_or_create_identity("relay-identity", "relay", "p2pchat bench relay")
+    directory, basename = "relay-identity", "relay"
+    identity = load_or_create_identity(directory, basename, "p2pchat bench relay")
     if stack == "stdlib":
-        paths = (os.path.join("relay-identity", "relay.crt"), os.path.join("relay-identity", "relay.key"))
-        factory = StdlibTLSFactory(server_context(*paths), RelayFactory())
+        # The files load_or_create_identity keeps: Python's ssl loads a certificate from files only.
+        path = os.path.join(directory, basename)
+        factory = StdlibTLSFactory(server_context(path + ".crt", path + ".key"), RelayFactory())
     else:
         factory = TLSMemoryBIOFactory(server_certificate_options(identity), False, RelayFactory())
         if tls_protocol is not None:

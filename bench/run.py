@@ -42,7 +42,7 @@ FLOORS = {
     "idle_tls_floor": "idle_tls", "dm_relay_tls_floor": "dm_relay_tls",
     "idle_tls_floor_stdlib": "idle_tls", "dm_relay_tls_floor_stdlib": "dm_relay_tls",
 }
-STDLIB_FLOORS = ("idle_tls_floor_stdlib", "dm_relay_tls_floor_stdlib")
+STDLIB_FLOORS = tuple(floor for floor in FLOORS if floor.endswith("_stdlib"))
 
 # Sizes per scenario: "quick" finishes the whole run in under 3 minutes on 2 cores, "full" in under 15.
 # keepalive_s: every connection sends a keep-alive this often, for both servers. 0.5 s where senders
