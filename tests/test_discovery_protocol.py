@@ -6,23 +6,28 @@ from __future__ import annotations
 import socket
 import struct
 
+from OpenSSL import SSL
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pchat.crypto import cert_fingerprint, generate_identity
+from p2pchat.discovery import protocol
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.protocol import (
     ChunkedReadTLS,
     DiscoveryFactory,
     DiscoveryTLSFactory,
+    MeteredTLS,
     PromptServer,
     serve_promptly,
 )
@@ -205,6 +210,201 @@ class TLSInMemoryTests(SynchronousTestCase):
         self.assertEqual(list(client.events), [])
         self.assertTrue(client.lost.called)
         self.assertEqual(trust.last_error.seen, cert_fingerprint(SERVER_IDENTITY.certificate))
+
+
+class _Echo(Protocol):
+    """Echoes what it reads (but C{abort}, which aborts) and remembers it, and how its
+    connection ended."""
+
+    def connectionMade(self) -> None:
+        self.received: list[bytes] = []
+        self.reason = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        if data == b"abort":
+            self.transport.abortConnection()
+        else:
+            self.transport.write(data)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason.type
+
+
+def _drain(connection: SSL.Connection) -> bytes:
+    """Everything a memory-BIO Connection has to send."""
+    out = []
+    while True:
+        try:
+            out.append(connection.bio_read(65536))
+        except SSL.WantReadError:
+            return b"".join(out)
+
+
+class MeteredTLSTests(SynchronousTestCase):
+    """
+    L{MeteredTLS} reads, answers and ends as Twisted's own layer does, without the exceptions
+    that end Twisted's reads; and so does it where pyOpenSSL's BIOs cannot be measured.
+    """
+
+    layers = ("twisted", "metered", "unmetered")
+
+    def connect(self, layer: str):
+        """A server on C{layer} over a L{StringTransport}, and a pyOpenSSL client after the handshake."""
+        if layer == "unmetered":
+            self.patch(protocol, "_held", None)
+        factory = TLSMemoryBIOFactory(
+            server_certificate_options(SERVER_IDENTITY), False, Factory.forProtocol(_Echo), Clock()
+        )
+        factory.protocol = TLSMemoryBIOProtocol if layer == "twisted" else MeteredTLS
+        server = factory.buildProtocol(None)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+        client.set_connect_state()
+        while True:
+            try:
+                client.do_handshake()
+                done = True
+            except SSL.WantReadError:
+                done = False
+            server.dataReceived(_drain(client))
+            if done:
+                break
+            client.bio_write(transport.value())
+            transport.clear()
+        return server, transport, client
+
+    def echoed(self, transport: StringTransport, client: SSL.Connection) -> bytes:
+        client.bio_write(transport.value())
+        transport.clear()
+        out = []
+        while True:
+            try:
+                out.append(client.recv(65536))
+            except SSL.WantReadError:
+                return b"".join(out)
+
+    def records(self, client: SSL.Connection, *payloads: bytes) -> bytes:
+        """One TLS record per payload, as the client would send them."""
+        for payload in payloads:
+            client.send(payload)
+        return _drain(client)
+
+    def outcomes(self, scenario) -> None:
+        """C{scenario(server, transport, client)} gives the same result on every layer."""
+        results = {layer: scenario(*self.connect(layer)) for layer in self.layers}
+        self.assertEqual(results["metered"], results["twisted"])
+        self.assertEqual(results["unmetered"], results["twisted"])
+        return results["twisted"]
+
+    def test_records_in_one_read(self):
+        """Three records that arrive in one read are each read and answered."""
+
+        def scenario(server, transport, client):
+            server.dataReceived(self.records(client, b"one", b"two", b"three"))
+            return server.wrappedProtocol.received, self.echoed(transport, client)
+
+        self.assertEqual(self.outcomes(scenario), ([b"one", b"two", b"three"], b"onetwothree"))
+
+    def test_record_in_pieces(self):
+        """A record that arrives a byte at a time is read once it is whole."""
+
+        def scenario(server, transport, client):
+            record = self.records(client, b"pieces")
+            seen = []
+            for i in range(len(record)):
+                server.dataReceived(record[i:i + 1])
+                seen.append(len(server.wrappedProtocol.received))
+            return seen, server.wrappedProtocol.received, self.echoed(transport, client)
+
+        seen, received, echoed = self.outcomes(scenario)
+        self.assertEqual(seen, [0] * (len(seen) - 1) + [1])
+        self.assertEqual((received, echoed), ([b"pieces"], b"pieces"))
+
+    def test_close_notify(self):
+        """The client's close_notify is answered with ours, and the connection ends cleanly."""
+
+        def scenario(server, transport, client):
+            app = server.wrappedProtocol
+            self.echoed(transport, client)  # the session tickets sent after the handshake
+            client.shutdown()
+            server.dataReceived(_drain(client))
+            client.bio_write(transport.value())
+            answered = client.shutdown()  # true once the server's close_notify is read
+            server.connectionLost(Failure(ConnectionDone()))
+            return answered, transport.disconnecting, app.reason
+
+        self.assertEqual(self.outcomes(scenario), (True, True, ConnectionDone))
+
+    def test_forged_record(self):
+        """A record that fails its integrity check ends the connection with OpenSSL's error, and
+        nothing of it or after it is read."""
+
+        def scenario(server, transport, client):
+            app = server.wrappedProtocol
+            record = bytearray(self.records(client, b"forged"))
+            record[-1] ^= 1
+            server.dataReceived(bytes(record) + self.records(client, b"after"))
+            server.connectionLost(Failure(ConnectionDone()))
+            return app.received, transport.disconnecting, app.reason
+
+        self.assertEqual(self.outcomes(scenario), ([], True, SSL.Error))
+
+    def test_aborted_while_reading(self):
+        """Once the application aborts the connection, the records after are not handed to it."""
+
+        def scenario(server, transport, client):
+            server.dataReceived(self.records(client, b"abort", b"after"))
+            return server.wrappedProtocol.received, transport.disconnecting
+
+        self.assertEqual(self.outcomes(scenario), ([b"abort"], True))
+
+    def test_lost_with_a_record_waiting(self):
+        """A record still in OpenSSL's BIO when the connection drops is read, then the end of
+        the stream without close_notify is reported as Twisted reports it."""
+
+        def scenario(server, transport, client):
+            app = server.wrappedProtocol
+            server._tlsConnection.bio_write(self.records(client, b"late"))
+            server.connectionLost(Failure(ConnectionDone()))
+            return app.received, app.reason
+
+        received, reason = self.outcomes(scenario)
+        self.assertEqual(received, [b"late"])
+        self.assertNotEqual(reason, ConnectionDone)
+
+    def test_no_want_read(self):
+        """Reading a record and sending its answer raises no C{WantReadError} in OpenSSL; Twisted's
+        layer raises two."""
+
+        def raised(layer: str) -> int:
+            server, transport, client = self.connect(layer)
+            openssl = server._tlsConnection
+            count = [0]
+
+            def counting(method):
+                def call(*args):
+                    try:
+                        return method(*args)
+                    except SSL.WantReadError:
+                        count[0] += 1
+                        raise
+
+                return call
+
+            openssl.recv, openssl.bio_read = counting(openssl.recv), counting(openssl.bio_read)
+            server.dataReceived(self.records(client, b"ping"))
+            self.assertEqual(self.echoed(transport, client), b"ping")
+            return count[0]
+
+        self.assertEqual(raised("twisted"), 2)
+        self.assertEqual(raised("metered"), 0)
+        self.assertEqual(raised("unmetered"), 2)
+
+    def test_meter(self):
+        """The meter works on the pyOpenSSL installed here (else the server reads as Twisted does)."""
+        self.assertIsNotNone(protocol._held)
 
 
 class _Grab(Protocol):
