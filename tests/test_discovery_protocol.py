@@ -231,12 +231,12 @@ class _Echo(Protocol):
         self.reason = reason.type
 
 
-def _drain(connection: SSL.Connection) -> bytes:
-    """Everything a memory-BIO Connection has to send."""
+def _read_all(read) -> bytes:
+    """What C{read} (a memory-BIO Connection's C{bio_read} or C{recv}) gives until OpenSSL wants more."""
     out = []
     while True:
         try:
-            out.append(connection.bio_read(65536))
+            out.append(read(65536))
         except SSL.WantReadError:
             return b"".join(out)
 
@@ -247,6 +247,7 @@ class MeteredTLSTests(SynchronousTestCase):
     that end Twisted's reads; and so does it where pyOpenSSL's BIOs cannot be measured.
     """
 
+    # "unmetered" goes last: the meter stays off until the end of the test.
     layers = ("twisted", "metered", "unmetered")
 
     def connect(self, layer: str):
@@ -268,7 +269,7 @@ class MeteredTLSTests(SynchronousTestCase):
                 done = True
             except SSL.WantReadError:
                 done = False
-            server.dataReceived(_drain(client))
+            server.dataReceived(_read_all(client.bio_read))
             if done:
                 break
             client.bio_write(transport.value())
@@ -278,20 +279,15 @@ class MeteredTLSTests(SynchronousTestCase):
     def echoed(self, transport: StringTransport, client: SSL.Connection) -> bytes:
         client.bio_write(transport.value())
         transport.clear()
-        out = []
-        while True:
-            try:
-                out.append(client.recv(65536))
-            except SSL.WantReadError:
-                return b"".join(out)
+        return _read_all(client.recv)
 
     def records(self, client: SSL.Connection, *payloads: bytes) -> bytes:
         """One TLS record per payload, as the client would send them."""
         for payload in payloads:
             client.send(payload)
-        return _drain(client)
+        return _read_all(client.bio_read)
 
-    def outcomes(self, scenario) -> None:
+    def outcomes(self, scenario):
         """C{scenario(server, transport, client)} gives the same result on every layer."""
         results = {layer: scenario(*self.connect(layer)) for layer in self.layers}
         self.assertEqual(results["metered"], results["twisted"])
@@ -329,7 +325,7 @@ class MeteredTLSTests(SynchronousTestCase):
             app = server.wrappedProtocol
             self.echoed(transport, client)  # the session tickets sent after the handshake
             client.shutdown()
-            server.dataReceived(_drain(client))
+            server.dataReceived(_read_all(client.bio_read))
             client.bio_write(transport.value())
             answered = client.shutdown()  # true once the server's close_notify is read
             server.connectionLost(Failure(ConnectionDone()))
