@@ -402,6 +402,22 @@ class MeteredTLSTests(SynchronousTestCase):
         """The meter works on the pyOpenSSL installed here (else the server reads as Twisted does)."""
         self.assertIsNotNone(protocol._held)
 
+    def test_meter_unavailable(self):
+        """A pyOpenSSL whose Connections have no memory BIOs where the meter looks: no meter, and
+        the log says so."""
+
+        class Elsewhere(SSL.Connection):
+            def __init__(self, context, socket) -> None:
+                super().__init__(context, socket)
+                self._bios = (self._into_ssl, self._from_ssl)
+                del self._into_ssl, self._from_ssl
+
+        self.patch(SSL, "Connection", Elsewhere)
+        with capturedLogs() as events:
+            self.assertEqual(protocol._bio_meter(), (None, None))
+        self.assertIn("cannot be measured", events[0]["log_format"])
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
 
 class _Grab(Protocol):
     def __init__(self, made: defer.Deferred, lost: defer.Deferred | None = None) -> None:
