@@ -286,15 +286,15 @@ class RelayTests(TestCase):
         await self.close(load, link)
 
 
-class ReadChunksTests(TestCase):
+class BIOMemoryTests(TestCase):
     async def test_run(self):
-        """bench.read_chunks runs a relay with each TLS layer, bursts into it and reports both."""
-        process = start_process(self, [sys.executable, "-m", "bench.read_chunks", "--connections", "3",
-                                       "--burst", "20000", "--rounds", "1", "--settle", "0"])
-        await with_timeout(process.when_ended(), seconds=120, what="bench.read_chunks")
+        """bench.bio_memory runs a relay with each TLS layer for each phase and reports both."""
+        process = start_process(self, [sys.executable, "-m", "bench.bio_memory", "--connections", "3",
+                                       "--burst", "20000", "--line", "5000", "--rounds", "1", "--settle", "0"])
+        await with_timeout(process.when_ended(), seconds=120, what="bench.bio_memory")
         output = "\n".join(process.output.lines)
-        for layer in ("whole", "chunked"):
-            self.assertRegex(output, rf"round 1  {layer} +\+ *[-\d.]+ KiB per connection after the bursts")
+        for layer in ("twisted", "ours"):
+            self.assertRegex(output, rf"round 1  {layer} +reads \+ *[-\d.]+ KiB, writes \+ *[-\d.]+ KiB per connection")
 
 
 class RawStoreTests(SynchronousTestCase):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from functools import partial
 
 from OpenSSL import SSL
 from twisted.internet import defer, reactor
@@ -24,7 +25,6 @@ from p2pchat.crypto import cert_fingerprint, generate_identity
 from p2pchat.discovery import protocol
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.protocol import (
-    ChunkedReadTLS,
     DiscoveryFactory,
     DiscoveryTLSFactory,
     MeteredTLS,
@@ -185,14 +185,15 @@ class TLSInMemoryTests(SynchronousTestCase):
         self.assertEqual([r.ok for r in replies], [True, True])
         self.assertIsNone(trust.last_error)
 
-    def test_burst_reaches_openssl_in_small_pieces(self):
-        """A burst of requests reaches OpenSSL at most 2048 bytes at a time (its memory BIO keeps
-        a buffer as large as the most it ever held), and every request in it is answered in order."""
+    def test_burst(self):
+        """Every request of a burst (over 30 000 bytes) is answered in order, and the burst leaves
+        the server's OpenSSL new memory BIOs (L{MeteredTLS}): the old ones grew to hold it."""
         client, _, pump = self.pair(cert_fingerprint(SERVER_IDENTITY.certificate))
         pump.flush()
         openssl = self.server_tls._tlsConnection
         handed, bio_write = [], openssl.bio_write
         openssl.bio_write = lambda data: (handed.append(len(data)), bio_write(data))[1]
+        before = _bios(self.server_tls)
         replies = []
         client.request("hello", protocol=1).addCallback(replies.append)
         for _ in range(1500):
@@ -201,7 +202,9 @@ class TLSInMemoryTests(SynchronousTestCase):
         self.assertEqual([r.ok for r in replies], [True] * 1501)
         self.assertEqual([r.id for r in replies], sorted(r.id for r in replies))
         self.assertGreater(sum(handed), 30_000)
-        self.assertLessEqual(max(handed), 2048)
+        after = _bios(self.server_tls)
+        self.assertNotEqual(after[0], before[0])
+        self.assertNotEqual(after[1], before[1])
 
     def test_wrong_pin(self):
         """With a wrong pin the handshake fails and the client hears nothing from the server."""
@@ -241,6 +244,14 @@ def _read_all(read) -> bytes:
             return b"".join(out)
 
 
+def _bios(server: TLSMemoryBIOProtocol) -> tuple[int, int]:
+    """The addresses of the memory BIOs (incoming, outgoing) a TLS layer's OpenSSL uses now."""
+    connection = server._tlsConnection
+    return int(SSL._ffi.cast("intptr_t", connection._into_ssl)), int(
+        SSL._ffi.cast("intptr_t", connection._from_ssl)
+    )
+
+
 class MeteredTLSTests(SynchronousTestCase):
     """
     L{MeteredTLS} reads, answers and ends as Twisted's own layer does, without the exceptions
@@ -261,6 +272,7 @@ class MeteredTLSTests(SynchronousTestCase):
         server = factory.buildProtocol(None)
         transport = StringTransport()
         server.makeConnection(transport)
+        self.first_bios = _bios(server)
         client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
         client.set_connect_state()
         while True:
@@ -317,6 +329,52 @@ class MeteredTLSTests(SynchronousTestCase):
         seen, received, echoed = self.outcomes(scenario)
         self.assertEqual(seen, [0] * (len(seen) - 1) + [1])
         self.assertEqual((received, echoed), ([b"pieces"], b"pieces"))
+
+    def test_large_transfer(self):
+        """40 000 bytes in three records, in one read or in reads of 2000 bytes, are read and
+        echoed whole."""
+        payload = bytes(range(256)) * 156 + b"end"
+
+        def scenario(server, transport, client, piece):
+            record = self.records(client, payload[:16384], payload[16384:32768], payload[32768:])
+            for start in range(0, len(record), piece):
+                server.dataReceived(record[start:start + piece])
+            client.bio_write(transport.value())
+            transport.clear()
+            echoed = _read_all(client.recv)
+            return b"".join(server.wrappedProtocol.received) == payload, echoed == payload
+
+        for piece in (65536, 2000):
+            self.assertEqual(self.outcomes(partial(scenario, piece=piece)), (True, True))
+
+    def test_new_bios_after_handshake(self):
+        """The handshake's flights (over 1 KiB each way) leave the connection with new BIOs,
+        and their buffers are gone with the old ones."""
+        server, _, _ = self.connect("metered")
+        now = _bios(server)
+        self.assertNotEqual(now[0], self.first_bios[0])
+        self.assertNotEqual(now[1], self.first_bios[1])
+
+    def test_new_bios_after_large(self):
+        """Small reads and writes keep the BIOs; a read of more than C{SHED_ABOVE} bytes gets a
+        new incoming one, a write of more a new outgoing one."""
+        server, transport, client = self.connect("metered")
+        self.echoed(transport, client)  # the session tickets sent after the handshake
+        before = _bios(server)
+        server.dataReceived(self.records(client, b"x" * 100))
+        self.assertEqual(self.echoed(transport, client), b"x" * 100)
+        self.assertEqual(_bios(server), before)
+
+        big = b"y" * (protocol.SHED_ABOVE + 1)
+        server.dataReceived(self.records(client, big))
+        self.assertEqual(self.echoed(transport, client), big)
+        after = _bios(server)
+        self.assertNotEqual(after[0], before[0])
+        self.assertNotEqual(after[1], before[1])
+
+        # And the new BIOs carry on.
+        server.dataReceived(self.records(client, b"z"))
+        self.assertEqual(self.echoed(transport, client), b"z")
 
     def test_close_notify(self):
         """The client's close_notify is answered with ours, and the connection ends cleanly."""
@@ -414,9 +472,22 @@ class MeteredTLSTests(SynchronousTestCase):
 
         self.patch(SSL, "Connection", Elsewhere)
         with capturedLogs() as events:
-            self.assertEqual(protocol._bio_meter(), (None, None))
-        self.assertIn("cannot be measured", events[0]["log_format"])
+            self.assertEqual(protocol._bio_access(), (None, None, None))
+        self.assertIn("cannot be used", events[0]["log_format"])
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+    def test_meter_wrong(self):
+        """A pyOpenSSL whose Connections do not write into the BIO the meter looks at: no meter,
+        and the log says so."""
+
+        class Elsewhere(SSL.Connection):
+            def bio_write(self, buf) -> int:
+                return len(buf)
+
+        self.patch(SSL, "Connection", Elsewhere)
+        with capturedLogs() as events:
+            self.assertEqual(protocol._bio_access(), (None, None, None))
+        self.assertIn("do not work as expected", events[0]["log_format"])
 
 
 class _Grab(Protocol):
@@ -499,7 +570,7 @@ class PromptServerTests(TestCase):
 
     async def test_own_tls(self):
         """A port that brings its own TLS (C{listenSSL}, as an C{ssl:} description makes) gets our
-        TLS layer as well: reads in chunks (L{ChunkedReadTLS}) over a L{PromptServer}."""
+        TLS layer as well (L{MeteredTLS}) over a L{PromptServer}."""
         made = defer.Deferred()
         port = reactor.listenSSL(0, Factory.forProtocol(lambda: _Grab(made)),
                                  server_certificate_options(SERVER_IDENTITY), interface="127.0.0.1")
@@ -510,7 +581,7 @@ class PromptServerTests(TestCase):
         client = await with_timeout(connectProtocol(endpoint, collect), what="connect")
         self.addCleanup(client.transport.abortConnection)
         server = await with_timeout(made, what="accept")
-        self.assertIsInstance(server, ChunkedReadTLS)
+        self.assertIsInstance(server, MeteredTLS)
         self.assertIsInstance(server.transport, PromptServer)
         server.write(b"hello")
         self.assertEqual(await with_timeout(collect.done, what="hello"), b"hello")

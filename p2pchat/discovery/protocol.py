@@ -58,7 +58,7 @@ def serve_promptly(port) -> None:
     if isinstance(port, tcp.Port) and port.transport is tcp.Server:
         port.transport = PromptServer
         if type(port.factory) is TLSMemoryBIOFactory:
-            port.factory.protocol = ChunkedReadTLS
+            port.factory.protocol = MeteredTLS
 
 
 class Outbox:
@@ -225,33 +225,58 @@ class DiscoveryFactory(Factory):
         return p
 
 
-def _bio_meter():
+def _bio_access():
     """
-    C{BIO_get_mem_data} and C{NULL} from the OpenSSL bindings pyOpenSSL runs on: with a
-    Connection's memory BIO (its C{_into_ssl} or C{_from_ssl}) they tell how many bytes it holds.
-    pyOpenSSL uses them itself, but they are not its public API: this tries them once on a
-    Connection of its own, and gives C{(None, None)} where they do not work as expected.
+    Two private parts of pyOpenSSL for a Connection's memory BIOs (its C{_into_ssl} and
+    C{_from_ssl}), which pyOpenSSL uses itself:
+
+      - C{held(bio, NULL)} (C{BIO_get_mem_data}) tells how many bytes a BIO holds;
+      - C{renew(connection, name)} gives the connection an empty memory BIO in place of the one it
+        has under C{name}, and OpenSSL frees the old one with the buffer it grew.
+
+    This tries them once on a Connection of its own and gives C{(None, None, None)} where they do
+    not work as expected.
     """
     try:
         from OpenSSL.SSL import _ffi, _lib
 
+        def renew(connection: SSL.Connection, name: str) -> None:
+            fresh = _lib.BIO_new(_lib.BIO_s_mem())
+            if fresh == _ffi.NULL:
+                return  # no memory for a new one: keep the old
+            if name == "_into_ssl":
+                _lib.SSL_set_bio(connection._ssl, fresh, connection._from_ssl)
+            else:
+                _lib.SSL_set_bio(connection._ssl, connection._into_ssl, fresh)
+            setattr(connection, name, fresh)
+
+        held = _lib.BIO_get_mem_data
         probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
         probe.bio_write(b"probe")
-        held = _lib.BIO_get_mem_data
         if held(probe._into_ssl, _ffi.NULL) == 5 and held(probe._from_ssl, _ffi.NULL) == 0:
-            return held, _ffi.NULL
+            renew(probe, "_into_ssl")
+            renew(probe, "_from_ssl")
+            probe.bio_write(b"again!")
+            if held(probe._into_ssl, _ffi.NULL) == 6:
+                return held, _ffi.NULL, renew
     except Exception:  # noqa: BLE001 - any change in pyOpenSSL's insides: read as Twisted does
-        log.failure("pyOpenSSL's memory BIOs cannot be measured; TLS reads as Twisted's layer does")
-    return None, None
+        log.failure("pyOpenSSL's memory BIOs cannot be used; TLS reads as Twisted's layer does")
+    else:
+        log.error("pyOpenSSL's memory BIOs do not work as expected; TLS reads as Twisted's does")
+    return None, None, None
 
 
-_held, _NULL = _bio_meter()
+_held, _NULL, _renew = _bio_access()
+
+# L{MeteredTLS} gives a connection a new memory BIO after a read or write of more bytes than this.
+SHED_ABOVE = 1024
 
 
 class MeteredTLS(TLSMemoryBIOProtocol):
     """
     Twisted's TLS layer, which asks OpenSSL's memory BIOs how many bytes they hold instead of
-    reading them until OpenSSL raises C{WantReadError}.
+    reading them until OpenSSL raises C{WantReadError}, and which gives a connection new BIOs
+    after a large read or write.
 
     Twisted ends every read from the socket with two such exceptions: one from the C{recv} after
     the last record, one from the C{bio_read} after the last reply. That was about 2.5 of the
@@ -259,6 +284,11 @@ class MeteredTLS(TLSMemoryBIOProtocol):
     read goes on only while a record waits in the BIO, and the BIO is read for exactly what it
     holds. Once the connection is lost, reading is Twisted's again, so that OpenSSL reports how
     the stream ended.
+
+    A memory BIO keeps a buffer as large as the most it ever held until its connection closes:
+    the handshake's flights (about 4.5 KiB), each socket read (up to 64 KiB) and each write (up to
+    16 KiB at a time). Once such a read or write has gone through and the BIO is empty, it is
+    replaced with a new one (L{SHED_ABOVE}).
     """
 
     _eof = False
@@ -270,7 +300,19 @@ class MeteredTLS(TLSMemoryBIOProtocol):
         connection = self._tlsConnection
         waiting = _held(connection._from_ssl, _NULL)
         if waiting:
-            self.transport.write(connection.bio_read(waiting))
+            data = connection.bio_read(waiting)
+            if waiting > SHED_ABOVE:
+                _renew(connection, "_from_ssl")  # empty now, and before anything else is sent
+            self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # OpenSSL takes everything a read brought (a record not whole yet into a buffer of its
+        # own), unless the connection ended on the way.
+        if len(data) > SHED_ABOVE and _held is not None and not self._lostTLSConnection:
+            connection = self._tlsConnection
+            if not _held(connection._into_ssl, _NULL):
+                _renew(connection, "_into_ssl")
 
     def _flushReceiveBIO(self) -> None:
         if _held is None or self._eof:
@@ -300,31 +342,8 @@ class MeteredTLS(TLSMemoryBIOProtocol):
         super().connectionLost(reason)
 
 
-class ChunkedReadTLS(MeteredTLS):
-    """
-    L{MeteredTLS} that hands OpenSSL what the socket read C{read_chunk} bytes at a time.
-
-    OpenSSL's memory BIO keeps a buffer as large as the most it ever held until the connection
-    closes, and Twisted reads up to 64 KiB at once: one burst from a client would otherwise add
-    that much to the server for as long as the client stays connected.
-    """
-
-    read_chunk = 2048
-
-    def dataReceived(self, data: bytes) -> None:
-        chunk = self.read_chunk
-        if len(data) <= chunk:
-            super().dataReceived(data)
-            return
-        for start in range(0, len(data), chunk):
-            if self._lostTLSConnection or self._aborted:
-                return
-            super().dataReceived(data[start:start + chunk])
-
-
 class DiscoveryTLSFactory(TLSMemoryBIOFactory):
     """TLS for L{DiscoveryFactory}: its protocols put their writes together themselves (L{Outbox}),
-    so the TLS layer need not hold them for a pass of its own; reads reach OpenSSL in chunks
-    (L{ChunkedReadTLS})."""
+    so the TLS layer need not hold them for a pass of its own (L{MeteredTLS})."""
 
-    protocol = ChunkedReadTLS
+    protocol = MeteredTLS
