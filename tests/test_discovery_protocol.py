@@ -25,6 +25,8 @@ from p2pchat.crypto import cert_fingerprint, generate_identity
 from p2pchat.discovery import protocol
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.protocol import (
+    DirectConnection,
+    DirectConnections,
     DiscoveryFactory,
     DiscoveryTLSFactory,
     MeteredTLS,
@@ -255,20 +257,23 @@ def _bios(server: TLSMemoryBIOProtocol) -> tuple[int, int]:
 class MeteredTLSTests(SynchronousTestCase):
     """
     L{MeteredTLS} reads, answers and ends as Twisted's own layer does, without the exceptions
-    that end Twisted's reads; and so does it where pyOpenSSL's BIOs cannot be measured.
+    that end Twisted's reads; so does it on L{DirectConnection}s (the server's whole TLS layer,
+    L{DiscoveryTLSFactory}), and where pyOpenSSL's BIOs cannot be measured.
     """
 
     # "unmetered" goes last: the meter stays off until the end of the test.
-    layers = ("twisted", "metered", "unmetered")
+    layers = ("twisted", "metered", "direct", "unmetered")
 
     def connect(self, layer: str):
         """A server on C{layer} over a L{StringTransport}, and a pyOpenSSL client after the handshake."""
         if layer == "unmetered":
             self.patch(protocol, "_held", None)
-        factory = TLSMemoryBIOFactory(
+        kind = DiscoveryTLSFactory if layer == "direct" else TLSMemoryBIOFactory
+        factory = kind(
             server_certificate_options(SERVER_IDENTITY), False, Factory.forProtocol(_Echo), Clock()
         )
-        factory.protocol = TLSMemoryBIOProtocol if layer == "twisted" else MeteredTLS
+        if layer != "direct":
+            factory.protocol = TLSMemoryBIOProtocol if layer == "twisted" else MeteredTLS
         server = factory.buildProtocol(None)
         transport = StringTransport()
         server.makeConnection(transport)
@@ -303,6 +308,7 @@ class MeteredTLSTests(SynchronousTestCase):
         """C{scenario(server, transport, client)} gives the same result on every layer."""
         results = {layer: scenario(*self.connect(layer)) for layer in self.layers}
         self.assertEqual(results["metered"], results["twisted"])
+        self.assertEqual(results["direct"], results["twisted"])
         self.assertEqual(results["unmetered"], results["twisted"])
         return results["twisted"]
 
@@ -454,6 +460,7 @@ class MeteredTLSTests(SynchronousTestCase):
 
         self.assertEqual(raised("twisted"), 2)
         self.assertEqual(raised("metered"), 0)
+        self.assertEqual(raised("direct"), 0)
         self.assertEqual(raised("unmetered"), 2)
 
     def test_meter(self):
@@ -472,7 +479,7 @@ class MeteredTLSTests(SynchronousTestCase):
 
         self.patch(SSL, "Connection", Elsewhere)
         with capturedLogs() as events:
-            self.assertEqual(protocol._bio_access(), (None, None, None))
+            self.assertEqual(protocol._bio_access(), (None, None))
         self.assertIn("cannot be used", events[0]["log_format"])
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
 
@@ -486,8 +493,107 @@ class MeteredTLSTests(SynchronousTestCase):
 
         self.patch(SSL, "Connection", Elsewhere)
         with capturedLogs() as events:
-            self.assertEqual(protocol._bio_access(), (None, None, None))
+            self.assertEqual(protocol._bio_access(), (None, None))
         self.assertIn("do not work as expected", events[0]["log_format"])
+
+
+class DirectConnectionTests(SynchronousTestCase):
+    """L{DirectConnection} answers every call as pyOpenSSL's Connection does."""
+
+    def pair(self):
+        """A handshaken L{DirectConnection} (the server's) and a pyOpenSSL client."""
+        server = DirectConnection(server_certificate_options(SERVER_IDENTITY).getContext(), None)
+        server.set_accept_state()
+        client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+        client.set_connect_state()
+        for _ in range(4):
+            for side, other in ((client, server), (server, client)):
+                try:
+                    side.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                flight = _read_all(side.bio_read)
+                if flight:
+                    other.bio_write(flight)
+        _read_all(client.recv)  # the session tickets
+        return server, client
+
+    def test_direct(self):
+        """The server's TLS factory makes L{DirectConnection}s; the meter and pyOpenSSL allow it."""
+        self.assertTrue(protocol._direct)
+        factory = DiscoveryTLSFactory(
+            server_certificate_options(SERVER_IDENTITY), False, Factory.forProtocol(_Echo), Clock()
+        )
+        server = factory.buildProtocol(None)
+        server.makeConnection(StringTransport())
+        self.assertIsInstance(server._tlsConnection, DirectConnection)
+
+    def test_not_direct(self):
+        """Where pyOpenSSL lacks what L{DirectConnection} uses, the factory makes its Connections."""
+        self.patch(protocol, "_direct", False)
+        connection = DirectConnections(server_certificate_options(SERVER_IDENTITY))
+        self.assertIs(type(connection.serverConnectionForTLS(None)), SSL.Connection)
+
+    def test_client_side(self):
+        """L{DiscoveryTLSFactory} is the server's side only."""
+        with self.assertRaises(ValueError):
+            DiscoveryTLSFactory(
+                server_certificate_options(SERVER_IDENTITY), True, Factory.forProtocol(_Echo)
+            )
+
+    def test_round_trip(self):
+        """Bytes, memoryviews and bytearrays go both ways; reads and writes of every size."""
+        server, client = self.pair()
+        client.send(b"hello")
+        self.assertEqual(server.bio_write(memoryview(_read_all(client.bio_read))), 5 + 22)
+        self.assertEqual(server.recv(2), b"he")
+        self.assertEqual(server.recv(100000), b"llo")  # larger than its buffer
+        self.assertEqual(server.send(bytearray(b"abc")), 3)
+        client.bio_write(server.bio_read(100000))
+        self.assertEqual(server.send(b"defg"), 4)
+        client.bio_write(server.bio_read(32768))
+        self.assertEqual(_read_all(client.recv), b"abcdefg")
+
+    def test_empty(self):
+        """Reading with nothing there raises C{WantReadError}, as pyOpenSSL does."""
+        server, _ = self.pair()
+        with self.assertRaises(SSL.WantReadError):
+            server.recv(1024)
+        with self.assertRaises(SSL.WantReadError):
+            server.bio_read(1024)
+
+    def test_peek(self):
+        """C{MSG_PEEK} leaves the bytes to read again."""
+        server, client = self.pair()
+        client.send(b"peek")
+        server.bio_write(_read_all(client.bio_read))
+        self.assertEqual(server.recv(100, socket.MSG_PEEK), b"peek")
+        self.assertEqual(server.recv(100), b"peek")
+
+    def test_forged(self):
+        """A record that fails its check raises OpenSSL's error, as pyOpenSSL does."""
+        server, client = self.pair()
+        client.send(b"forged")
+        record = bytearray(_read_all(client.bio_read))
+        record[-1] ^= 1
+        server.bio_write(bytes(record))
+        with self.assertRaises(SSL.Error):
+            server.recv(1024)
+
+    def test_callback_problem(self):
+        """An exception a callback of the Context left behind is raised after the next read or
+        write that succeeds, as pyOpenSSL does, and only once."""
+        server, client = self.pair()
+        problems = server._callback_problems[0]
+        problems.append(ZeroDivisionError("left by a callback"))
+        client.send(b"x")
+        server.bio_write(_read_all(client.bio_read))
+        with self.assertRaises(ZeroDivisionError):
+            server.recv(1024)
+        problems.append(KeyError("again"))
+        with self.assertRaises(KeyError):
+            server.send(b"y")
+        self.assertEqual(server.send(b"z"), 1)
 
 
 class _Grab(Protocol):
