@@ -360,8 +360,9 @@ class DirectConnection(SSL.Connection):
     pyOpenSSL's own handling.
 
     pyOpenSSL's methods check their arguments, allocate a buffer for every read and look up the
-    error of every call: a keep-alive's four calls took 4.7 microseconds through them and
-    2.0 straight, on a server with 2000 connections in memory.
+    error of every call: a keep-alive's four calls took 4.7 microseconds through them and 2.0
+    straight (one connection in memory); a whole keep-alive on a server with 2000 connections in
+    memory went from about 19.4 to 17.2.
     """
 
     def __init__(self, context: SSL.Context, socket=None) -> None:
@@ -427,7 +428,7 @@ def _direct_available() -> bool:
     return True
 
 
-_direct = _held is not None and _direct_available()
+_direct = _direct_available()
 
 
 @implementer(IOpenSSLServerConnectionCreator)
