@@ -446,7 +446,7 @@ class DirectConnections:
 class DiscoveryTLSFactory(TLSMemoryBIOFactory):
     """TLS for L{DiscoveryFactory}: its protocols put their writes together themselves (L{Outbox}),
     so the TLS layer need not hold them for a pass of its own (L{MeteredTLS}); its connections are
-    L{DirectConnection}s. C{options} is a C{CertificateOptions} (an old-style context factory)."""
+    L{DirectConnection}s of C{options}' Context (the server's C{CertificateOptions})."""
 
     protocol = MeteredTLS
 
