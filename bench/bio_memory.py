@@ -2,6 +2,7 @@
 server's (L{MeteredTLS}, which gives a connection new memory BIOs after a large read or write).
 
     python -m bench.bio_memory [--connections 500] [--burst 60000] [--line 15000] [--rounds 2]
+                               [--users 500] [--broadcasts 15]
 
 Each round starts a bare TLS line relay (L{bench.relay}'s protocol) once with each TLS layer, in
 turn. CONNECTIONS clients log in. Reads: each client sends one burst of BURST bytes of lines
@@ -10,6 +11,10 @@ Writes: each client sends itself one line of LINE bytes, which the relay writes 
 relay's RSS is read SETTLE seconds (2) before the bursts, and as long after the last answer of each
 phase. A memory BIO keeps a buffer as large as the most it ever held until its connection closes;
 Twisted reads up to 64 KiB at once and writes up to 16 KiB at a time.
+
+Then our discovery server: USERS (500) load users log in and idle; one of them sends BROADCASTS
+(15) broadcasts of 1000 characters at once, which reach every other user in one write each (about
+1 KiB per broadcast). The server's RSS is read SETTLE seconds before and after the last delivery.
 """
 
 from __future__ import annotations
@@ -112,15 +117,25 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--burst", type=int, default=60_000, help="bytes each client sends at once")
     parser.add_argument("--line", type=int, default=15_000, help="bytes of the line each client sends itself")
+    parser.add_argument("--users", type=int, default=500, help="load users on our server")
+    parser.add_argument("--broadcasts", type=int, default=15, help="broadcasts of 1000 characters, sent at once")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before each RSS reading")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "LAYER"), help=argparse.SUPPRESS)
     parser.add_argument("--drive", nargs=3, metavar=("PORT", "PID", "PHASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--broadcast-to", nargs=3, metavar=("PORT", "PID", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv[1:])
     if not 0 < args.line <= 16_000:
         parser.error("--line must be 1 to 16000 bytes: the relay's longest line is 16 KiB")
+    if args.users < 2 or args.broadcasts < 1:
+        parser.error("--users must be at least 2 and --broadcasts at least 1")
     if args.serve:
         serve(int(args.serve[0]), args.serve[1])
+        return
+    if args.broadcast_to:
+        port, pid, tokens = args.broadcast_to
+        print(json.dumps(broadcast(int(port), int(pid), tokens, args.users, args.broadcasts, args.settle)),
+              flush=True)
         return
     if args.drive:
         port, pid, phase = args.drive
@@ -134,6 +149,72 @@ def main(argv: list[str]) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def broadcast(port: int, pid: int, tokens: str, users: int, broadcasts: int, settle: float) -> dict:
+    """Log USERS load users in to our server, broadcast and read its RSS; runs its own reactor once."""
+    from twisted.internet import defer, reactor
+    from twisted.python.failure import Failure
+
+    from bench.loadgen import Load, bounded, sleep
+
+    result: dict = {}
+
+    async def main() -> None:
+        load = Load("ours", port, tokens)
+        links = await bounded(defer.ensureDeferred(load.connect_all(load.users(users))), 120)
+        await sleep(settle)
+        before = proc_stats(pid)
+        heard, expected, done = [0], (len(links) - 1) * broadcasts, defer.Deferred()
+
+        def on_broadcast(link, sender, text) -> None:
+            heard[0] += 1
+            if heard[0] == expected:
+                done.callback(None)
+
+        load.on_broadcast = on_broadcast
+        for _ in range(broadcasts):
+            links[0].send_broadcast("x" * 1000)
+        links[0].flush()
+        await bounded(done, 60)
+        cpu_s = proc_stats(pid).cpu_s - before.cpu_s
+        await sleep(settle)
+        after = proc_stats(pid)
+        result.update(growth_kib=(after.rss_kib - before.rss_kib) / len(links), cpu_s=cpu_s,
+                      connected_rss_kib=before.rss_kib, users=len(links))
+        await load.close_all()
+
+    def stop(outcome):
+        if isinstance(outcome, Failure):
+            result["error"] = outcome.getErrorMessage()
+        reactor.stop()
+
+    defer.ensureDeferred(main()).addBoth(stop)
+    reactor.run()
+    return result
+
+
+def run_server(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
+    from bench.run import Bench
+
+    bench = Bench(argparse.Namespace(quick=True, idle_connections=0, client_writes="coalesced"), procs, workdir)
+    bench.prepare(args.users)
+    server = bench.start_ours()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.bio_memory", "--broadcast-to", str(server.port), str(server.pid),
+             str(bench.tokens), "--users", str(args.users), "--broadcasts", str(args.broadcasts),
+             "--settle", str(args.settle)],
+            capture_output=True, text=True, env=child_env(), timeout=300, check=False,
+        )
+    finally:
+        server.stop()
+    r = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {"error": out.stderr[-500:]}
+    if "error" in r:
+        raise SystemExit(f"our server: {r['error']}")
+    print(f"our server  broadcasts +{r['growth_kib']:5.1f} KiB per connection ({r['users']} users,"
+          f" {args.broadcasts} broadcasts of 1000 characters; RSS with the users online"
+          f" {r['connected_rss_kib'] / 1024:.1f} MiB); server CPU {r['cpu_s']:.2f} s", flush=True)
+
+
 def run_rounds(args: argparse.Namespace, workdir: Path) -> None:
     with Processes() as procs:
         for round_ in range(args.rounds):
@@ -145,6 +226,7 @@ def run_rounds(args: argparse.Namespace, workdir: Path) -> None:
                       f" +{writes['growth_kib']:5.1f} KiB per connection (RSS with the clients connected"
                       f" {reads['connected_rss_kib'] / 1024:.1f} MiB); server CPU {reads['cpu_s']:.2f} s for the"
                       f" reads, {writes['cpu_s']:.2f} s for the writes", flush=True)
+        run_server(args, procs, workdir)
 
 
 def run_phase(args: argparse.Namespace, procs: Processes, workdir: Path, layer: str, phase: str) -> dict:

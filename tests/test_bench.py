@@ -288,13 +288,16 @@ class RelayTests(TestCase):
 
 class BIOMemoryTests(TestCase):
     async def test_run(self):
-        """bench.bio_memory runs a relay with each TLS layer for each phase and reports both."""
+        """bench.bio_memory runs a relay with each TLS layer for each phase and reports both, then
+        broadcasts on our server and reports that."""
         process = start_process(self, [sys.executable, "-m", "bench.bio_memory", "--connections", "3",
-                                       "--burst", "20000", "--line", "5000", "--rounds", "1", "--settle", "0"])
+                                       "--burst", "20000", "--line", "5000", "--rounds", "1", "--settle", "0",
+                                       "--users", "3", "--broadcasts", "2"])
         await with_timeout(process.when_ended(), seconds=120, what="bench.bio_memory")
         output = "\n".join(process.output.lines)
         for layer in ("twisted", "ours"):
             self.assertRegex(output, rf"round 1  {layer} +reads \+ *[-\d.]+ KiB, writes \+ *[-\d.]+ KiB per connection")
+        self.assertRegex(output, r"our server  broadcasts \+ *[-\d.]+ KiB per connection \(3 users, 2 broadcasts")
 
 
 class RawStoreTests(SynchronousTestCase):
