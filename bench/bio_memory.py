@@ -44,6 +44,35 @@ def serve(port: int, layer: str) -> None:
     reactor.run()
 
 
+def run_once(main, result: dict) -> dict:
+    """Run the coroutine C{main()} on the reactor, once per process; C{result}, with C{error} set if
+    it failed."""
+    from twisted.internet import defer, reactor
+    from twisted.python.failure import Failure
+
+    def stop(outcome):
+        if isinstance(outcome, Failure):
+            result["error"] = outcome.getErrorMessage()
+        reactor.stop()
+
+    defer.ensureDeferred(main()).addBoth(stop)
+    reactor.run()
+    return result
+
+
+def child(what: str, *argv: str) -> dict:
+    """Run C{python -m bench.bio_memory ARGV} (the clients: a reactor runs once per process) and
+    give the JSON it printed last; exit with C{what} and the error if it failed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bio_memory", *argv],
+        capture_output=True, text=True, env=child_env(), timeout=300, check=False,
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {"error": out.stderr[-500:]}
+    if "error" in r:
+        raise SystemExit(f"{what}: {r['error']}")
+    return r
+
+
 def drive(port: int, pid: int, phase: str, connections: int, burst: int, line: int, settle: float) -> dict:
     """Connect, run C{phase} ("reads" or "writes") and read the server's RSS and CPU; runs its own
     reactor once."""
@@ -52,7 +81,6 @@ def drive(port: int, pid: int, phase: str, connections: int, burst: int, line: i
     from twisted.internet.protocol import Factory
     from twisted.internet.ssl import CertificateOptions
     from twisted.protocols.basic import LineOnlyReceiver
-    from twisted.python.failure import Failure
 
     from bench.loadgen import bounded, sleep
 
@@ -102,14 +130,7 @@ def drive(port: int, pid: int, phase: str, connections: int, burst: int, line: i
         for client in clients:
             client.transport.abortConnection()
 
-    def stop(outcome):
-        if isinstance(outcome, Failure):
-            result["error"] = outcome.getErrorMessage()
-        reactor.stop()
-
-    defer.ensureDeferred(main()).addBoth(stop)
-    reactor.run()
-    return result
+    return run_once(main, result)
 
 
 def main(argv: list[str]) -> None:
@@ -151,8 +172,7 @@ def main(argv: list[str]) -> None:
 
 def broadcast(port: int, pid: int, tokens: str, users: int, broadcasts: int, settle: float) -> dict:
     """Log USERS load users in to our server, broadcast and read its RSS; runs its own reactor once."""
-    from twisted.internet import defer, reactor
-    from twisted.python.failure import Failure
+    from twisted.internet import defer
 
     from bench.loadgen import Load, bounded, sleep
 
@@ -182,14 +202,7 @@ def broadcast(port: int, pid: int, tokens: str, users: int, broadcasts: int, set
                       connected_rss_kib=before.rss_kib, users=len(links))
         await load.close_all()
 
-    def stop(outcome):
-        if isinstance(outcome, Failure):
-            result["error"] = outcome.getErrorMessage()
-        reactor.stop()
-
-    defer.ensureDeferred(main()).addBoth(stop)
-    reactor.run()
-    return result
+    return run_once(main, result)
 
 
 def run_server(args: argparse.Namespace, procs: Processes, workdir: Path) -> None:
@@ -199,17 +212,10 @@ def run_server(args: argparse.Namespace, procs: Processes, workdir: Path) -> Non
     bench.prepare(args.users)
     server = bench.start_ours()
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.bio_memory", "--broadcast-to", str(server.port), str(server.pid),
-             str(bench.tokens), "--users", str(args.users), "--broadcasts", str(args.broadcasts),
-             "--settle", str(args.settle)],
-            capture_output=True, text=True, env=child_env(), timeout=300, check=False,
-        )
+        r = child("our server", "--broadcast-to", str(server.port), str(server.pid), str(bench.tokens),
+                  "--users", str(args.users), "--broadcasts", str(args.broadcasts), "--settle", str(args.settle))
     finally:
         server.stop()
-    r = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {"error": out.stderr[-500:]}
-    if "error" in r:
-        raise SystemExit(f"our server: {r['error']}")
     print(f"our server  broadcasts +{r['growth_kib']:5.1f} KiB per connection ({r['users']} users,"
           f" {args.broadcasts} broadcasts of 1000 characters; RSS with the users online"
           f" {r['connected_rss_kib'] / 1024:.1f} MiB); server CPU {r['cpu_s']:.2f} s", flush=True)
@@ -234,18 +240,12 @@ def run_phase(args: argparse.Namespace, procs: Processes, workdir: Path, layer: 
     server = procs.start([sys.executable, "-m", "bench.bio_memory", "--serve", str(port), layer],
                          workdir / f"{layer}.log", cwd=workdir, env=child_env())
     wait_for_port(port, server, 30)
-    # The clients in a process of their own: a reactor runs once per process.
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.bio_memory", "--drive", str(port), str(server.pid), phase,
-         "--connections", str(args.connections), "--burst", str(args.burst), "--line", str(args.line),
-         "--settle", str(args.settle)],
-        capture_output=True, text=True, env=child_env(), timeout=300, check=False,
-    )
-    procs.stop(server)
-    r = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {"error": out.stderr[-500:]}
-    if "error" in r:
-        raise SystemExit(f"{layer}, {phase}: {r['error']}")
-    return r
+    try:
+        return child(f"{layer}, {phase}", "--drive", str(port), str(server.pid), phase,
+                     "--connections", str(args.connections), "--burst", str(args.burst), "--line", str(args.line),
+                     "--settle", str(args.settle))
+    finally:
+        procs.stop(server)
 
 
 if __name__ == "__main__":
