@@ -264,6 +264,9 @@ class MeteredTLSTests(SynchronousTestCase):
     # "unmetered" goes last: the meter stays off until the end of the test.
     layers = ("twisted", "metered", "direct", "unmetered")
 
+    # The TLS version the client offers at most; a test may hold it to TLS 1.2.
+    client_max = None
+
     def connect(self, layer: str):
         """A server on C{layer} over a L{StringTransport}, and a pyOpenSSL client after the handshake."""
         if layer == "unmetered":
@@ -278,7 +281,10 @@ class MeteredTLSTests(SynchronousTestCase):
         transport = StringTransport()
         server.makeConnection(transport)
         self.first_bios = _bios(server)
-        client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        if self.client_max is not None:
+            context.set_max_proto_version(self.client_max)
+        client = SSL.Connection(context, None)
         client.set_connect_state()
         while True:
             try:
@@ -286,7 +292,9 @@ class MeteredTLSTests(SynchronousTestCase):
                 done = True
             except SSL.WantReadError:
                 done = False
-            server.dataReceived(_read_all(client.bio_read))
+            flight = _read_all(client.bio_read)
+            if flight:  # a TLS 1.2 client has nothing to send once its handshake is done
+                server.dataReceived(flight)
             if done:
                 break
             client.bio_write(transport.value())
@@ -352,6 +360,14 @@ class MeteredTLSTests(SynchronousTestCase):
 
         for piece in (65536, 2000):
             self.assertEqual(self.outcomes(partial(scenario, piece=piece)), (True, True))
+
+    def test_tls12(self):
+        """With a TLS 1.2 client too: large transfers and a forged record."""
+        self.client_max = SSL.TLS1_2_VERSION
+        _, _, client = self.connect("direct")
+        self.assertEqual(client.get_protocol_version_name(), "TLSv1.2")
+        self.test_large_transfer()
+        self.test_forged_record()
 
     def test_new_bios_after_handshake(self):
         """The handshake's flights (over 1 KiB each way) leave the connection with new BIOs,
