@@ -274,6 +274,10 @@ _held, _NULL = _bio_access()
 # L{MeteredTLS} gives a connection a new memory BIO after a read or write of more bytes than this.
 SHED_ABOVE = 1024
 
+# The most L{MeteredTLS} asks OpenSSL for at once (a record holds at most 16 KiB), and the size of
+# L{DirectConnection}'s buffer, so that such a read goes straight.
+_READ_BUFFER_SIZE = 32768
+
 
 class MeteredTLS(TLSMemoryBIOProtocol):
     """
@@ -324,7 +328,7 @@ class MeteredTLS(TLSMemoryBIOProtocol):
         connection = self._tlsConnection
         while not self._lostTLSConnection:
             try:
-                data = connection.recv(32768)
+                data = connection.recv(_READ_BUFFER_SIZE)
             except SSL.WantReadError:
                 break  # a record not whole yet
             except SSL.ZeroReturnError:
@@ -347,7 +351,6 @@ class MeteredTLS(TLSMemoryBIOProtocol):
 
 # What DirectConnection reads into before it copies out what it got; the reactor's thread is the
 # only one that reads or writes TLS.
-_READ_BUFFER_SIZE = 32768
 _read_buffer = None
 
 
