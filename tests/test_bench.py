@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from bench import codecs, loadgen, rawstore, run
+from bench import bio_memory, codecs, loadgen, rawstore, run
 from bench.procs import proc_stats
 from tests.support import start_process, with_timeout
 
@@ -287,6 +287,21 @@ class RelayTests(TestCase):
 
 
 class BIOMemoryTests(TestCase):
+    def test_bad_arguments(self):
+        """A line the relay could not take, too few users or no broadcast: a usage error before
+        anything starts."""
+        for argv, says in (
+            (["--line", "16001"], "--line must be 1 to 16000 bytes"),
+            (["--line", "0"], "--line must be 1 to 16000 bytes"),
+            (["--users", "1"], "--users must be at least 2"),
+            (["--broadcasts", "0"], "--broadcasts at least 1"),
+        ):
+            err = io.StringIO()
+            with redirect_stderr(err), self.assertRaises(SystemExit) as exited:
+                bio_memory.main(["bio_memory", *argv])
+            self.assertEqual(exited.exception.code, 2)
+            self.assertIn(says, err.getvalue())
+
     async def test_run(self):
         """bench.bio_memory runs a relay with each TLS layer for each phase and reports both, then
         broadcasts on our server and reports that."""
