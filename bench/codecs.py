@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from typing import Any, Iterable, Mapping, Sequence
+
+from p2pchat import wire
 
 # -- IRC (RFC 2812), the baseline's protocol ------------------------------------------------
 
@@ -48,13 +49,19 @@ def parse_irc(line: bytes) -> tuple[str | None, str, list[str]]:
 
 
 def request(request_id: int, op: str, **arguments: Any) -> bytes:
-    """One request line: C{{"id": ..., "op": ..., ...}} followed by a newline."""
-    return json.dumps({"id": request_id, "op": op, **arguments}, separators=(",", ":")).encode() + b"\n"
+    """One request line: C{{"id": ..., "op": ..., ...}} followed by a newline, as our peers write it."""
+    return wire.encode_request(request_id, op, **arguments)
 
 
 def parse_frame(line: bytes) -> dict[str, Any]:
-    """One reply or event line as a dict; C{ValueError} for anything that is not a JSON object."""
-    frame = json.loads(line)
+    """
+    One reply or event line as a dict, read with our peers' own codec (C{p2pchat.wire}, orjson);
+    C{ValueError} for anything that is not a JSON object.
+    """
+    try:
+        frame = wire.loads_line(line)
+    except wire.WireError as e:
+        raise ValueError(f"{e.message}: {line!r}") from None
     if not isinstance(frame, dict):
         raise ValueError(f"frame is not a JSON object: {line!r}")
     return frame

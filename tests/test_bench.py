@@ -70,11 +70,16 @@ class OursCodecTests(SynchronousTestCase):
         self.assertEqual(json.loads(line), {"id": 7, "op": "send", "to": "b00001", "msg_id": "m", "envelope": "e"})
 
     def test_parse_frame(self):
-        """Events and replies come back as dicts; anything but a JSON object is refused."""
+        """
+        Events and replies come back as dicts; anything but a JSON object is refused, and JSON is
+        read as strictly as our peers read it (no NaN, UTF-8 only).
+        """
         self.assertEqual(codecs.parse_frame(b'{"event":"bye","reason":"shutdown"}'),
                          {"event": "bye", "reason": "shutdown"})
         self.assertRaises(ValueError, codecs.parse_frame, b"[1]")
         self.assertRaises(ValueError, codecs.parse_frame, b"{")
+        self.assertRaises(ValueError, codecs.parse_frame, b'{"seq":NaN}')
+        self.assertRaises(ValueError, codecs.parse_frame, b'{"from":"\xff"}')
 
 
 class PayloadTests(SynchronousTestCase):
