@@ -370,7 +370,10 @@ class DirectConnection(SSL.Connection):
 
     def __init__(self, context: SSL.Context, socket=None) -> None:
         super().__init__(context, socket)
-        # Where the Context's callbacks leave their exceptions (lists, each kept for good).
+        # Where the Context's callbacks leave their exceptions (lists, each kept for good). Taken
+        # once: a callback set on the Context after this connection is made would go unseen here,
+        # where pyOpenSSL looks up the Context's helpers at every call. The server's Context is
+        # complete before its first connection (CertificateOptions makes it once).
         self._callback_problems = [helper._problems for helper in _helpers(context)]
 
     def bio_write(self, buf) -> int:
