@@ -79,7 +79,7 @@ class Directory:
         return self.people[user]
 
     def _register(self, **args: Any) -> dict[str, Any]:
-        return {"username": args["username"]}
+        return {"username": args["username"], "token": "R" * 43}
 
     def _login(self, **args: Any) -> dict[str, Any]:
         return {"username": args["username"], "token": "T" * 43, "mailbox": 0}
@@ -271,17 +271,42 @@ class MessengerTestCase(unittest.SynchronousTestCase):
 
 
 class LoginTests(MessengerTestCase):
-    def test_first_run_registers_then_logs_in_with_keys(self) -> None:
-        """A first run registers the account with this peer's keys, then logs in and says welcome."""
+    def test_first_run_registers_then_resumes(self) -> None:
+        """A first run registers the account with this peer's keys, logs in with the token the
+        registration gave (the server hashes the password once), and says welcome."""
         self.start()
-        self.assertEqual(self.directory.ops()[:3], ["register", "login", "blocks"])
+        self.assertEqual(self.directory.ops()[:3], ["register", "resume", "blocks"])
         register = self.directory.requests[0][1]
         self.assertEqual(register["fingerprint"], self.me.fingerprint)
         self.assertEqual(register["envelope_key"], self.me.public)
+        resume = self.directory.requests[1][1]
+        self.assertEqual((resume["username"], resume["token"], resume["port"]), ("alice", "R" * 43, 7001))
+        self.assertEqual(self.view.events("welcome"), [{"user": "alice", "mailbox": 0}])
+        self.assertEqual(self.view.events("reconnected"), [])
+        self.assertTrue(self.successResultOf(self.history.is_registered("server:5000")))
+        self.directory.requests.clear()
+        self.messenger.server_lost()
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual((self.directory.ops()[0], self.directory.requests[0][1]["token"]), ("resume", "T" * 43))
+
+    def test_first_run_without_a_token_logs_in(self) -> None:
+        """A registration that gives no token (an older server) is followed by a password login
+        with this peer's keys."""
+        self.directory.answers["register"] = {"username": "alice"}
+        self.start()
+        self.assertEqual(self.directory.ops()[:3], ["register", "login", "blocks"])
         login = self.directory.requests[1][1]
         self.assertEqual((login["password"], login["port"], login["fingerprint"]), ("correct horse", 7001, self.me.fingerprint))
         self.assertEqual(self.view.events("welcome"), [{"user": "alice", "mailbox": 0}])
-        self.assertTrue(self.successResultOf(self.history.is_registered("server:5000")))
+
+    def test_first_run_token_refused_logs_in(self) -> None:
+        """A registration's token refused all the same: the password logs in, without asking again."""
+        self.directory.answers["resume"] = RequestError("invalid_token", "unknown")
+        self.start()
+        self.assertEqual(self.directory.ops()[:4], ["register", "resume", "login", "blocks"])
+        self.assertEqual(self.directory.requests[2][1]["password"], "correct horse")
+        self.assertEqual(self.asked, [False])
+        self.assertEqual(self.view.events("welcome"), [{"user": "alice", "mailbox": 0}])
 
     def test_existing_account_logs_in(self) -> None:
         """username_taken (an imported account) falls through to login; a second run does not register."""
@@ -308,11 +333,12 @@ class LoginTests(MessengerTestCase):
 
     def test_no_other_password_exits(self) -> None:
         """With no other password to try (a password file) a refusal ends the peer with status 1."""
+        self.directory.answers["register"] = RequestError("username_taken", "taken")
         self.directory.answers["login"] = [RequestError("bad_credentials", "no")]
         self.start(login=False)
         self.successResultOf(self.messenger.server_connected())
         self.assertEqual(self.successResultOf(self.finished), 1)
-        self.assertEqual([e for e, _ in self.view.shown], ["registered", "wrong_password", "login_gave_up"])
+        self.assertEqual([e for e, _ in self.view.shown], ["wrong_password", "login_gave_up"])
         self.assertFalse(self.messenger.logged_in)
 
     def test_blocked_locked_already_online_exit(self) -> None:
@@ -324,6 +350,7 @@ class LoginTests(MessengerTestCase):
         ]:
             self.passwords = ["pw"]
             self.new_messenger()
+            self.directory.answers["register"] = RequestError("username_taken", "taken")
             self.directory.answers["login"] = [RequestError(code, "the server's words")]
             self.start(login=False)
             self.successResultOf(self.messenger.server_connected())
@@ -851,6 +878,7 @@ class OfflineTests(MessengerTestCase):
         self.command("send", "bob", "one")
         self.command("send", "bob", "two")
         self.assertEqual(self.view.events("queued"), [{"user": "bob", "chosen": True}] * 2)
+        self.directory.requests.clear()
         self.command("go_online")
         self.assertEqual((self.directory.started, self.links.listening), (2, True))
         self.successResultOf(self.messenger.server_connected())

@@ -231,12 +231,33 @@ class AccountTests(TestCase):
         c = h.connect()
         await c.ok("hello", protocol=1)
         fp, ek = fake_keys()
-        self.assertEqual(await c.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek),
-                         {"username": "alice"})
+        self.assertEqual((await c.ok("register", username="alice", password=PASSWORD, fingerprint=fp,
+                                     envelope_key=ek))["username"], "alice")
         result = await c.ok("login", username="alice", password=PASSWORD, port=4000)
         self.assertEqual((result["username"], result["mailbox"], len(result["token"])), ("alice", 0, 43))
         self.assertIn("alice", h.directory.online)
         self.assertNotIn(PASSWORD, repr(h.directory.accounts["alice"]))
+
+    @harness_test()
+    async def test_register_gives_a_session_token(self, h):
+        """Registering answers with a session token, stored before the answer: resume logs in with
+        it (the password is hashed once, not twice), on this server and after a restart."""
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        registered = await c.ok("register", username="alice", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        self.assertEqual((registered["username"], len(registered["token"])), ("alice", 43))
+        result = await c.ok("resume", username="alice", token=registered["token"], port=4000)
+        self.assertEqual((result["username"], result["mailbox"]), ("alice", 0))
+        self.assertIn("alice", h.directory.online)
+        self.assertNotEqual(result["token"], registered["token"])
+        await c.ok("logout")
+        await h.store.stop()
+        h = await Harness(self).start_on(h.path)
+        again = h.connect()
+        await again.ok("hello", protocol=1)
+        await again.ok("resume", username="alice", token=registered["token"], port=4000)
+        self.assertIn("alice", h.directory.online)
 
     @harness_test()
     async def test_register_errors(self, h):

@@ -313,7 +313,11 @@ class Directory:
             raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken") from None
         self.accounts[username] = account
         log.info("registered {username}", username=username)
-        return {"username": username}
+        # A session token for the new account, so that its first login is a resume: the password
+        # was hashed just now, and a login would hash it again.
+        token, stored = self._new_token(username)
+        await stored
+        return {"username": username, "token": token}
 
     def _refuse_if_locked(self, username: str) -> None:
         left = self.lockouts.remaining(username)
@@ -377,29 +381,31 @@ class Directory:
         return await self._enter(member, username, announce=old is None)
 
     async def _enter(self, member: Member, username: str, announce: bool = True) -> dict:
-        now = self.clock.seconds()
         member.username = username
         self.online[username] = member
-        token = secrets.token_urlsafe(32)
-        hashed = token_hash(token)
-        self._tokens[hashed] = (username, now + TOKEN_LIFETIME)
-        mine = self._user_tokens.setdefault(username, [])
-        mine.append(hashed)
-        while len(mine) > KEEP_TOKENS:
-            self._tokens.pop(mine.pop(0), None)
+        token, stored = self._new_token(username)
         if announce:
             self._announce(username, None)
         log.info("{username} logged in from {host}", username=username, host=member.host)
         try:
             # Queued together, so the writer thread runs them in one transaction.
-            await gatherResults([
-                self.store.add_token(username, hashed, now + TOKEN_LIFETIME, keep=KEEP_TOKENS),
-                self.store.record_login(username, now),
-            ], consumeErrors=True)
+            await gatherResults([stored, self.store.record_login(username, self.clock.seconds())], consumeErrors=True)
         except BaseException:
             self.leave(member, "disconnected")
             raise
         return {"username": username, "token": token, "mailbox": self._mailbox.get(username, 0)}
+
+    def _new_token(self, username: str) -> tuple[str, Deferred[None]]:
+        """A new session token for C{username}, valid at once; the Deferred fires once it is stored."""
+        token = secrets.token_urlsafe(32)
+        hashed = token_hash(token)
+        expires = self.clock.seconds() + TOKEN_LIFETIME
+        self._tokens[hashed] = (username, expires)
+        mine = self._user_tokens.setdefault(username, [])
+        mine.append(hashed)
+        while len(mine) > KEEP_TOKENS:
+            self._tokens.pop(mine.pop(0), None)
+        return token, self.store.add_token(username, hashed, expires, keep=KEEP_TOKENS)
 
     def leave(self, member: Member, reason: str) -> None:
         """C{member} logged out, timed out or disconnected."""

@@ -253,9 +253,9 @@ class Messenger:
         try:
             result = await self._resume() if self._token is not None else None
             resumed = result is not None
+            if result is None and not await self._history.is_registered(self._server_name):
+                result = await self._register()
             if result is None:
-                if not await self._history.is_registered(self._server_name):
-                    await self._register()
                 result = await self._login()
         except _Fatal:
             # Stopping the connection from inside its own setup would re-enter the server link;
@@ -295,10 +295,11 @@ class Messenger:
             self._view.show("login_gave_up", user=self.user)
             raise _Fatal()
 
-    async def _register(self) -> None:
+    async def _register(self) -> dict[str, Any] | None:
+        """Register this account; the login it makes with the new account's token, if it can."""
         while True:
             try:
-                await self._server.request(
+                registered = await self._server.request(
                     "register",
                     username=self.user,
                     password=self._password,
@@ -311,15 +312,27 @@ class Messenger:
                     await self._next_password()
                     continue
                 if e.code == Code.REGISTRATION_CLOSED:
-                    return  # only existing accounts log in there: try, and register next time
+                    return None  # only existing accounts log in there: try, and register next time
                 if e.code != Code.USERNAME_TAKEN:
                     self._view.show("login_failed", code=e.code, message=e.message)
                     raise _Fatal() from None
                 # The account exists already (imported, or ours from another install): log in.
+                registered = {}
             else:
                 self._view.show("registered", user=self.user, server=self._server_name)
             await self._history.mark_registered(self._server_name)
-            return
+            return await self._first_resume(registered.get("token"))
+
+    async def _first_resume(self, token: str | None) -> dict[str, Any] | None:
+        """Log in with the token a registration gave, so the server hashes the password only once."""
+        if token is None:  # the account existed, or the server predates tokens at registration
+            return None
+        try:
+            return await self._server.request("resume", username=self.user, token=token, port=self._port)
+        except RequestError as e:
+            if e.code != Code.INVALID_TOKEN:
+                raise
+            return None  # not expected from a token this new, but the password still logs in
 
     async def _login(self) -> dict[str, Any]:
         while True:
