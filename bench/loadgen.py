@@ -1027,7 +1027,8 @@ async def offline_backlog(load: Load, control: Control, p: dict) -> dict:
 
 
 async def prepare(load: Load, control: Control, p: dict) -> dict:
-    """Register the load users that do not exist yet and log each in once for a session token."""
+    """Register the load users that do not exist yet and keep the session token each registration
+    gives; log in with the password those without one (already registered, say)."""
     users = load.users(p["users"])
     missing = [u for u in users if u not in load.tokens]
     registered = Counter()
@@ -1047,6 +1048,8 @@ async def prepare(load: Load, control: Control, p: dict) -> dict:
                     break
                 await sleep(0.2)
             registered[code] += 1
+            if code == "ok":
+                load.tokens[user] = frame["result"]["token"]
         load.leave(link)
 
     workers = p.get("concurrency", 8)
@@ -1060,7 +1063,8 @@ async def prepare(load: Load, control: Control, p: dict) -> dict:
         load.leave(await load.connect(user, password=True))
 
     logins = await defer.DeferredList(
-        [load.attempts.run(lambda u=user: Deferred.fromCoroutine(login_once(u))) for user in missing],
+        [load.attempts.run(lambda u=user: Deferred.fromCoroutine(login_once(u)))
+         for user in missing if user not in load.tokens],
         consumeErrors=True,
     )
     load.counts["login_failed"] += sum(1 for ok, _ in logins if not ok)

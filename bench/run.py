@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             needed = users_needed(bench, args.scenarios)
             if needed:
-                print(f"preparing {needed} load users on our server (registration and first login; not timed) ...",
+                print(f"preparing {needed} load users on our server (registration, with a session token each; not timed) ...",
                       flush=True)
                 results["run"]["setup"] = bench.prepare(needed)
             for name in args.scenarios:
