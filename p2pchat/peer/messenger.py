@@ -296,7 +296,11 @@ class Messenger:
             raise _Fatal()
 
     async def _register(self) -> dict[str, Any] | None:
-        """Register this account; the login it makes with the new account's token, if it can."""
+        """
+        Register this account and log in with the session token the registration answers with: the
+        login's result, or None when the password has to log in (the account existed already,
+        registration is closed, or the server gave no token).
+        """
         while True:
             try:
                 registered = await self._server.request(
