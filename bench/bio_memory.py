@@ -73,6 +73,21 @@ def child(what: str, *argv: str) -> dict:
     return r
 
 
+async def measure(pid: int, connections: int, settle: float, work) -> dict:
+    """Read the server C{settle} s after its clients are in, run C{await work()}, and read it again
+    as long after: RSS growth per connection, CPU over the work, RSS with the clients connected."""
+    from bench.loadgen import sleep
+
+    await sleep(settle)
+    before = proc_stats(pid)
+    await work()
+    cpu_s = proc_stats(pid).cpu_s - before.cpu_s
+    await sleep(settle)
+    after = proc_stats(pid)
+    return {"growth_kib": (after.rss_kib - before.rss_kib) / connections, "cpu_s": cpu_s,
+            "connected_rss_kib": before.rss_kib}
+
+
 def drive(port: int, pid: int, phase: str, connections: int, burst: int, line: int, settle: float) -> dict:
     """Connect, run C{phase} ("reads" or "writes") and read the server's RSS and CPU; runs its own
     reactor once."""
@@ -82,7 +97,7 @@ def drive(port: int, pid: int, phase: str, connections: int, burst: int, line: i
     from twisted.internet.ssl import CertificateOptions
     from twisted.protocols.basic import LineOnlyReceiver
 
-    from bench.loadgen import bounded, sleep
+    from bench.loadgen import bounded
 
     class Client(LineOnlyReceiver):
         delimiter = b"\n"
@@ -115,18 +130,12 @@ def drive(port: int, pid: int, phase: str, connections: int, burst: int, line: i
         clients = [await bounded(endpoint.connect(Factory.forProtocol(Client)), 10) for _ in range(connections)]
         for client in clients:
             await bounded(client.done, 10)  # logged in
-        await sleep(settle)
-        before = proc_stats(pid)
-        for client in clients:
-            await bounded(client.burst(burst // len(LINE)) if phase == "reads" else client.to_self(), 10)
-        cpu_s = proc_stats(pid).cpu_s - before.cpu_s
-        await sleep(settle)
-        after = proc_stats(pid)
-        result.update(
-            growth_kib=(after.rss_kib - before.rss_kib) / connections,
-            cpu_s=cpu_s,
-            connected_rss_kib=before.rss_kib,
-        )
+
+        async def work() -> None:
+            for client in clients:
+                await bounded(client.burst(burst // len(LINE)) if phase == "reads" else client.to_self(), 10)
+
+        result.update(await measure(pid, connections, settle, work))
         for client in clients:
             client.transport.abortConnection()
 
@@ -174,15 +183,13 @@ def broadcast(port: int, pid: int, tokens: str, users: int, broadcasts: int, set
     """Log USERS load users in to our server, broadcast and read its RSS; runs its own reactor once."""
     from twisted.internet import defer
 
-    from bench.loadgen import Load, bounded, sleep
+    from bench.loadgen import Load, bounded
 
     result: dict = {}
 
     async def main() -> None:
         load = Load("ours", port, tokens)
         links = await bounded(defer.ensureDeferred(load.connect_all(load.users(users))), 120)
-        await sleep(settle)
-        before = proc_stats(pid)
         heard, expected, done = [0], (len(links) - 1) * broadcasts, defer.Deferred()
 
         def on_broadcast(link, sender, text) -> None:
@@ -190,16 +197,14 @@ def broadcast(port: int, pid: int, tokens: str, users: int, broadcasts: int, set
             if heard[0] == expected:
                 done.callback(None)
 
-        load.on_broadcast = on_broadcast
-        for _ in range(broadcasts):
-            links[0].send_broadcast("x" * 1000)
-        links[0].flush()
-        await bounded(done, 60)
-        cpu_s = proc_stats(pid).cpu_s - before.cpu_s
-        await sleep(settle)
-        after = proc_stats(pid)
-        result.update(growth_kib=(after.rss_kib - before.rss_kib) / len(links), cpu_s=cpu_s,
-                      connected_rss_kib=before.rss_kib, users=len(links))
+        async def work() -> None:
+            load.on_broadcast = on_broadcast
+            for _ in range(broadcasts):
+                links[0].send_broadcast("x" * 1000)
+            links[0].flush()
+            await bounded(done, 60)
+
+        result.update(await measure(pid, len(links), settle, work), users=len(links))
         await load.close_all()
 
     return run_once(main, result)
