@@ -500,6 +500,14 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual(results, [(i, False) for i in range(1, 1001)])
         self.assertLess(store.commits - before, 100)
 
+    async def test_statement_journal_in_memory(self) -> None:
+        """
+        The store keeps temporary data, such as the statement journal of a multi-row INSERT, in
+        memory rather than in a temporary file made and deleted for each transaction of puts.
+        """
+        store, _ = await self.start_store()
+        self.assertEqual(await store._submit(lambda db: db.execute("PRAGMA temp_store").fetchone()[0]), 2)
+
     async def test_put_envelope_then(self) -> None:
         """
         put_envelope_then calls its taker with the outcome, (seq, duplicate) or the Failure, in the

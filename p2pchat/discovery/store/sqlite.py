@@ -318,6 +318,10 @@ class SQLiteStore:
         if mode != "wal":
             raise StoreError(f"{self._path}: SQLite refused WAL mode (journal mode is {mode!r})")
         db.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+        # A multi-row INSERT keeps a statement journal, to undo that statement alone; past 64 KiB
+        # it went to a temporary file, created and deleted once per transaction of puts, and its
+        # writes were two thirds of the writer's write calls.
+        db.execute("PRAGMA temp_store = MEMORY")
         try:
             db.execute("SELECT value FROM json_each('[]')")
         except sqlite3.OperationalError:
