@@ -500,6 +500,28 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual(results, [(i, False) for i in range(1, 1001)])
         self.assertLess(store.commits - before, 100)
 
+    async def test_puts_of_one_turn_go_together(self) -> None:
+        """
+        The puts of one turn of the reactor reach the writer thread as one operation once the turn
+        is over, so they share a transaction even when the thread is idle at the first of them.
+        """
+        store, _ = await self.start_store()
+        before = store.commits
+        puts = [store.put_envelope(env(i, "bob", "alice", f"m{i}")) for i in range(1, 51)]
+        self.assertTrue(store._queue.empty())
+        self.assertEqual(await gatherResults(puts), [(i, False) for i in range(1, 51)])
+        self.assertEqual(store.commits - before, 1)
+
+    async def test_operations_keep_their_order_after_puts(self) -> None:
+        """An operation asked for after puts of the same turn runs after them: an ack finds what was just put."""
+        store, _ = await self.start_store()
+        puts = [store.put_envelope(env(i, "bob", "alice", f"m{i}")) for i in range(1, 4)]
+        acked = store.ack_envelopes("bob", [1, 2, 3])
+        later = store.put_envelope(env(4, "bob", "alice", "m4"))
+        self.assertEqual(await acked, 3)
+        self.assertEqual(await gatherResults([*puts, later]), [(i, False) for i in range(1, 5)])
+        self.assertEqual(self.query("SELECT seq FROM envelopes"), [(4,)])
+
     async def test_statement_journal_in_memory(self) -> None:
         """
         The store keeps temporary data, such as the statement journal of a multi-row INSERT, in

@@ -7,6 +7,7 @@ import math
 import queue
 import sqlite3
 import threading
+from functools import partial
 from itertools import chain, groupby
 from operator import itemgetter
 from typing import Any, Callable
@@ -120,6 +121,10 @@ class SQLiteStore:
     inside its own SAVEPOINT (but those of one statement, see L{_ONE_STATEMENT}, and puts, see
     L{_put_envelopes}) so that one failing operation is undone alone.
 
+    Puts are handed to the writer thread together, once per turn of the reactor (or before the
+    next other operation, so that operations still run in the order they were asked for): woken
+    by the first put of a turn, the thread used to start a transaction with that put alone.
+
     @ivar commits: how many transactions the writer thread has committed (for tests and benchmarks).
     """
 
@@ -134,6 +139,10 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._ready = False
         self._stop_waiters: list[Deferred[None]] | None = None
+        # Puts of this turn of the reactor, not handed to the writer thread yet, and what takes each outcome.
+        self._puts: list[StoredEnvelope] = []
+        self._put_thens: list[Then] = []
+        self._hand_over_call = None
         self.commits = 0
 
     # Life cycle
@@ -157,6 +166,7 @@ class SQLiteStore:
         if self._thread is None:
             return succeed(None)
         if self._stop_waiters is None:
+            self._hand_over_puts()
             self._ready = False
             self._stop_waiters = []
             self._queue.put(None)
@@ -207,7 +217,9 @@ class SQLiteStore:
         C{(seq, duplicate)}. While an envelope with the same recipient, sender and msg_id is stored,
         store nothing and fire with that one's seq and C{True}.
         """
-        return self._submit(_put_envelopes, envelope)
+        stored: Deferred[tuple[int, bool]] = Deferred()
+        self.put_envelope_then(envelope, stored.callback)
+        return stored
 
     def put_envelope_then(self, envelope: StoredEnvelope, then: Then) -> None:
         """
@@ -215,7 +227,13 @@ class SQLiteStore:
         C{(seq, duplicate)} or the L{Failure}, and make no Deferred (a Deferred and its callbacks
         per put took about a fifth of the reactor thread's CPU while a backlog was stored).
         """
-        self._enqueue(_put_envelopes, (envelope,), then)
+        if not self._ready:
+            then(Failure(StoreError("the store is not running")))
+            return
+        if not self._puts:
+            self._hand_over_call = self._reactor.callLater(0, self._hand_over_puts)
+        self._puts.append(envelope)
+        self._put_thens.append(then)
 
     def stored_seq(self, recipient: str, sender: str, msg_id: str) -> Deferred[int | None]:
         """The seq of the stored envelope with that recipient, sender and msg_id, or C{None}."""
@@ -243,9 +261,21 @@ class SQLiteStore:
 
     def _enqueue(self, operation: Callable[..., Any], args: tuple[Any, ...], then: Then) -> None:
         if self._ready:
+            self._hand_over_puts()
             self._queue.put((operation, args, then))
         else:
             then(Failure(StoreError("the store is not running")))
+
+    def _hand_over_puts(self) -> None:
+        """Queue the puts of this turn as one operation, whose outcome is the list of theirs."""
+        if not self._puts:
+            return
+        if self._hand_over_call.active():
+            self._hand_over_call.cancel()
+        self._hand_over_call = None
+        envelopes, thens = self._puts, self._put_thens
+        self._puts, self._put_thens = [], []
+        self._queue.put((_put_envelopes, (envelopes,), partial(self._deliver, thens)))
 
     def _started(self, outcome: Snapshot | Failure, started: Deferred[Snapshot]) -> None:
         if isinstance(outcome, Failure):
@@ -259,7 +289,9 @@ class SQLiteStore:
             started.callback(outcome)
 
     @staticmethod
-    def _deliver(thens: list[Then], outcomes: list[Any]) -> None:
+    def _deliver(thens: list[Then], outcomes: list[Any] | Failure) -> None:
+        if isinstance(outcomes, Failure):  # the transaction failed: so did each of them
+            outcomes = [outcomes] * len(thens)
         for then, outcome in zip(thens, outcomes):
             try:
                 then(outcome)
@@ -348,8 +380,13 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             for operation, ops in groupby(batch, key=itemgetter(0)):
                 if operation is _put_envelopes:
-                    # A run of puts queued one after the other is stored together.
-                    outcomes.extend(_put_envelopes(db, [args[0] for _, args, _ in ops]))
+                    # Runs of puts queued one after the other are stored together.
+                    runs = [args[0] for _, args, _ in ops]
+                    stored = _put_envelopes(db, list(chain.from_iterable(runs)))
+                    at = 0
+                    for run in runs:
+                        outcomes.append(stored[at:at + len(run)])
+                        at += len(run)
                     continue
                 savepoint = operation not in _ONE_STATEMENT
                 for _, args, _ in ops:
