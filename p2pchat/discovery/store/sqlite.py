@@ -122,8 +122,8 @@ class SQLiteStore:
     L{_put_envelopes}) so that one failing operation is undone alone.
 
     Puts are handed to the writer thread together, once per turn of the reactor (or before the
-    next other operation, so that operations still run in the order they were asked for): woken
-    by the first put of a turn, the thread used to start a transaction with that put alone.
+    next other operation, so that operations still run in the order they were asked for), so
+    that the thread, woken by the first put of a turn, does not start a transaction with it alone.
 
     @ivar commits: how many transactions the writer thread has committed (for tests and benchmarks).
     """
