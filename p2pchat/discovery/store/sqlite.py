@@ -227,8 +227,7 @@ class SQLiteStore:
         C{(seq, duplicate)} or the L{Failure}, and make no Deferred (a Deferred and its callbacks
         per put took about a fifth of the reactor thread's CPU while a backlog was stored).
         """
-        if not self._ready:
-            then(Failure(StoreError("the store is not running")))
+        if not self._running(then):
             return
         if not self._puts:
             self._hand_over_call = self._reactor.callLater(0, self._hand_over_puts)
@@ -260,11 +259,15 @@ class SQLiteStore:
         return result
 
     def _enqueue(self, operation: Callable[..., Any], args: tuple[Any, ...], then: Then) -> None:
-        if self._ready:
+        if self._running(then):
             self._hand_over_puts()
             self._queue.put((operation, args, then))
-        else:
+
+    def _running(self, then: Then) -> bool:
+        """Whether the store takes operations; if not, C{then} has the L{StoreError} at once."""
+        if not self._ready:
             then(Failure(StoreError("the store is not running")))
+        return self._ready
 
     def _hand_over_puts(self) -> None:
         """Queue the puts of this turn as one operation, whose outcome is the list of theirs."""
