@@ -14,6 +14,7 @@ from twisted.python import usage
 from p2pchat import data_home
 from p2pchat.crypto import CryptoError, cert_fingerprint, format_fingerprint, load_or_create_identity
 from p2pchat.discovery.directory import Directory, Limits
+from p2pchat.discovery.dispatch import dispatch_directly
 from p2pchat.discovery.passwords import PasswordHasher
 from p2pchat.discovery.protocol import DiscoveryFactory, DiscoveryTLSFactory, serve_promptly
 from p2pchat.discovery.store.sqlite import SQLiteStore
@@ -199,6 +200,7 @@ class DiscoveryService(Service):
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
+    dispatch_directly(reactor)
     top = MultiService()
     DiscoveryService(config, reactor).setServiceParent(top)
     return top

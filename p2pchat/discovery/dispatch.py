@@ -1,0 +1,53 @@
+"""
+How the server's reactor hands socket events to connections.
+
+Twisted's epoll reactor calls each connection's C{doRead} or C{doWrite} inside
+C{log.callWithLogger}, which pushes a log context naming the connection, so that legacy log
+lines written meanwhile (Twisted's own "Unhandled Error" among them) say which connection they
+are about. That costs about 4 microseconds per event: in C{idle_tls}, 2000 connections with a
+keep-alive each every 15 s, it was 8 % of the server's CPU (bench/FINDINGS.md, "Idle CPU").
+Our own log lines (C{twisted.logger}) name their source themselves; without the context,
+Twisted's legacy lines show C{[-]} where they showed the connection.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+
+log = Logger()
+
+
+def dispatch_directly(reactor) -> bool:
+    """
+    Have C{reactor}, if it is Twisted's epoll reactor, hand each socket event straight to its
+    connection, without a log context; C{True} if it does now.
+
+    Any other reactor is left alone, as is an epoll reactor without the attributes this uses
+    (they are Twisted's own, not its API: a Twisted that changed them keeps its own dispatch).
+    Errors are handled as before: Twisted's C{_doReadOrWrite} closes a connection whose
+    C{doRead} or C{doWrite} fails, and an exception that gets past it is logged here.
+    """
+    if type(reactor) is not EPollReactor:
+        return False
+    try:
+        poller, selectables, handle = reactor._poller, reactor._selectables, reactor._doReadOrWrite
+    except AttributeError:
+        log.warn("Twisted's epoll reactor has changed; its socket events keep their log context")  # noqa: G010 - twisted.logger
+        return False
+
+    def poll(timeout: float | None) -> None:
+        try:
+            events = poller.poll(-1 if timeout is None else timeout, len(selectables))
+        except InterruptedError:
+            return
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    handle(selectable, fd, event)
+                except Exception:  # noqa: BLE001 - as Twisted's callWithLogger did: log, go on
+                    log.failure("while handling a socket event of {selectable!r}", selectable=selectable)
+
+    reactor.doIteration = poll
+    return True

@@ -1,0 +1,141 @@
+"""The server's reactor hands socket events to connections without a log context."""
+
+import socket
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.task import Clock
+from twisted.python import context, log
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pchat.discovery.dispatch import dispatch_directly
+from p2pchat.discovery.tap import Options, makeService
+
+
+class Reader:
+    """One end of a socket pair, added to a reactor as a reader; records what it sees."""
+
+    def __init__(self, name: str, fail_read: bool = False, fail_lost: bool = False) -> None:
+        self.name = name
+        self.fail_read = fail_read
+        self.fail_lost = fail_lost
+        self.socket, self.other = socket.socketpair()
+        self.systems: list[str] = []
+        self.lost = []
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return self.name
+
+    def doRead(self):
+        self.systems.append(context.get(log.ILogContext)["system"])
+        self.socket.recv(100)
+        if self.fail_read:
+            raise ZeroDivisionError("doRead")
+
+    def connectionLost(self, reason) -> None:
+        self.lost.append(reason)
+        if self.fail_lost:
+            raise ZeroDivisionError("connectionLost")
+
+    def close(self) -> None:
+        self.socket.close()
+        self.other.close()
+
+
+class DispatchTests(SynchronousTestCase):
+    def reactor(self) -> EPollReactor:
+        """A reactor of its own (not installed, never run), closed after the test."""
+        reactor = EPollReactor()
+
+        def close():
+            reactor.removeReader(reactor.waker)
+            reactor.waker.connectionLost(None)
+            reactor._poller.close()
+
+        self.addCleanup(close)
+        return reactor
+
+    def reader(self, reactor, *args, **kwargs) -> Reader:
+        reader = Reader(*args, **kwargs)
+        self.addCleanup(reader.close)
+        reactor.addReader(reader)
+        self.addCleanup(reactor.removeReader, reader)
+        return reader
+
+    def test_twisted_dispatches_in_a_log_context(self):
+        """What the change is about: Twisted's own dispatch names the connection in the context."""
+        reactor = self.reactor()
+        reader = self.reader(reactor, "conn-1")
+        reader.other.send(b"x")
+        reactor.doIteration(0)
+        self.assertEqual(reader.systems, ["conn-1"])
+
+    def test_dispatch_without_log_context(self):
+        """After dispatch_directly, a read is handled once, outside any connection's context."""
+        reactor = self.reactor()
+        self.assertTrue(dispatch_directly(reactor))
+        reader = self.reader(reactor, "conn-1")
+        reactor.doIteration(0)
+        self.assertEqual(reader.systems, [])  # nothing to read: not called
+        reader.other.send(b"x")
+        reactor.doIteration(0)
+        self.assertEqual(reader.systems, ["-"])
+        self.assertEqual(reader.lost, [])
+
+    def test_failures_close_the_connection_and_spare_the_others(self):
+        """A failing doRead closes its connection (Twisted's handling); a failing connectionLost
+        is logged; the other connections of the same poll are still served."""
+        reactor = self.reactor()
+        dispatch_directly(reactor)
+        bad = self.reader(reactor, "bad", fail_read=True, fail_lost=True)
+        good = self.reader(reactor, "good")
+        bad.other.send(b"x")
+        good.other.send(b"x")
+        reactor.doIteration(0)
+        self.assertEqual((len(bad.systems), len(good.systems)), (1, 1))
+        self.assertEqual(len(bad.lost), 1)
+        self.assertIsInstance(bad.lost[0].value, ZeroDivisionError)
+        self.assertNotIn(bad, reactor.getReaders())
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+        good.other.send(b"y")
+        reactor.doIteration(0)
+        self.assertEqual(len(good.systems), 2)
+
+    def test_timeouts(self):
+        """With no event the poll returns after its timeout; with none (wait for ever) it returns
+        once an event came."""
+        reactor = self.reactor()
+        dispatch_directly(reactor)
+        reader = self.reader(reactor, "conn-1")
+        reactor.doIteration(0.001)
+        reader.other.send(b"x")
+        reactor.doIteration(None)
+        self.assertEqual(reader.systems, ["-"])
+
+    def test_other_reactors_left_alone(self):
+        """Any reactor but Twisted's epoll one keeps its own dispatch."""
+        clock = Clock()
+        self.assertFalse(dispatch_directly(clock))
+        self.assertFalse(hasattr(clock, "doIteration"))
+
+    def test_changed_twisted_left_alone(self):
+        """An epoll reactor without the attributes it uses keeps its own dispatch, with a warning."""
+        reactor = self.reactor()
+        poller = reactor._poller
+        del reactor._poller
+        self.addCleanup(setattr, reactor, "_poller", poller)
+        self.assertFalse(dispatch_directly(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
+
+    def test_server_dispatches_directly(self):
+        """twistd p2pdiscovery's service maker sets its reactor to dispatch directly."""
+        reactor = self.reactor()
+        options = Options()
+        options.parseOptions(["--data-dir", self.mktemp()])
+        makeService(options, reactor)
+        reader = self.reader(reactor, "conn-1")
+        reader.other.send(b"x")
+        reactor.doIteration(0)
+        self.assertEqual(reader.systems, ["-"])
