@@ -2,12 +2,11 @@
 
 import socket
 
-from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
 from twisted.python import context, log
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pchat.discovery.dispatch import dispatch_directly
+from p2pchat.discovery.dispatch import EPollReactor, dispatch_directly
 from p2pchat.discovery.tap import Options, makeService
 
 
@@ -45,6 +44,9 @@ class Reader:
 
 
 class DispatchTests(SynchronousTestCase):
+    if EPollReactor is None:
+        skip = "no epoll on this platform"
+
     def reactor(self) -> EPollReactor:
         """A reactor of its own (not installed, never run), closed after the test."""
         reactor = EPollReactor()

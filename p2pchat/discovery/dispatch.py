@@ -12,8 +12,12 @@ Twisted's legacy lines show C{[-]} where they showed the connection.
 
 from __future__ import annotations
 
-from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
+
+try:
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # no epoll here (not Linux): Twisted runs another reactor, left alone
+    EPollReactor = None
 
 log = Logger()
 
