@@ -20,6 +20,7 @@ class Reader:
         self.socket, self.other = socket.socketpair()
         self.systems: list[str] = []
         self.lost = []
+        self.around: Around | None = None
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -29,6 +30,8 @@ class Reader:
 
     def doRead(self):
         self.systems.append(context.get(log.ILogContext)["system"])
+        if self.around is not None:
+            self.around.seen.append((self.name, self.around.held))
         self.socket.recv(100)
         if self.fail_read:
             raise ZeroDivisionError("doRead")
@@ -41,6 +44,22 @@ class Reader:
     def close(self) -> None:
         self.socket.close()
         self.other.close()
+
+
+class Around:
+    """Records where the reactor says its passes over socket events begin and end."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.seen: list = []
+
+    def hold(self) -> None:
+        self.held = True
+        self.seen.append("hold")
+
+    def release(self) -> None:
+        self.held = False
+        self.seen.append("release")
 
 
 class DispatchTests(SynchronousTestCase):
@@ -105,6 +124,22 @@ class DispatchTests(SynchronousTestCase):
         reactor.doIteration(0)
         self.assertEqual(len(good.systems), 2)
 
+    def test_around_a_pass(self):
+        """C{around} hears of a pass over socket events before its first event and after its last,
+        a failing one included; a poll that found none is no pass."""
+        reactor = self.reactor()
+        around = Around()
+        dispatch_directly(reactor, around)
+        one, two = self.reader(reactor, "one", fail_read=True), self.reader(reactor, "two")
+        one.around = two.around = around
+        reactor.doIteration(0)
+        self.assertEqual(around.seen, [])
+        one.other.send(b"x")
+        two.other.send(b"x")
+        reactor.doIteration(0)
+        self.assertEqual(around.seen, ["hold", ("one", True), ("two", True), "release"])
+        self.flushLoggedErrors(ZeroDivisionError)
+
     def test_timeouts(self):
         """With no event the poll returns after its timeout; with none (wait for ever) it returns
         once an event came."""
@@ -132,12 +167,16 @@ class DispatchTests(SynchronousTestCase):
         self.assertNotIn("doIteration", vars(reactor))
 
     def test_server_dispatches_directly(self):
-        """twistd p2pdiscovery's service maker sets its reactor to dispatch directly."""
+        """twistd p2pdiscovery's service maker sets its reactor to dispatch directly, and to tell
+        the outbox of its connections where each pass begins and ends."""
         reactor = self.reactor()
         options = Options()
         options.parseOptions(["--data-dir", self.mktemp()])
-        makeService(options, reactor)
+        service = makeService(options, reactor)
+        outbox = service.services[0].outbox
         reader = self.reader(reactor, "conn-1")
+        held = []
+        reader.doRead = lambda: (held.append(outbox._held), Reader.doRead(reader))
         reader.other.send(b"x")
         reactor.doIteration(0)
-        self.assertEqual(reader.systems, ["-"])
+        self.assertEqual((reader.systems, held, outbox._held), (["-"], [True], False))

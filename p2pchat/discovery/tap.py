@@ -16,7 +16,7 @@ from p2pchat.crypto import CryptoError, cert_fingerprint, format_fingerprint, lo
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.dispatch import dispatch_directly
 from p2pchat.discovery.passwords import PasswordHasher
-from p2pchat.discovery.protocol import DiscoveryFactory, DiscoveryTLSFactory, serve_promptly
+from p2pchat.discovery.protocol import DiscoveryFactory, DiscoveryTLSFactory, Outbox, serve_promptly
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.tls import server_certificate_options
 
@@ -115,9 +115,10 @@ class Options(usage.Options):
 class DiscoveryService(Service):
     """Opens the store, imports credentials, then listens; undoes it all in reverse on stop."""
 
-    def __init__(self, config: Options, reactor) -> None:
+    def __init__(self, config: Options, reactor, outbox: Outbox | None = None) -> None:
         self.config = config
         self.reactor = reactor
+        self.outbox = outbox
         self.store = None
         self.hasher = None
         self.directory = None
@@ -166,7 +167,7 @@ class DiscoveryService(Service):
             log.info("credentials: {imported} accounts imported, {skipped} lines skipped",
                      imported=imported, skipped=skipped)
 
-        factory = DiscoveryFactory(self.directory, self.reactor)
+        factory = DiscoveryFactory(self.directory, self.reactor, self.outbox)
         if identity is not None:
             factory = DiscoveryTLSFactory(server_certificate_options(identity), False, factory)
         elif own_certificate:
@@ -200,7 +201,9 @@ class DiscoveryService(Service):
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    dispatch_directly(reactor)
+    # The reactor tells the connections' outbox where each pass over socket events ends.
+    outbox = Outbox(reactor)
+    dispatch_directly(reactor, outbox)
     top = MultiService()
-    DiscoveryService(config, reactor).setServiceParent(top)
+    DiscoveryService(config, reactor, outbox).setServiceParent(top)
     return top
