@@ -214,6 +214,8 @@ class FirstExchangeTests(TestCase):
         c = h.connect()
         self.assertEqual(await c.refused("who"), "hello_required")
         self.assertEqual(await c.refused("login", username="a", password="b", port=0), "hello_required")
+        self.assertEqual(await c.refused("ping"), "hello_required")
+        self.assertEqual(await c.refused("send", to="x", msg_id="1", envelope="e"), "hello_required")
         await c.ok("hello", protocol=1)
 
     @harness_test()

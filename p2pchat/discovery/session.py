@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from p2pchat.discovery.directory import Answer, Directory, Refusal, TokenBucket, envelope_frame
+from p2pchat.discovery.directory import Directory, Refusal, TokenBucket, envelope_frame
 from p2pchat.discovery.store.base import StoredEnvelope
 from p2pchat.wire import (
     PROTOCOL_VERSION, Code, Request, WireError, decode_request, encode_error, encode_event, encode_result,
@@ -201,7 +201,10 @@ class Session:
         """
         self._sends_pending += 1
         try:
-            self._dispatch(request, partial(self._send_answered, request))
+            me = self._caller("send")
+            self._check_rate()
+            args = request.args
+            self.directory.send(me, args["to"], args["msg_id"], args["envelope"], partial(self._send_answered, request))
         except Exception:  # noqa: BLE001 - a refusal, or a failure that _error_frame logs
             self._send_answered(request, Failure())
 
@@ -230,30 +233,34 @@ class Session:
         if not self._barrier:
             self.connection.resume_reading()
 
-    def _dispatch(self, request: Request, slot: _Slot | Answer) -> Any:
-        """Runs C{request}; C{slot} is where its reply goes, or for a send what takes its outcome."""
+    def _dispatch(self, request: Request, slot: _Slot) -> Any:
+        """Runs C{request} (not a send); C{slot} is where its reply goes."""
         op, args = request.op, request.args
-        if not self._greeted:
-            if op != "hello":
-                raise Refusal(Code.HELLO_REQUIRED, 'send {"id":1,"op":"hello","protocol":1} first')
         if op == "hello":
             if args["protocol"] != PROTOCOL_VERSION:
                 slot.after = lambda: self._close(None)
                 raise Refusal(Code.UNSUPPORTED_VERSION, f"this server speaks protocol {PROTOCOL_VERSION} only")
             self._greeted = True
             return {"protocol": PROTOCOL_VERSION}
+        me = self._caller(op)
         if op == "ping":
             return {"time": self.clock.seconds()}
+        handler = getattr(self, "_op_" + op)
+        return handler(me, slot, **args)
+
+    def _caller(self, op: str) -> str | None:
+        """The user asking for C{op} (C{None} before login), if this connection may ask for it now."""
+        if not self._greeted:
+            raise Refusal(Code.HELLO_REQUIRED, 'send {"id":1,"op":"hello","protocol":1} first')
         me = self.username
         if me is None:
             if op not in _BEFORE_LOGIN:
                 raise Refusal(Code.NOT_AUTHENTICATED, "log in first")
         elif op in ("register", "login", "resume"):
             raise Refusal(Code.ALREADY_AUTHENTICATED, f"you are already logged in as {me}")
-        if me is not None and op not in _NOT_ACTIVITY:
+        elif op not in _NOT_ACTIVITY:
             self._last_active = self.clock.seconds()
-        handler = getattr(self, "_op_" + op)
-        return handler(me, slot, **args)
+        return me
 
     def _op_register(self, me, slot, username, password, fingerprint, envelope_key):
         return Deferred.fromCoroutine(
@@ -319,10 +326,6 @@ class Session:
                 Code.RATE_LIMITED,
                 f"you are sending faster than {self.limits.message_rate:g} messages a second; slow down",
             )
-
-    def _op_send(self, me, answer, to, msg_id, envelope):
-        self._check_rate()
-        self.directory.send(me, to, msg_id, envelope, answer)
 
     def _op_broadcast(self, me, slot, text):
         self._check_rate()
