@@ -249,7 +249,11 @@ class Session:
         return handler(me, slot, **args)
 
     def _caller(self, op: str) -> str | None:
-        """The user asking for C{op} (C{None} before login), if this connection may ask for it now."""
+        """
+        The user asking for C{op} (C{None} before login), if this connection may ask for it now;
+        a refusal otherwise. A logged-in user's request other than a ping or an ack counts as their
+        activity for the idle timeout.
+        """
         if not self._greeted:
             raise Refusal(Code.HELLO_REQUIRED, 'send {"id":1,"op":"hello","protocol":1} first')
         me = self.username
