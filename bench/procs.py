@@ -34,14 +34,35 @@ def _cpu_s(stat_path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def _process_cpu_s(pid: int) -> float:
+    """
+    The CPU time of all of process C{pid}'s threads, living and gone: the time whose utime and
+    stime /proc/PID/stat shows in ticks of 10 ms, here to the nanosecond, from the process's
+    CPU-time clock (the clock ID that glibc's C{clock_getcpuclockid} makes on Linux). An idle
+    server spends a dozen ticks in a minute; a tick either way was a tenth of a ratio.
+    """
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except OSError:
+        return _cpu_s(f"/proc/{pid}/stat")
+
+
+def _thread_cpu_s(pid: int, tid: int) -> float:
+    """The CPU time of one thread, to the nanosecond (the first field of its schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return _cpu_s(f"/proc/{pid}/task/{tid}/stat")
+
+
 def proc_stats(pid: int) -> ProcStats:
-    """Read utime+stime from /proc/PID/stat and /proc/PID/task/PID/stat, VmRSS from /proc/PID/status."""
+    """CPU time of process C{pid} and of its main thread, and VmRSS from /proc/PID/status."""
     rss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1])
             break
-    return ProcStats(_cpu_s(f"/proc/{pid}/stat"), rss, _cpu_s(f"/proc/{pid}/task/{pid}/stat"))
+    return ProcStats(_process_cpu_s(pid), rss, _thread_cpu_s(pid, pid))
 
 
 def free_port() -> int:

@@ -268,8 +268,8 @@ class Bench:
 
 
 def _cpu_spent(readings: dict, first: str, last: str, key: str) -> float:
-    """CPU time C{key} between two marks, to the microsecond: the kernel counts it in ticks of 10 ms,
-    and unrounded float differences would make 2 ticks against 1 a ratio above 2."""
+    """CPU time C{key} between two marks, rounded to the microsecond (so that the float arithmetic's
+    last digits do not show in the figures)."""
     return round(readings[last].get(key, 0) - readings[first].get(key, 0), 6)
 
 
