@@ -202,6 +202,17 @@ class PlainProtocolTests(SynchronousTestCase):
         self.assertTrue(transport.value().endswith(b"last words\n"))
         self.assertTrue(transport.disconnecting)
 
+    def test_lines_across_reads(self):
+        """A line may come in pieces, and several in one read; a line after the one that closed the
+        connection is not read."""
+        proto, transport = self.connect()
+        self.in_pass(proto.dataReceived, b'{"id":1,"op":"hel')
+        self.in_pass(proto.dataReceived, b'lo","protocol":1}\n{"id":2,"op":"ping"}\n{"id":3,')
+        self.in_pass(proto.dataReceived, b'"op":"ping"}\n{"id":4,"op":"hello","protocol":9}\n{"id":5,"op":"ping"}\n')
+        replies = [f for f in frames(transport) if not isinstance(f, Event)]
+        self.assertEqual([(r.id, r.code) for r in replies], [(1, None), (2, None), (3, None), (4, "unsupported_version")])
+        self.assertTrue(transport.disconnecting)
+
     def test_one_reply_per_line(self):
         """Each garbage line gets exactly one error reply, with the request id when readable."""
         proto, transport = self.connect()

@@ -1004,6 +1004,19 @@ class BadInputTests(TestCase):
         self.assertTrue(c.conn.closed)
 
     @harness_test()
+    async def test_ping_behind_a_reply(self, h):
+        """A ping is answered at once, but never before a reply still on its way to an earlier request."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        await alice.ok("ping")
+        block = alice.request("block", user="bob")  # answered once the store has it
+        ping = alice.request("ping")
+        self.assertTrue((await block).ok)
+        self.assertTrue((await ping).ok)
+        ids = [f.id for f in alice.conn.frames if not isinstance(f, Event)]
+        self.assertEqual(ids, sorted(ids))
+
+    @harness_test()
     async def test_replies_in_order(self, h):
         """Pipelined requests behind a login wait for it and are answered in order."""
         fp, ek = fake_keys()

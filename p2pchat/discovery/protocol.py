@@ -8,7 +8,6 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IPushPr
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -36,8 +35,9 @@ class PromptWrites:
     Twisted queues every write until a later pass of the reactor finds the socket writable
     (twisted#5303): per reply, two C{epoll_ctl} calls and a pass more. Nagle's algorithm is off
     on our connections, so a small reply gains nothing by waiting. What the kernel does not take
-    at once is queued as usual, and later writes queue behind it; an error is met again by the
-    queued write, which closes the connection the usual way.
+    at once is queued as usual, and later writes queue behind it; an error (the kernel's buffer
+    full, or the peer gone) is met again by the queued write, which closes the connection the
+    usual way.
     """
 
     def write(self, data: bytes) -> None:
@@ -47,9 +47,13 @@ class PromptWrites:
         ):
             super().write(data)
             return
-        sent = self.writeSomeData(data)
+        try:
+            sent = self.socket.send(data)
+        except OSError:
+            super().write(data)
+            return
         if sent != len(data):
-            super().write(data[sent:] if isinstance(sent, int) else data)
+            super().write(data[sent:])
 
 
 class PromptServer(PromptWrites, tcp.Server):
@@ -152,8 +156,23 @@ class DiscoveryProtocol(LineOnlyReceiver):
         self.transport.registerProducer(self, True)
         self.session.connected()
 
-    def lineReceived(self, line: bytes) -> None:
-        self.session.line_received(line)
+    def dataReceived(self, data: bytes) -> None:
+        """L{LineOnlyReceiver}'s, which hands each line straight to the session rather than to a
+        C{lineReceived} of ours: a keep-alive is a read of one line, and each call counts there."""
+        if self._buffer:
+            data = self._buffer + data
+        lines = data.split(b"\n")
+        self._buffer = lines.pop()
+        transport, limit, received = self.transport, self.MAX_LENGTH, self.session.line_received
+        for line in lines:
+            if transport.disconnecting:
+                return  # the lines after the one that closed the connection are not read
+            if len(line) > limit:
+                self.lineLengthExceeded(line)
+                return
+            received(line)
+        if len(self._buffer) > limit:
+            self.lineLengthExceeded(self._buffer)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.session.line_too_long()
@@ -346,11 +365,12 @@ class MeteredTLS(TLSMemoryBIOProtocol):
                 self._tlsShutdownFinished(Failure())
             else:
                 if not self._aborted:
-                    ProtocolWrapper.dataReceived(self, data)
+                    self.wrappedProtocol.dataReceived(data)
                 # recv took the whole record (at most 16 KiB): what is left is in the BIO.
                 if not _held(connection._into_ssl, _NULL):
                     break
-        self._flushSendBIO()
+        if _held(connection._from_ssl, _NULL):  # the handshake's flights, alerts, key updates
+            self._flushSendBIO()
 
     def connectionLost(self, reason) -> None:
         self._eof = True

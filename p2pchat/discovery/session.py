@@ -166,6 +166,10 @@ class Session:
         if request.op == "send":
             self._send(request)
             return
+        if request.op == "ping" and self._greeted and self._first_slot is None:
+            # The keep-alive of every idle connection: with no reply before it, answered at once.
+            self.connection.write(encode_result(request.id, {"time": self.clock.seconds()}))
+            return
         slot = self._new_slot()
         frame = self._run(request, slot)
         if not isinstance(frame, Deferred):
