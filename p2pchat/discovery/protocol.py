@@ -35,9 +35,9 @@ class PromptWrites:
     Twisted queues every write until a later pass of the reactor finds the socket writable
     (twisted#5303): per reply, two C{epoll_ctl} calls and a pass more. Nagle's algorithm is off
     on our connections, so a small reply gains nothing by waiting. What the kernel does not take
-    at once is queued as usual, and later writes queue behind it; an error (the kernel's buffer
-    full, or the peer gone) is met again by the queued write, which closes the connection the
-    usual way.
+    at once (all of it, when the socket's buffer is full) is queued as usual, and later writes
+    queue behind it; an error (the peer gone) is met again by the queued write, which closes the
+    connection the usual way.
     """
 
     def write(self, data: bytes) -> None:
