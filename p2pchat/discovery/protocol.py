@@ -153,26 +153,11 @@ class DiscoveryProtocol(LineOnlyReceiver):
         peer = self.transport.getPeer()
         host = getattr(peer, "host", "unknown")
         self.session = Session(self.directory, self.clock, self, host)
+        # LineOnlyReceiver hands each line straight to the session: a keep-alive is a read of one
+        # line, and a call of ours in between costs on every one.
+        self.lineReceived = self.session.line_received
         self.transport.registerProducer(self, True)
         self.session.connected()
-
-    def dataReceived(self, data: bytes) -> None:
-        """L{LineOnlyReceiver}'s, which hands each line straight to the session rather than to a
-        C{lineReceived} of ours: a keep-alive is a read of one line, and each call counts there."""
-        if self._buffer:
-            data = self._buffer + data
-        lines = data.split(b"\n")
-        self._buffer = lines.pop()
-        transport, limit, received = self.transport, self.MAX_LENGTH, self.session.line_received
-        for line in lines:
-            if transport.disconnecting:
-                return  # the lines after the one that closed the connection are not read
-            if len(line) > limit:
-                self.lineLengthExceeded(line)
-                return
-            received(line)
-        if len(self._buffer) > limit:
-            self.lineLengthExceeded(self._buffer)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.session.line_too_long()
