@@ -167,7 +167,8 @@ class Session:
             self._send(request)
             return
         if request.op == "ping" and self._greeted and self._first_slot is None:
-            # The keep-alive of every idle connection: with no reply before it, answered at once.
+            # The keep-alive of every idle connection: with no reply before it, answered at once
+            # (once greeted, _caller neither refuses a ping nor counts it as activity).
             self.connection.write(encode_result(request.id, {"time": self.clock.seconds()}))
             return
         slot = self._new_slot()
