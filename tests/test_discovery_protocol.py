@@ -154,44 +154,101 @@ class PlainProtocolTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(transport.writes, 2)
 
-    def test_outbox(self):
-        """Lines written to connections outside a pass over socket events (a timer's, a thread's
-        callback) go out at the end of the reactor pass: one write per connection, one timer for
-        them all."""
-        clock = Clock()
-        factory = DiscoveryFactory(directory(), clock)
+    def connections(self, n: int):
+        """C{n} connections with one outbox, their hellos sent; and the timers there are then."""
+        self.clock = Clock()
+        self.factory = DiscoveryFactory(directory(), self.clock)
         pairs = []
-        for _ in range(3):
-            proto, transport = factory.buildProtocol(None), CountingTransport()
+        for _ in range(n):
+            proto, transport = self.factory.buildProtocol(None), CountingTransport()
             proto.makeConnection(transport)
             pairs.append((proto, transport))
-        clock.advance(0)  # the hellos
-        timers = len(clock.getDelayedCalls())
+        self.clock.advance(0)  # the hellos
+        return pairs, len(self.clock.getDelayedCalls())
+
+    def test_outbox(self):
+        """Lines written to connections outside a pass over socket events (a timer's, a thread's
+        callback) go out by the end of the reactor pass: one write per connection, one timer for
+        them all."""
+        pairs, timers = self.connections(3)
         for proto, _ in pairs:
             proto.write(b"one\n")
             proto.write(b"two\n")
-        self.assertEqual([t.writes for _, t in pairs], [1, 1, 1])  # the hellos
-        self.assertEqual(len(clock.getDelayedCalls()), timers + 1)
-        clock.advance(0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers + 1)
+        self.clock.advance(0)
         self.assertEqual([(t.writes, t.value().endswith(b"\none\ntwo\n")) for _, t in pairs], [(2, True)] * 3)
-        self.assertEqual(len(clock.getDelayedCalls()), timers)
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers)
+
+    def test_outbox_sends_finished_connections_early(self):
+        """Outside a pass, a connection's lines go before the end of the pass, as soon as another
+        connection gets lines (the store answers a backlog's sends sender after sender; each
+        sender can go on while the others' answers are made)."""
+        pairs, timers = self.connections(5)
+        for k, (proto, _) in enumerate(pairs):
+            proto.write(b"one\n")
+            proto.write(b"two\n")
+            # the hello, and for those before this one, their lines
+            self.assertEqual([t.writes for _, t in pairs], [2 if i < k else 1 for i in range(5)])
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers + 1)
+        self.clock.advance(0)
+        self.assertEqual([(t.writes, t.value().endswith(b"\none\ntwo\n")) for _, t in pairs], [(2, True)] * 5)
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers)
+
+    def test_outbox_early_once_per_pass(self):
+        """A connection goes early at most once in a pass: what it gets after that waits for the
+        end of the pass (one recipient of many senders' stored messages; lines that come round
+        and round). No connection gets more than two writes."""
+        pairs, _ = self.connections(5)
+        (recipient, to_recipient), senders = pairs[0], pairs[1:]
+        for n, (sender, _) in enumerate(senders):
+            recipient.write(b"envelope %d\n" % n)
+            sender.write(b"answer\n")
+        self.assertEqual([t.writes for _, t in pairs], [2, 2, 2, 2, 1])
+        self.clock.advance(0)
+        self.assertEqual([t.writes for _, t in pairs], [3, 2, 2, 2, 2])
+        self.assertTrue(to_recipient.value().endswith(b"".join(b"envelope %d\n" % n for n in range(4))))
+
+        for round_ in range(3):
+            for proto, _ in pairs:
+                proto.write(b"line %d\n" % round_)
+        self.clock.advance(0)
+        self.assertEqual([t.writes for _, t in pairs], [5, 4, 4, 4, 3])
+        self.assertEqual([t.value().endswith(b"line 0\nline 1\nline 2\n") for _, t in pairs], [True] * 5)
+
+    def test_outbox_holds_lines_in_a_pass(self):
+        """In a pass over socket events nothing goes early: each connection's lines go in one
+        write once the pass is over, however they are interleaved."""
+        pairs, timers = self.connections(4)
+
+        def handle():
+            for round_ in range(2):
+                for proto, _ in pairs:
+                    proto.write(b"line %d\n" % round_)
+            self.assertEqual([t.writes for _, t in pairs], [1] * 4)
+
+        self.in_pass(handle)
+        self.assertEqual([(t.writes, t.value().endswith(b"line 0\nline 1\n")) for _, t in pairs], [(2, True)] * 4)
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers)
 
     def test_outbox_failure(self):
-        """A connection whose transport fails to take its lines does not keep the others' from going."""
+        """A connection whose transport fails to take its lines does not keep the others' from
+        going, at the end of a pass or early."""
         self.connect()
         first, broken = self.factory.buildProtocol(None), StringTransport()
-        second, transport = self.factory.buildProtocol(None), StringTransport()
         first.makeConnection(broken)
-        second.makeConnection(transport)
 
         def fail(data):
             raise OSError("gone")
 
         broken.write = fail
         with capturedLogs() as events:
+            later = []
+            for _ in range(3):  # the next hello sends the first's lines early
+                later.append((self.factory.buildProtocol(None), StringTransport()))
+                later[-1][0].makeConnection(later[-1][1])
+            self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
             self.clock.advance(0)
-        self.assertEqual(frames(transport)[0].name, "hello")
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual([frames(t)[0].name for _, t in later], ["hello"] * 3)
         self.assertEqual(len([e for e in events if "while sending" in e.get("log_format", "")]), 1)
 
     def test_close_flushes(self):

@@ -83,18 +83,37 @@ class Outbox:
     Against answering each read at once, that took C{dm_relay_tls} from 32 300 sends (and TLS
     records) to 23 300 for its 200 000 relayed messages, and 4-5 % off the server's CPU per
     message (bench/FINDINGS.md, "Relaying").
+
+    Outside a pass (the store's outcomes, the password hasher's, timers) a connection's lines go
+    as soon as another connection gets lines: the store answers a backlog's sends sender after
+    sender, and each sender's client goes on while the others' answers are made (bench/FINDINGS.md,
+    "Storing a backlog"). What a connection gets after going early waits for the end of the
+    turn, so that none gets more than two writes in a turn (one recipient of many senders).
     """
 
     def __init__(self, clock) -> None:
         self.clock = clock
         self._waiting: list[DiscoveryProtocol] = []
+        # Outside a pass: the connections sent early in this turn, and those written to again since.
+        self._sent_early: set[DiscoveryProtocol] = set()
+        self._later: list[DiscoveryProtocol] = []
         self._call = None
         self._held = False
 
     def add(self, protocol: DiscoveryProtocol) -> None:
-        self._waiting.append(protocol)
-        if self._call is None and not self._held:
+        if self._held:
+            self._waiting.append(protocol)
+            return
+        if self._call is None:
             self._call = self.clock.callLater(0, self._send)
+        if protocol in self._sent_early:
+            self._later.append(protocol)
+            return
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            self._sent_early.update(waiting)
+            self._flush(waiting)
+        self._waiting.append(protocol)
 
     def hold(self) -> None:
         """Socket events are being handled: what they write waits for L{release}."""
@@ -103,7 +122,7 @@ class Outbox:
     def release(self) -> None:
         """The pass's socket events are handled: send what they (and anything before) wrote."""
         self._held = False
-        if self._waiting:
+        if self._waiting or self._later:
             if self._call is not None:
                 self._call.cancel()
             self._send()
@@ -111,7 +130,14 @@ class Outbox:
     def _send(self) -> None:
         self._call = None
         waiting, self._waiting = self._waiting, []
-        for protocol in waiting:
+        later, self._later = self._later, []
+        self._sent_early.clear()
+        self._flush(waiting)
+        self._flush(later)
+
+    @staticmethod
+    def _flush(protocols: list[DiscoveryProtocol]) -> None:
+        for protocol in protocols:
             try:
                 protocol.flush()
             except Exception:  # noqa: BLE001 - one connection's failure must not strand the others' lines
