@@ -274,20 +274,24 @@ class Messenger:
         )
 
     async def _resume(self) -> dict[str, Any] | None:
+        """Log in with the session token; None (the password asked for) when it is no longer valid."""
+        result = await self._resume_with(self._token)
+        if result is None:
+            self._token = None
+            self._password = await self._passwords(False)
+            if self._password is None:
+                self._view.show("session_expired", user=self.user)
+                raise _Fatal()
+        return result
+
+    async def _resume_with(self, token: str) -> dict[str, Any] | None:
+        """Log in with C{token}: the login's result, or None when the server does not know the token."""
         try:
-            return await self._server.request("resume", username=self.user, token=self._token, port=self._port)
+            return await self._server.request("resume", username=self.user, token=token, port=self._port)
         except RequestError as e:
-            if e.code == Code.ACCOUNT_LOCKED:
-                self._view.show("account_locked", user=self.user, message=e.message)
-                raise _Fatal() from None
             if e.code != Code.INVALID_TOKEN:
                 raise
-        self._token = None
-        self._password = await self._passwords(False)
-        if self._password is None:
-            self._view.show("session_expired", user=self.user)
-            raise _Fatal()
-        return None
+            return None
 
     async def _next_password(self) -> None:
         self._password = await self._passwords(True)
@@ -325,18 +329,10 @@ class Messenger:
             else:
                 self._view.show("registered", user=self.user, server=self._server_name)
             await self._history.mark_registered(self._server_name)
-            return await self._first_resume(registered.get("token"))
-
-    async def _first_resume(self, token: str | None) -> dict[str, Any] | None:
-        """Log in with the token a registration gave, so the server hashes the password only once."""
-        if token is None:  # the account existed, or the server predates tokens at registration
-            return None
-        try:
-            return await self._server.request("resume", username=self.user, token=token, port=self._port)
-        except RequestError as e:
-            if e.code != Code.INVALID_TOKEN:
-                raise
-            return None  # not expected from a token this new, but the password still logs in
+            # Log in with the token the registration gave, so the server hashes the password once;
+            # without one (the account existed) the password logs in.
+            token = registered.get("token")
+            return None if token is None else await self._resume_with(token)
 
     async def _login(self) -> dict[str, Any]:
         while True:
