@@ -4,9 +4,10 @@ for every timer, and in-memory connections instead of sockets."""
 from __future__ import annotations
 
 import os
+import random
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -17,7 +18,7 @@ from p2pchat.discovery.passwords import PasswordHasher
 from p2pchat.discovery.session import WRITE_BATCH, Session
 from p2pchat.discovery.store.base import StoreError
 from p2pchat.discovery.store.sqlite import SQLiteStore
-from p2pchat.wire import Event, decode_frame, encode_request
+from p2pchat.wire import REQUEST_SCHEMAS, Event, Reply, decode_frame, encode_request
 
 from .support import TIMEOUT, changes, fake_keys, with_timeout
 
@@ -1031,3 +1032,90 @@ class BadInputTests(TestCase):
         self.assertFalse(c.conn.paused)
         ids = [f.id for f in c.conn.frames if not isinstance(f, Event)]
         self.assertEqual(ids, sorted(ids))
+
+
+class RandomRequestTests(TestCase):
+    """
+    PROTOCOL.md's first promise, whatever comes in: every request gets exactly one reply.
+    Seeded random mixes of valid and malformed requests (every operation, arguments of every
+    JSON type, in and out of range, missing), from two users online, a connection that greeted
+    but did not log in and one that did not greet; a closed connection is replaced.
+    """
+
+    SEEDS = 8
+    REQUESTS = 600
+
+    def test_one_reply_each(self):
+        async def run():
+            for seed in range(self.SEEDS):
+                await self._mix(random.Random(seed), await Harness(self).start())
+
+        return Deferred.fromCoroutine(run())
+
+    def _junk(self, r: random.Random):
+        return r.choice([
+            "", "ALICE", "a" * 33, "-x", "short", "x" * 65, "é\u2028😀", "f" * 64,
+            -1, 65536, 2**53, 2**63, 0.5, -0.0, 1e300, None, True, {}, {"x": 1}, [], ["a"], [1.5], [-1],
+        ])
+
+    def _valid(self, r: random.Random, name: str, seqs: list[int]):
+        """A value that passes the checks for argument C{name} (it may still be refused)."""
+        user = r.choice(["alice", "bob", "carol", "zed"])
+        return {
+            "protocol": 1, "username": user, "user": user, "to": user, "password": PASSWORD,
+            "port": r.randrange(65536), "fingerprint": r.randbytes(32).hex(), "envelope_key": "A" * 43,
+            "token": "t" * 43, "seconds": r.uniform(0, 100), "msg_id": str(r.randrange(40)),
+            "envelope": "e" * r.randrange(1, 40), "text": "hi", "seqs": r.sample(seqs, min(3, len(seqs))) + seqs[-1:],
+        }[name]
+
+    def _request(self, r: random.Random, c: Client) -> tuple[str, dict]:
+        op = r.choice([*REQUEST_SCHEMAS, "nope"])
+        seqs = [f.fields["seq"] for f in c.conn.events("envelope")]
+        args = {
+            name: self._valid(r, name, seqs) if r.random() < 0.85 else self._junk(r)
+            for name in REQUEST_SCHEMAS.get(op, {}) if r.random() < 0.97
+        }
+        if op == "hello" and r.random() < 0.97:
+            args["protocol"] = 1  # any other version closes the connection
+        return op, args
+
+    async def _mix(self, r: random.Random, h: Harness) -> None:
+        clients = [await h.user("alice"), await h.user("bob"), h.connect(), h.connect()]
+        await clients[2].ok("hello", protocol=1)
+        asked: list[tuple[Client, int, str, Deferred]] = []
+        for n in range(self.REQUESTS):
+            i = r.choices(range(4), (4, 4, 1, 1))[0]
+            if clients[i].conn.closed:
+                clients[i] = h.connect()
+                if i < 2:  # back as who it was, unless someone else logged in as that user meanwhile
+                    await clients[i].ok("hello", protocol=1)
+                    await clients[i].request("login", username=["alice", "bob"][i], password=PASSWORD, port=0)
+            c = clients[i]
+            if r.random() < 0.03:
+                c.send_line(r.choice([b"", b"{", b"\xff", b"[]", b'{"id":null,"op":"who"}', b'{"id":1.5,"op":"who"}',
+                                      b'{"id":1,"op":"whosince","seconds":1' + b"0" * 400 + b"}"]))
+                continue
+            op, args = self._request(r, c)
+            if op == "logout" and r.random() < 0.8:
+                continue
+            asked.append((c, c._next + 1, op, c.request(op, **args)))
+            if n % 40 == 0:
+                await h.settled()
+        for _ in range(10):
+            h.clock.advance(h.limits.hold)  # sends held for an ack that will not come
+            await h.settled()
+            waiting = [d for c, _, _, d in asked if not c.conn.closed and not d.called]
+            if not waiting:
+                break
+            await DeferredList(waiting, fireOnOneCallback=True)  # a password hash, in a thread
+        for c, request_id, op, d in asked:
+            replies = [f for f in c.conn.frames if isinstance(f, Reply) and f.id == request_id]
+            if c.conn.closed:  # what was still on its way when the connection closed goes unanswered
+                d.cancel()
+                d.addErrback(lambda f: f.trap(CancelledError))
+                self.assertLessEqual(len(replies), 1, op)
+                continue
+            await d
+            self.assertEqual(len(replies), 1, op)
+            self.assertNotEqual(replies[0].code, "internal_error", op)
+        await (await h.user("dave")).ok("who")
