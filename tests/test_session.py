@@ -1101,7 +1101,7 @@ class RandomRequestTests(TestCase):
             asked.append((c, c._next + 1, op, c.request(op, **args)))
             if n % 40 == 0:
                 await h.settled()
-        for _ in range(10):
+        for _ in range(100):  # each round answers at least one request
             h.clock.advance(h.limits.hold)  # sends held for an ack that will not come
             await h.settled()
             waiting = [d for c, _, _, d in asked if not c.conn.closed and not d.called]
