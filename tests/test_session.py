@@ -1098,7 +1098,8 @@ class RandomRequestTests(TestCase):
             op, args = self._request(r, c)
             if op == "logout" and r.random() < 0.8:
                 continue
-            asked.append((c, c._next + 1, op, c.request(op, **args)))
+            d = c.request(op, **args)
+            asked.append((c, c._next, op, d))  # the id request() gave it
             if n % 40 == 0:
                 await h.settled()
         for _ in range(100):  # each round answers at least one request
