@@ -7,7 +7,13 @@ import os
 import random
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    FirstError,
+    fail,
+)
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -312,6 +318,33 @@ class AccountTests(TestCase):
         await c.ok("hello", protocol=1)
         self.assertEqual(await c.refused("login", username="alice", password=PASSWORD, port=1), "already_online")
         self.assertIs(h.directory.online["alice"], first.session)
+
+    @harness_test()
+    async def test_login_the_store_fails_to_record(self, h):
+        """A login, or a resume, whose token the store fails to write is answered internal_error
+        and leaves the connection logged out: nobody sees the user online, the connection cannot
+        act as them, and trying again there works once the store does."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        token = bob.login["token"]
+        await bob.ok("logout")
+        record_login = h.store.record_login
+
+        def broken(username, at):
+            return fail(StoreError("disk I/O error"))
+
+        h.store.record_login = broken
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("login", username="bob", password=PASSWORD, port=1), "internal_error")
+        self.assertEqual(await c.refused("resume", username="bob", token=token, port=1), "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(FirstError)), 2)
+        self.assertNotIn("bob", h.directory.online)
+        self.assertEqual((await alice.ok("who"))["users"], [])
+        self.assertEqual(await c.refused("send", to="alice", msg_id="m1", envelope="e"), "not_authenticated")
+        h.store.record_login = record_login
+        await c.ok("login", username="bob", password=PASSWORD, port=1)
+        self.assertIs(h.directory.online["bob"], c.session)
 
     @harness_test()
     async def test_credentials_import(self, h):

@@ -77,7 +77,7 @@ class Limits:
 class Member(Protocol):
     """What the directory needs from a logged-in connection."""
 
-    username: str
+    username: str | None  # set by the directory at login
     host: str
     port: int
     live: bool  # False while the stored mailbox is still being delivered
@@ -392,6 +392,7 @@ class Directory:
             await gatherResults([stored, self.store.record_login(username, self.clock.seconds())], consumeErrors=True)
         except BaseException:
             self.leave(member, "disconnected")
+            member.username = None  # the connection stays logged out, free to try again
             raise
         return {"username": username, "token": token, "mailbox": self._mailbox.get(username, 0)}
 
