@@ -347,6 +347,36 @@ class AccountTests(TestCase):
         self.assertIs(h.directory.online["bob"], c.session)
 
     @harness_test()
+    async def test_gone_while_the_password_is_checked(self, h):
+        """A client that disconnects while its password is being checked is not left online:
+        nobody sees it come and stay, and it logs in again from its next connection."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")
+        finished = Deferred()
+        login = h.directory.login
+
+        async def watched(*args):
+            try:
+                return await login(*args)
+            finally:
+                reactor.callLater(0, finished.callback, None)
+
+        h.directory.login = watched
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        unanswered = c.request("login", username="bob", password=PASSWORD, port=1)
+        c.conn.close()
+        await with_timeout(finished, TIMEOUT, "the password check")
+        h.directory.login = login
+        await h.settled()
+        unanswered.addErrback(lambda f: f.trap(CancelledError))
+        unanswered.cancel()  # the connection is gone: the answer can never reach it
+        self.assertNotIn("bob", h.directory.online)
+        self.assertEqual((await alice.ok("who"))["users"], [])
+        again = await h.user("bob")
+        self.assertIs(h.directory.online["bob"], again.session)
+
+    @harness_test()
     async def test_credentials_import(self, h):
         """Imported accounts log in with their password once they send keys; the file lines are hashed."""
         imported, skipped = await h.directory.import_credentials(
@@ -360,6 +390,13 @@ class AccountTests(TestCase):
         fp, ek = fake_keys()
         await c.ok("login", username="hans", password="falcon*solo", port=0, fingerprint=fp, envelope_key=ek)
         self.assertEqual(h.directory.accounts["hans"].fingerprint, fp)
+        # A name that exists already is skipped: its password stays the one it had.
+        self.assertEqual(await h.directory.import_credentials(["hans other*password", "leia new*password"]), (1, 1))
+        await c.ok("logout")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("login", username="hans", password="other*password", port=0), "bad_credentials")
+        await c.ok("login", username="hans", password="falcon*solo", port=0)
 
 
 class LockoutTests(TestCase):
@@ -748,6 +785,27 @@ class RelayTests(TestCase):
         again = await bob.event("envelope")
         self.assertEqual((again.fields["seq"], again.fields["msg_id"]), (seq, "m1"))
         self.assertEqual(await bob.ok("ack", seqs=[seq]), {"acked": 1})
+        self.assertEqual(await h.store.fetch_envelopes("bob", 0, 10), [])
+
+    @harness_test(hold=0)
+    async def test_no_hold_stores_then_writes(self, h):
+        """With --hold 0 every envelope is stored first: an online recipient gets it once it is
+        stored, the sender hears 'delivered', a resend is not written twice, and the envelope stays
+        stored until the recipient acks it."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        result = await alice.ok("send", to="bob", msg_id="m1", envelope="sealed")
+        self.assertEqual([e.msg_id for e in await h.store.fetch_envelopes("bob", 0, 10)], ["m1"])
+        event = await bob.event("envelope")
+        self.assertEqual(
+            (event.fields["seq"], event.fields["msg_id"], event.fields["envelope"], event.fields["from"]),
+            (result["seq"], "m1", "sealed", "alice"),
+        )
+        self.assertEqual(result, {"status": "delivered", "seq": result["seq"], "duplicate": False})
+        again = await alice.ok("send", to="bob", msg_id="m1", envelope="sealed")
+        self.assertEqual(again, {"status": "delivered", "seq": result["seq"], "duplicate": True})
+        self.assertEqual(len(bob.conn.events("envelope")), 1)
+        self.assertEqual(await bob.ok("ack", seqs=[result["seq"]]), {"acked": 1})
         self.assertEqual(await h.store.fetch_envelopes("bob", 0, 10), [])
 
     @harness_test()
