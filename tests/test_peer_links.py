@@ -132,6 +132,22 @@ class InMemoryTests(unittest.SynchronousTestCase):
             self.assertTrue(server_tls.transport.disconnected, first)
         self.assertEqual((self.bob.up, self.bob.frames), ([], []))
 
+    def test_connector_needs_the_welcome_of_its_user(self) -> None:
+        """The side that dials opens the link only on a welcome naming the user it dialled:
+        anything else first, or a welcome from another name, closes it."""
+        for answer in [{"type": "msg", "text": "hi"}, {"type": "welcome", "protocol": 1, "user": "carol"}]:
+            server_tls = self.bob.links.listening_factory().buildProtocol(None)
+            client_tls = self.alice.links.connecting_factory("bob", self.bob.fingerprint).buildProtocol(None)
+            server = server_tls.wrappedProtocol
+            server._check_hello = lambda frame, server=server, answer=answer: server._write(answer)
+            pump = iosim.connect(server_tls, iosim.makeFakeServer(server_tls), client_tls,
+                                 iosim.makeFakeClient(client_tls), greet=False, clock=self.clock)
+            opened = client_tls.wrappedProtocol.when_open()
+            pump.flush()
+            self.failureResultOf(opened)
+            self.assertTrue(client_tls.transport.disconnected, answer)
+        self.assertEqual((self.alice.up, self.alice.frames), ([], []))
+
     def test_handshake_timeout(self) -> None:
         """A connection that never says hello is dropped after the handshake timeout."""
         server_tls = self.bob.links.listening_factory().buildProtocol(None)

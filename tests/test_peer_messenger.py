@@ -4,6 +4,7 @@ envelopes, and a scripted directory standing in for the server connection."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -419,6 +420,22 @@ class SendTests(MessengerTestCase):
         self.messenger.link_frame(self.links.open["bob"], {"type": "ack", "msg_ids": [frame["msg_id"]]})
         self.assertEqual(self.statuses("bob"), [("hi bob", DELIVERED)])
 
+    def test_unusable_address_not_dialled(self) -> None:
+        """A lookup answer with no usable address (port 0, a host that is not a string) is not
+        dialled: the message goes sealed through the server."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        keys = {"user": "bob", "fingerprint": self.bob.fingerprint, "envelope_key": self.bob.public}
+        self.directory.answers["lookup"] = {**keys, "host": "127.0.0.1", "port": 0}
+        self.command("send", "bob", "one")
+        # bob's receipt: the next message may take a direct link again, and looks bob up
+        self.deliver(1, self.bob, "r1", {"kind": "receipt", "msg_ids": [self.directory.sent[0]["msg_id"]]})
+        self.directory.answers["lookup"] = {**keys, "host": 7, "port": 7000}
+        self.command("send", "bob", "two")
+        self.assertEqual(self.links.connects, [])
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in (0, 1)], ["one", "two"])
+
     def test_sealed_through_server_when_no_link(self) -> None:
         """Without a direct link the message is sealed to the recipient and signed; the server cannot read it."""
         self.directory.online.add("bob")
@@ -650,6 +667,32 @@ class ReceiveTests(MessengerTestCase):
         self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "again", "sent_at": 2.0})
         self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
 
+    def test_not_stored_not_acked(self) -> None:
+        """An envelope the history fails to store is neither acked nor receipted, so the server
+        sends it again; it is shown once, when it is stored."""
+        self.start()
+        add_incoming = self.history.add_incoming
+        self.history.add_incoming = lambda *args: fail(sqlite3.OperationalError("disk I/O error"))
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.assertEqual((self.directory.acked, self.directory.sent, self.view.messages()), ([], [], []))
+        self.history.add_incoming = add_incoming
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.assertEqual(self.directory.acked, [1])
+        self.assertEqual(self.view.messages(), [("bob", "hi")])
+        self.assertEqual(self.open_receipt(0), {"kind": "receipt", "msg_ids": ["m1"]})
+
+    def test_receipt_over_an_open_link(self) -> None:
+        """The receipt for an envelope that came through the server goes over a direct link when
+        one is open, and is then no longer owed."""
+        self.start()
+        link = self.links.accept("bob")
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.assertEqual(link.sent, [{"type": "ack", "msg_ids": ["m1"]}])
+        self.assertEqual(self.directory.sent, [])
+        self.assertEqual(self.directory.acked, [1])
+        self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
+
     def test_duplicate_shown_once(self) -> None:
         """The same message arriving twice (server redelivery, or direct then server) is shown once and acked."""
         self.start()
@@ -700,13 +743,19 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.directory.acked, [2])
 
     def test_blocked_sender_dropped(self) -> None:
-        """Once bob is blocked his envelopes and direct links are refused."""
+        """Once bob is blocked his envelopes and direct links are refused, a link with the key
+        pinned for him already in its TLS handshake."""
         self.start()
+        self.assertTrue(self.successResultOf(self.messenger.verify_peer("bob", self.bob.fingerprint)))
+        self.assertFalse(self.messenger.refuse_fingerprint(self.bob.fingerprint))
         self.command("block", "bob")
+        self.assertTrue(self.messenger.refuse_fingerprint(self.bob.fingerprint))
+        self.assertFalse(self.messenger.refuse_fingerprint(self.carol.fingerprint))
         self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
         self.assertEqual(self.view.messages(), [])
         self.assertFalse(self.successResultOf(self.messenger.verify_peer("bob", self.bob.fingerprint)))
         self.command("unblock", "bob")
+        self.assertFalse(self.messenger.refuse_fingerprint(self.bob.fingerprint))
         self.assertTrue(self.successResultOf(self.messenger.verify_peer("bob", self.bob.fingerprint)))
 
     def test_broadcast_shown_unless_muted(self) -> None:
@@ -770,6 +819,20 @@ class KeyTests(MessengerTestCase):
         self.assertEqual(self.successResultOf(self.history.contacts())["bob"].fingerprint, self.bob.fingerprint)
         self.assertFalse(self.successResultOf(self.messenger.verify_peer("zed", self.carol.fingerprint)))
         self.assertFalse(self.successResultOf(self.messenger.verify_peer("alice", self.me.fingerprint)))
+
+    def test_unusable_keys_not_pinned(self) -> None:
+        """Keys from the server that are not keys are not pinned: the message waits, and goes
+        sealed to the real key once the server sends it."""
+        self.start()
+        self.directory.answers["keys"] = {"user": "bob", "fingerprint": "zz", "envelope_key": "nope"}
+        self.command("send", "bob", "hi")
+        self.assertEqual(self.statuses("bob"), [("hi", PENDING)])
+        self.assertEqual(self.directory.sent, [])
+        self.assertNotIn("bob", self.successResultOf(self.history.contacts()))
+        del self.directory.answers["keys"]
+        self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
+        self.assertEqual(self.successResultOf(self.history.contacts())["bob"].fingerprint, self.bob.fingerprint)
 
     def test_changed_key_refused_until_trusted(self) -> None:
         """A changed key is warned about loudly; messages are held and sending stops until /trust."""
