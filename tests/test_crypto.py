@@ -6,15 +6,18 @@ import base64
 import json
 import os
 import stat
+from types import SimpleNamespace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
     PublicFormat,
+    load_der_public_key,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -348,6 +351,24 @@ class SealTests(SynchronousTestCase):
             self.assertRaises(CryptoError, seal, ALICE, "alice", "bob", key, "m1", b"x")
 
 
+class _Encoded:
+    """A signing key that L{seal} writes into the envelope as the given SPKI bytes."""
+
+    def __init__(self, sign, spki: bytes) -> None:
+        self.sign, self._spki = sign, spki
+
+    def public_key(self) -> _Encoded:
+        return self
+
+    def public_bytes(self, encoding, format) -> bytes:
+        return self._spki
+
+
+def _sealed_with(sign, spki: bytes) -> str:
+    """An envelope from alice to bob whose sender key is C{spki}, signed by C{sign}."""
+    return seal(SimpleNamespace(private_key=_Encoded(sign, spki)), "alice", "bob", BOB_KEY.public_b64, "m1", b"hi")
+
+
 class OpenRefusalTests(SynchronousTestCase):
     def _refused(
         self,
@@ -412,6 +433,25 @@ class OpenRefusalTests(SynchronousTestCase):
         )
         self.assertNotEqual(spki, mallory_spki)
         self._refused(forged, expected=None)
+
+    def test_sender_key_of_another_kind(self):
+        """Only an ECDSA P-256 sender key is taken, and only in its one DER encoding (another
+        encoding of the same key would give it another fingerprint)."""
+        alice_spki = ALICE.private_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        # The same key with its point compressed: same algorithm identifier, other BIT STRING.
+        point = ALICE.private_key.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+        algorithm = alice_spki[2:23]
+        compressed = bytes([0x30, len(algorithm) + 3 + len(point)]) + algorithm + bytes([0x03, len(point) + 1, 0]) + point
+        self.assertEqual(load_der_public_key(compressed).public_numbers(), ALICE.private_key.public_key().public_numbers())
+        self.assertIn("canonical", self._refused(_sealed_with(ALICE.private_key.sign, compressed), expected=None))
+        p384 = ec.generate_private_key(ec.SECP384R1())
+        ed25519 = Ed25519PrivateKey.generate()
+        for sign, public in [(p384.sign, p384.public_key()), (lambda data, _: ed25519.sign(data), ed25519.public_key())]:
+            envelope = _sealed_with(sign, public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+            self.assertIn("not an ECDSA P-256 key", self._refused(envelope, expected=None))
+        # The same way of sealing with alice's key as it is: it opens.
+        self.assertEqual(open_sealed(_sealed_with(ALICE.private_key.sign, alice_spki), BOB_KEY, "alice", "bob", "m1",
+                                     ALICE.fingerprint), (b"hi", ALICE.fingerprint))
 
     def test_tampered_fields(self):
         """Flipping a bit at the start or end of any field of the envelope gets it refused."""

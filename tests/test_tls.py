@@ -100,18 +100,31 @@ class _App(Protocol):
 class _Link:
     """Both ends of one in-memory TLS connection, run to quiescence (as in test_sslverify)."""
 
-    def __init__(self, server_creator, client_creator) -> None:
+    def __init__(self, server_creator, client_creator, flush: bool = True) -> None:
         self.server = _App(b"from server")
         self.client = _App(b"from client")
         clock = Clock()
         server_factory = TLSMemoryBIOFactory(server_creator, False, _factory(self.server), clock)
         client_factory = TLSMemoryBIOFactory(client_creator, True, _factory(self.client), clock)
-        self.server_tls, self.client_tls, self.pump = connectedServerAndClient(
+        self.client_tls, self.server_tls, self.pump = connectedServerAndClient(
             lambda: server_factory.buildProtocol(None),
             lambda: client_factory.buildProtocol(None),
             clock=clock,
+            greet=flush,
         )
-        self.pump.flush()
+        if flush:
+            self.pump.flush()
+
+    def server_flight(self) -> list[bytes]:
+        """Hand the server the client's hello; the TLS records the server answers with, not delivered."""
+        self.pump.pump()
+        data = self.pump.serverIO.getOutBuffer()
+        records = []
+        while data:
+            end = 5 + int.from_bytes(data[3:5], "big")
+            records.append(data[:end])
+            data = data[end:]
+        return records
 
     def assert_up(self, test: SynchronousTestCase, version: str) -> None:
         test.assertEqual(
@@ -283,6 +296,30 @@ class ServerTrustTests(SynchronousTestCase):
         _Link(server_certificate_options(SERVER), trust.creator()).assert_up(self, "TLSv1.3")
         self.assertIsNone(trust.last_error)
         self.assertEqual(len(seen), 1)
+
+    def test_trust_on_first_use_race(self):
+        """Two first handshakes at once: the first to finish pins its certificate, and the other,
+        which found no pin when it checked its certificate, fails when it finishes with another."""
+        seen = []
+        trust = ServerTrust("localhost", on_first_use=seen.append)
+        links = [_Link(server_certificate_options(server), trust.creator(), flush=False) for server in (SERVER, IMPOSTOR)]
+        flights = [link.server_flight() for link in links]
+        self.assertGreater(min(map(len, flights)), 2)  # the server's Finished is a record of its own
+        for link, flight in zip(links, flights):
+            link.client_tls.dataReceived(b"".join(flight[:-1]))  # the certificate is checked
+            self.assertFalse(link.client.handshook)
+        self.assertIsNone(trust.pinned)
+        for link, flight in zip(links, flights):
+            link.client_tls.dataReceived(flight[-1])
+            link.pump.flush()
+        links[0].assert_up(self, "TLSv1.3")
+        self.assertEqual((trust.pinned, seen), (cert_fingerprint(SERVER.certificate), [cert_fingerprint(SERVER.certificate)]))
+        late = links[1]  # its handshake is done when its certificate turns out not to be the pinned one
+        self.assertEqual((late.client.received, late.server.received), (b"", b""))
+        self.assertIs(late.client.lost.value, trust.last_error)
+        self.assertIsNotNone(late.server.lost)
+        self.assertEqual(trust.last_error.seen, cert_fingerprint(IMPOSTOR.certificate))
+        self.assertEqual(trust.pinned, cert_fingerprint(SERVER.certificate))
 
     def test_ca_signed_accepted(self):
         """In CA mode a server certificate signed by that CA for the hostname is accepted."""
