@@ -401,6 +401,33 @@ class AccountTests(TestCase):
 
 class LockoutTests(TestCase):
     @harness_test(block_duration=60)
+    async def test_locked_while_the_password_is_checked(self, h):
+        """The right password whose check ends after other connections' wrong ones blocked the
+        account is refused too: guesses sent side by side get no more tries than one by one."""
+        await (await h.user("alice")).ok("logout")
+        verify = h.hasher.verify
+        right_checked = Deferred()
+
+        def held(password, stored):
+            d = verify(password, stored)
+            if password == PASSWORD:  # its outcome waits until the test lets it through
+                d.addCallback(lambda good: right_checked.addCallback(lambda _: good))
+            return d
+
+        h.hasher.verify = held
+        right = h.connect("10.0.0.1")
+        await right.ok("hello", protocol=1)
+        login = right.request("login", username="alice", password=PASSWORD, port=0)
+        guesser = h.connect("10.0.0.2")
+        await guesser.ok("hello", protocol=1)
+        for guess in ("wrong1", "wrong2"):
+            self.assertEqual(await guesser.refused("login", username="alice", password=guess, port=0), "bad_credentials")
+        self.assertEqual(await guesser.refused("login", username="alice", password="wrong3", port=0), "too_many_attempts")
+        right_checked.callback(None)
+        self.assertEqual((await login).code, "account_locked")
+        self.assertNotIn("alice", h.directory.online)
+
+    @harness_test(block_duration=60)
     async def test_three_failures_block(self, h):
         """Two bad passwords, then the third blocks the account, even for the right password and
         for a connection opened before; after block_duration it works again."""
@@ -743,6 +770,9 @@ class LookupTests(TestCase):
         await carol.ok("logout")
         self.assertEqual(await alice.refused("lookup", user="carol"), "offline")
         self.assertEqual((await alice.ok("keys", user="carol"))["fingerprint"], h.keys["carol"][0])
+        # An imported account that has not logged in with its keys yet has none to give.
+        await h.directory.import_credentials(["hans falcon*solo"])
+        self.assertEqual(await alice.refused("keys", user="hans"), "keys_unknown")
 
 
 class RelayTests(TestCase):
@@ -1074,6 +1104,23 @@ class BroadcastTests(TestCase):
 
 
 class BadInputTests(TestCase):
+    @harness_test()
+    async def test_nothing_after_close(self, h):
+        """Lines that reach a session after it closed (the rest of a read that held a logout) are
+        ignored: nothing is answered, relayed or stored under the name it had."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        await alice.ok("logout")
+        self.assertTrue(alice.conn.closed)
+        frames = len(alice.conn.frames)
+        alice.send_line(encode_request(99, "send", to="bob", msg_id="m1", envelope="e").rstrip(b"\n"))
+        alice.send_line(b"garbage")
+        await bob.ok("ping")
+        await h.settled()
+        self.assertEqual(len(alice.conn.frames), frames)
+        self.assertEqual(bob.conn.events("envelope"), [])
+        self.assertEqual(await h.store.fetch_envelopes("bob", 0, 10), [])
+
     @harness_test()
     async def test_garbage_changes_nothing(self, h):
         """Garbage lines each get one error reply; the session keeps working afterwards."""
