@@ -834,6 +834,18 @@ class KeyTests(MessengerTestCase):
         self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
         self.assertEqual(self.successResultOf(self.history.contacts())["bob"].fingerprint, self.bob.fingerprint)
 
+    def test_receipt_from_a_changed_key_ignored(self) -> None:
+        """A receipt signed with bob's new key, not accepted yet, does not mark a message
+        delivered: it may come from someone who is not bob."""
+        self.start()
+        self.command("send", "bob", "hi")
+        msg_id = self.directory.sent[0]["msg_id"]
+        new_bob = self.change_bobs_key()
+        self.deliver(1, new_bob, "r-1", {"kind": "receipt", "msg_ids": [msg_id]})
+        self.assertEqual(self.statuses("bob"), [("hi", SENT)])
+        self.assertEqual(len(self.view.events("key_changed")), 1)
+        self.assertEqual(self.directory.acked, [1])
+
     def test_changed_key_refused_until_trusted(self) -> None:
         """A changed key is warned about loudly; messages are held and sending stops until /trust."""
         self.start()
