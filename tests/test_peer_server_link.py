@@ -126,6 +126,30 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(self.handler.calls[-1], ("event", Event("presence", {"user": "bob", "status": "online"})))
         self.assertFalse(self.endpoint.transport.disconnecting)
 
+    def test_events_before_the_session_ignored(self) -> None:
+        """Events from a server whose hello exchange is not done are not passed on; a second hello
+        later is an event like any other."""
+        self.link.start()
+        self.receive(HELLO, {"event": "presence", "online": ["bob"], "offline": {}})
+        self.receive({"id": 1, "ok": True, "result": {"protocol": 1}}, HELLO)
+        again = Event("hello", {k: v for k, v in HELLO.items() if k != "event"})
+        self.assertEqual(self.handler.calls, [("connected", None), ("event", again)])
+        self.assertFalse(self.endpoint.transport.disconnecting)
+
+    def test_line_too_long_drops_connection(self) -> None:
+        """A line from the server longer than any it may send drops the connection (to reconnect)."""
+        self.connect()
+        self.endpoint.protocol.dataReceived(b"x" * (4 * 65536 + 1))
+        self.assertTrue(self.endpoint.transport.disconnecting)
+
+    def test_failed_login_drops_connection(self) -> None:
+        """A login that fails for any other reason than a lost connection drops the connection, so
+        the next one tries again from the start."""
+        self.handler.login = fail(RuntimeError("the history file is gone"))
+        self.connect()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(self.endpoint.transport.disconnecting)
+
     def test_unencodable_request_refused_locally(self) -> None:
         """A request too big for a line fails at once and nothing is sent."""
         self.connect()
@@ -145,6 +169,14 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.assertFalse(self.endpoint.transport.disconnecting)
         self.clock.advance(1)
         self.assertTrue(self.endpoint.transport.disconnecting)
+
+    def test_pings_stop_with_the_connection(self) -> None:
+        """A lost connection pings no more."""
+        self.connect()
+        old = self.endpoint.transport
+        self.endpoint.lose()
+        self.clock.advance(15)
+        self.assertEqual(old.value(), b"")
 
     def test_request_timeout_drops_connection(self) -> None:
         """An unanswered request fails with NotConnected after the timeout and the connection is dropped."""
