@@ -9,7 +9,19 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from p2pchat.peer import console
-from p2pchat.peer.console import MAX_INPUT, Command, Console, UsageError, clean, parse, render, render_error
+from p2pchat.peer.console import (
+    MAX_INPUT,
+    Command,
+    Console,
+    UsageError,
+    clean,
+    parse,
+    render,
+    render_entry,
+    render_error,
+    render_fingerprint,
+)
+from p2pchat.peer.history import Entry
 from p2pchat.peer.messenger import CommandError, FingerprintInfo
 
 
@@ -103,12 +115,41 @@ class RenderTests(unittest.SynchronousTestCase):
             self.assertTrue(line and "\n" not in line, event)
 
     def test_remote_text_cannot_drive_the_terminal(self) -> None:
-        """Escape sequences and control characters in what others write are neutralised."""
-        line = render("message", user="bob", text="\x1b[2J\x07bell\rback\u202eevil", private=False)
+        """Escape sequences and control characters in what others write, or the server says, are
+        neutralised wherever they are shown: as they come, in /history, in errors."""
+        evil = "\x1b[2J\x07bell\rback\u202eevil"
+        line = render("message", user="bob", text=evil, private=False)
         self.assertNotIn("\x1b", line)
         self.assertNotIn("\r", line)
         self.assertNotIn("\u202e", line)
         self.assertEqual(clean("tab\there"), "tab here")
+        samples = {"user": "bob", "text": evil, "private": False, "online": True, "mailbox": 1, "server": "h:1",
+                   "message": evil, "code": evil, "reason": evil, "fingerprint": "f" * 64, "old": "a", "new": "b",
+                   "chosen": True, "by_peer": True}
+        lines = {event: render(event, **{name: samples[name] for name in inspect.signature(template).parameters})
+                 for event, template in console._EVENTS.items()}
+        lines["send_failed rate_limited"] = render("send_failed", user="bob", code="rate_limited", message=evil, text=evil)
+        for code in [*console._ERRORS, "weird", evil]:
+            lines[code] = render_error(code, user="bob", message=evil)
+        lines["bare code"] = render_error(evil)
+        for outgoing in (True, False):
+            lines[f"history {outgoing}"] = render_entry(Entry("bob", outgoing, "m1", evil, False, "delivered", 1.0))
+        for name, line in lines.items():
+            self.assertTrue(line.isprintable(), f"{name}: {line!r}")
+
+    def test_fingerprint_lines(self) -> None:
+        """/fingerprint shows what is pinned, a change not accepted (loudly, with the way to accept
+        it), and whether the server agrees."""
+        a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
+        self.assertEqual(render_fingerprint(FingerprintInfo("alice", a, None, a), "alice"), f"your fingerprint: {a}")
+        self.assertEqual(render_fingerprint(FingerprintInfo("bob", a, None, a), "alice"), f"bob: pinned {a}\n  the server agrees")
+        self.assertEqual(render_fingerprint(FingerprintInfo("bob", None, None, None), "alice"), "bob: no key pinned yet")
+        self.assertEqual(
+            render_fingerprint(FingerprintInfo("bob", a, b, b), "alice").splitlines(),
+            [f"bob: pinned {a}", f"  CHANGED to {b} (not accepted; /trust bob accepts it)", "  the server has the new key"],
+        )
+        self.assertEqual(render_fingerprint(FingerprintInfo("bob", a, None, c), "alice").splitlines()[1],
+                         f"  the server now says {c}")
 
     def test_errors_name_the_reason(self) -> None:
         """Each error code gives one line naming the reason; unknown codes fall back to the server's words."""

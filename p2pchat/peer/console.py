@@ -178,7 +178,7 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "too_many_attempts": lambda user, code, message: f"wrong password too many times: {user} is now blocked, try again later ({clean(message)})",
     "account_locked": lambda user, message, code="": f"{user} is blocked after failed logins; try again later ({clean(message)})",
     "already_online": lambda user, code, message: f"{user} is already logged in elsewhere",
-    "login_failed": lambda code, message, user="": f"cannot log in: {clean(message)} ({code})",
+    "login_failed": lambda code, message, user="": f"cannot log in: {clean(message)} ({clean(code)})",
     "login_gave_up": lambda user: "no other password to try; exiting",
     "no_password": lambda: "no password given; exiting",
     "session_expired": lambda user: "the session expired and no password is available here; start the peer again to log in",
@@ -248,14 +248,15 @@ def render_error(code: str, **fields: Any) -> str:
         if fields.get("chosen"):
             return "you are offline; /online to reconnect"
         return f"the server at {fields.get('server')} is unreachable; try again later"
+    # The server's words and codes go into these lines too: cleaned like what others write.
     template = _ERRORS.get(code)
     if template is not None:
         try:
-            return template.format(**fields)
+            return clean(template.format(**fields))
         except (KeyError, IndexError):
             pass
     message = fields.get("message")
-    return f"{clean(message)} ({code})" if message else code
+    return clean(f"{message} ({code})" if message else code)
 
 
 def render_entry(entry: Entry) -> str:
