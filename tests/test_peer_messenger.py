@@ -969,6 +969,26 @@ class OfflineTests(MessengerTestCase):
         self.command("go_online")
         self.assertEqual(self.directory.started, 2)
 
+    def test_malformed_answers_shown_as_nothing(self) -> None:
+        """Names in the server's answers that are not usernames (text that could drive a terminal,
+        numbers, lists), and counts that are not counts, are dropped, not shown or stored; the
+        login's follow-up (blocks, outbox, receipts) still happens."""
+        junk = ["\x1b[2Jbob", 7, ["carol"], None, "", "carol"]
+        self.directory.answers.update(blocks={"users": junk}, who={"users": junk}, whosince={"users": "bob"},
+                                      broadcast={"delivered": "\x1b[2J", "skipped": -1})
+        self.start(login=False)
+        self.command("send", "bob", "written before the login")
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "written before the login")
+        self.assertEqual(self.successResultOf(self.history.contacts()).keys(), {"bob", "carol"})
+        self.assertFalse(self.successResultOf(self.history.contacts())["bob"].blocked)
+        self.assertTrue(self.successResultOf(self.history.contacts())["carol"].blocked)
+        self.assertEqual(self.command("who"), ["carol"])
+        self.assertEqual(self.command("whosince", 60.0), [])
+        self.assertEqual(self.command("broadcast", "hello"), (0, 0))
+        self.directory.answers["keys"] = {"user": "carol", "fingerprint": "\x1b[2J", "envelope_key": "x"}
+        self.assertIsNone(self.command("fingerprint", "carol").directory)
+
     def test_who_and_broadcast(self) -> None:
         """who lists online users; broadcast reports how many got it and how many blocked you."""
         self.directory.online.update({"carol", "bob"})

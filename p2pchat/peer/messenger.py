@@ -362,7 +362,7 @@ class Messenger:
         # Read before this login's mailbox is stored (the history runs its work in order): the
         # receipts for the mailbox go out as it is taken, and would otherwise go twice.
         owed = await self._history.owed_receipts()
-        blocked = set((await self._server.request("blocks")).get("users", []))
+        blocked = set(_usernames(await self._server.request("blocks")))
         for user in blocked | {u for u, c in self._contacts.items() if c.blocked}:
             await self._save(replace(self._contact(user), blocked=user in blocked))
         for peer in sorted({entry.peer for entry in await self._history.outbox()}):
@@ -873,13 +873,13 @@ class Messenger:
         if len(text) > MAX_BROADCAST:
             raise CommandError("too_long", length=len(text), limit=MAX_BROADCAST)
         result = await self._request("broadcast", text=text)
-        return result.get("delivered", 0), result.get("skipped", 0)
+        return _count(result.get("delivered")), _count(result.get("skipped"))
 
     async def who(self) -> list[str]:
-        return sorted((await self._request("who")).get("users", []))
+        return _usernames(await self._request("who"))
 
     async def whosince(self, seconds: float) -> list[str]:
-        return sorted((await self._request("whosince", seconds=seconds)).get("users", []))
+        return _usernames(await self._request("whosince", seconds=seconds))
 
     async def block(self, user: str) -> None:
         self._check_peer(user)
@@ -921,6 +921,8 @@ class Messenger:
         self._check_peer(user)
         try:
             directory = (await self._request("keys", user=user)).get("fingerprint")
+            if not crypto.valid_fingerprint(directory):
+                directory = None  # the server sent garbage: shown as not known
         except CommandError as e:
             if e.code != "not_connected":
                 raise
@@ -1009,6 +1011,16 @@ def _valid_text(text: Any) -> bool:
 
 def _valid_id(msg_id: Any) -> bool:
     return isinstance(msg_id, str) and 0 < len(msg_id) <= 64 and _unicode(msg_id)
+
+
+def _usernames(result: dict[str, Any]) -> list[str]:
+    """The usernames in a server answer's C{users}, sorted; anything else there is dropped."""
+    users = result.get("users")
+    return sorted({u for u in users if valid_username(u)}) if isinstance(users, list) else []
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _number(value: Any) -> bool:
