@@ -975,10 +975,12 @@ class OfflineTests(MessengerTestCase):
         login's follow-up (blocks, outbox, receipts) still happens."""
         junk = ["\x1b[2Jbob", 7, ["carol"], None, "", "carol"]
         self.directory.answers.update(blocks={"users": junk}, who={"users": junk}, whosince={"users": "bob"},
-                                      broadcast={"delivered": "\x1b[2J", "skipped": -1})
+                                      broadcast={"delivered": "\x1b[2J", "skipped": -1},
+                                      resume={"username": "alice", "token": "T" * 43, "mailbox": "\x1b[2J"})
         self.start(login=False)
         self.command("send", "bob", "written before the login")
         self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.view.events("welcome"), [{"user": "alice", "mailbox": 0}])
         self.assertEqual(self.open_sent(0, self.bob)["text"], "written before the login")
         self.assertEqual(self.successResultOf(self.history.contacts()).keys(), {"bob", "carol"})
         self.assertFalse(self.successResultOf(self.history.contacts())["bob"].blocked)

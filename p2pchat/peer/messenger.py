@@ -266,7 +266,7 @@ class Messenger:
         self._token = result.get("token")
         self._password = None  # reconnections resume with the token
         self.logged_in = True
-        mailbox = result.get("mailbox", 0)
+        mailbox = _count(result.get("mailbox"))
         self._view.show("reconnected" if resumed else "welcome", user=self.user, mailbox=mailbox)
         self._ready()
         Deferred.fromCoroutine(self._after_login()).addErrback(
