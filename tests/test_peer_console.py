@@ -311,6 +311,17 @@ class TerminalTests(ConsoleTestCase):
         self.console.show("message", user="bob", text="hi", private=False)
         self.assertEqual(self.output(), "\r\x1b[Kbob: hi\nalice> /msg bob hel")
 
+    def test_typing_stops_at_the_longest_line(self) -> None:
+        """Keys past the longest input line ring the bell and are not taken; the line still runs."""
+        self.console.start_commands()
+        command = "/broadcast "
+        self.type((command + "x" * (MAX_INPUT - len(command))).encode())
+        self.output()
+        self.type(b"yz")
+        self.assertEqual(self.output(), "\a\a")
+        self.type(b"\r")
+        self.assertEqual(self.messenger.calls, [("broadcast", ("x" * (MAX_INPUT - len(command)),))])
+
     def test_password_not_echoed(self) -> None:
         """The password prompt does not echo what is typed."""
         password = self.console.password(False)
