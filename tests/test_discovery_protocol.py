@@ -34,9 +34,10 @@ from p2pchat.discovery.protocol import (
     serve_promptly,
 )
 from p2pchat.tls import ServerTrust, server_certificate_options
-from p2pchat.wire import Event, decode_frame
+from p2pchat.wire import Event, decode_frame, encode_request
 
 from .support import LineClient, with_timeout
+from .test_session import PASSWORD, Harness
 
 SERVER_IDENTITY = generate_identity("test discovery server")
 
@@ -277,6 +278,58 @@ class PlainProtocolTests(SynchronousTestCase):
         replies = [f for f in frames(transport) if not isinstance(f, Event)]
         self.assertEqual([(r.id, r.code) for r in replies],
                          [("a", None), ("b", "not_authenticated"), (None, "bad_utf8"), (None, "bad_json")])
+
+
+class LoggedInTests(TestCase):
+    """The protocol over a directory with a real store and real password hashing."""
+
+    def connect(self, h: Harness) -> tuple[protocol.DiscoveryProtocol, StringTransport]:
+        proto, transport = DiscoveryFactory(h.directory, h.clock).buildProtocol(None), StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    async def test_reading_paused_while_the_password_is_checked(self):
+        """The connection stops reading while a login's password is checked (what the client
+        sends meanwhile waits in the socket), and reads again once the login is answered."""
+        h = await Harness(self).start()
+        await (await h.user("bob")).ok("logout")
+        verify, checks = h.hasher.verify, []
+        h.hasher.verify = lambda *args: checks.append(verify(*args)) or checks[-1]
+        proto, transport = self.connect(h)
+        proto.dataReceived(
+            encode_request(1, "hello", protocol=1)
+            + encode_request(2, "login", username="bob", password=PASSWORD, port=1)
+            + encode_request(3, "who")
+        )
+        self.assertEqual(transport.producerState, "paused")
+        await checks[0]
+        await h.settled()
+        self.assertEqual(transport.producerState, "producing")
+        h.clock.advance(0)  # the end of the reactor's turn, when the outbox writes
+        self.assertEqual([(f.id, f.ok) for f in frames(transport)[1:]], [(1, True), (2, True), (3, True)])
+
+    async def test_cut_off_user_goes_offline(self):
+        """A logged-in user cut off as a slow consumer is offline at once: the others hear
+        why, and the user can log in again."""
+        h = await Harness(self, max_queued_bytes=10_000).start()
+        alice = await h.user("alice")
+        first = await h.user("bob")
+        first.conn.close()
+        proto, transport = self.connect(h)
+        proto.dataReceived(
+            encode_request(1, "hello", protocol=1)
+            + encode_request(2, "resume", username="bob", token=first.login["token"], port=1)
+        )
+        await h.settled()
+        self.assertIs(h.directory.online["bob"], proto.session)
+        proto.pauseProducing()  # bob stops reading
+        for _ in range(20):
+            proto.write(b"x" * 1000 + b"\n")
+        h.clock.advance(0)
+        self.assertTrue(transport.disconnected)
+        self.assertNotIn("bob", h.directory.online)
+        self.assertEqual(alice.conn.events("presence")[-1].fields["offline"], {"bob": "slow_consumer"})
+        await h.user("bob")
 
 
 class TLSInMemoryTests(SynchronousTestCase):
