@@ -32,8 +32,10 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "identity.key")).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(data_dir, "envelope.key")).st_mode), 0o600)
+        os.chmod(data_dir, 0o755)  # a directory made readable to others is made private again
         again = self.twistd("p2ppeer", "--user", "alice").subOptions
         self.assertEqual(again["identity"].fingerprint, config["identity"].fingerprint)
+        self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
 
     def test_pid_and_log_files_per_user(self) -> None:
         """twistd's pid file and log go into the user's data dir, so peers started in one directory coexist."""
@@ -66,6 +68,7 @@ class OptionsTests(unittest.SynchronousTestCase):
             (["--user", "no spaces"], "--user: 1 to 32 characters"),
             (["--user", "alice", "--server", "nohost"], "--server must be HOST:PORT"),
             (["--user", "alice", "--server", "h:99999"], "--server must be HOST:PORT"),
+            (["--user", "alice", "--server", "h:0"], "--server must be HOST:PORT"),
             (["--user", "alice", "--port", "70000"], "--port must be between"),
             (["--user", "alice", "--server-fingerprint", "abc"], "--server-fingerprint must be"),
             (["--user", "alice", "--server-fingerprint", "a" * 64, "--server-ca", ca], "not both"),
