@@ -182,13 +182,15 @@ class IdentityFileTests(SynchronousTestCase):
         return stat.S_IMODE(os.stat(path).st_mode)
 
     def test_creates_private_files(self):
-        """First use creates the directory 0700 and the key 0600 under umask 0, and nothing else."""
+        """First use creates the directory 0700, the key 0600 and the certificate 0644 under umask
+        0, and nothing else."""
         old_umask = os.umask(0)
         self.addCleanup(os.umask, old_umask)
         identity = load_or_create_identity(self.directory, "peer", "alice")
         key_path = os.path.join(self.directory, "peer.key")
         self.assertEqual(self._mode(self.directory), 0o700)
         self.assertEqual(self._mode(key_path), 0o600)
+        self.assertEqual(self._mode(os.path.join(self.directory, "peer.crt")), 0o644)
         self.assertEqual(sorted(os.listdir(self.directory)), ["peer.crt", "peer.key"])
         with open(key_path, "rb") as f:
             self.assertEqual(f.read(), identity.key_pem())
@@ -196,6 +198,12 @@ class IdentityFileTests(SynchronousTestCase):
         cn = identity.certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         self.assertEqual(cn[0].value, "alice")
         identity.certificate.verify_directly_issued_by(identity.certificate)
+
+    def test_failed_write_leaves_nothing(self):
+        """A file that cannot be put in place leaves no temporary file behind, and says why."""
+        os.makedirs(os.path.join(self.directory, "peer.crt", "in the way"))
+        self.assertRaises(OSError, crypto._write_atomically, os.path.join(self.directory, "peer.crt"), b"x", 0o644)
+        self.assertEqual(os.listdir(self.directory), ["peer.crt"])
 
     def test_reload_gives_same_identity(self):
         """A second load returns the stored key and certificate, not new ones."""
