@@ -514,6 +514,23 @@ class ResumeTests(TestCase):
         self.assertEqual(await c.refused("resume", username="bob", token=token, port=0), "invalid_token")
         await c.ok("resume", username="alice", token=token, port=0)
 
+    @harness_test()
+    async def test_token_expires(self, h):
+        """A token logs in until TOKEN_LIFETIME after it was given, not after; the password still does."""
+        alice = await h.user("alice")
+        token = alice.login["token"]
+        await alice.ok("logout")
+        h.clock.advance(directory_module.TOKEN_LIFETIME - 1)
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        await c.ok("resume", username="alice", token=token, port=0)
+        await c.ok("logout")
+        h.clock.advance(1)
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("resume", username="alice", token=token, port=0), "invalid_token")
+        await c.ok("login", username="alice", password=PASSWORD, port=0)
+
 
 class PresenceTests(TestCase):
     @harness_test()
