@@ -94,6 +94,15 @@ class InMemoryTests(unittest.SynchronousTestCase):
         self.assertEqual((self.alice.down, self.bob.down), (["bob"], ["alice"]))
         self.assertIsNone(self.bob.links.get("alice"))
 
+    def test_line_too_long_closes(self) -> None:
+        """A line longer than any frame closes the link rather than growing a buffer for it."""
+        opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.successResultOf(opened)
+        link.transport.write(b"x" * (Link.MAX_LENGTH + 1))
+        pump.flush()
+        self.assertEqual((self.bob.down, self.alice.down), (["alice"], ["bob"]))
+        self.assertEqual(self.bob.frames, [])
+
     def test_connector_refuses_wrong_listener(self) -> None:
         """A listener without the expected key fails the handshake: no link on either side, nothing sent."""
         opened, link, pump = self.connect(self.alice, self.mallory, "bob", self.bob.fingerprint)

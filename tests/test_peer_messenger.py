@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -341,6 +341,24 @@ class LoginTests(MessengerTestCase):
         self.assertEqual(self.successResultOf(self.finished), 1)
         self.assertEqual([e for e, _ in self.view.shown], ["wrong_password", "login_gave_up"])
         self.assertFalse(self.messenger.logged_in)
+
+    def test_no_password_at_all_exits(self) -> None:
+        """Without any password (an empty password file, input closed) the peer says so and ends
+        with status 1 before it connects."""
+        self.passwords = []
+        self.start(login=False)
+        self.assertEqual(self.view.shown, [("no_password", {})])
+        self.assertEqual(self.successResultOf(self.finished), 1)
+        self.assertEqual(self.directory.started, 0)
+
+    def test_no_listening_still_online(self) -> None:
+        """When direct links cannot be accepted (the port is taken) the peer says so and goes
+        online anyway, telling the server it has no port."""
+        self.links.listen = lambda: fail(CannotListenError("127.0.0.1", 7001, OSError("in use")))
+        self.start()
+        self.assertEqual(len(self.view.events("listen_failed")), 1)
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+        self.assertEqual([args["port"] for op, args in self.directory.requests if op == "resume"], [0])
 
     def test_blocked_locked_already_online_exit(self) -> None:
         """The third failure, a login during the block, and a user already online each say so and exit."""
@@ -931,15 +949,19 @@ class PrivateTests(MessengerTestCase):
         """Malformed frames on a link change nothing and show nothing."""
         self.start()
         link = self.links.accept("bob")
+        self.command("send", "bob", "hi")
+        [sent] = link.sent
         for frame in [{}, {"type": "msg"}, {"type": "msg", "msg_id": "", "text": "x", "sent_at": 1},
                       {"type": "msg", "msg_id": "a", "text": 5, "sent_at": 1}, {"type": "ack", "msg_ids": "x"},
+                      {"type": "ack"}, {"type": "ack", "msg_ids": [sent["msg_id"], 5]},
                       {"type": "session", "state": "dance"}, {"type": "nonsense"},
                       {"type": "msg", "msg_id": "a", "text": "\ud800", "sent_at": 1},
                       {"type": "msg", "msg_id": "\udfff", "text": "x", "sent_at": 1},
                       {"type": "msg", "msg_id": "a", "text": "x", "sent_at": float("nan")}]:
             self.messenger.link_frame(link, frame)
         self.assertEqual(self.view.shown[-1][0], "welcome")
-        self.assertEqual(link.sent, [])
+        self.assertEqual(link.sent, [sent])
+        self.assertEqual(self.statuses("bob"), [("hi", PENDING)])
 
 
 class OfflineTests(MessengerTestCase):
