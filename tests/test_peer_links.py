@@ -103,6 +103,19 @@ class InMemoryTests(unittest.SynchronousTestCase):
         self.assertEqual((self.bob.down, self.alice.down), (["alice"], ["bob"]))
         self.assertEqual(self.bob.frames, [])
 
+    def test_lost_while_the_name_is_checked(self) -> None:
+        """A connection lost while its claimed name is being checked does not become a link when
+        the check comes back positive."""
+        decision: Deferred[bool] = Deferred()
+        self.bob.verify_peer = lambda user, fingerprint: decision  # type: ignore[method-assign]
+        opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        link.transport.abortConnection()
+        pump.flush()
+        decision.callback(True)
+        pump.flush()
+        self.assertEqual((self.bob.up, self.bob.links.get("alice")), ([], None))
+        self.failureResultOf(opened)
+
     def test_connector_refuses_wrong_listener(self) -> None:
         """A listener without the expected key fails the handshake: no link on either side, nothing sent."""
         opened, link, pump = self.connect(self.alice, self.mallory, "bob", self.bob.fingerprint)
