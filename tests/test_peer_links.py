@@ -94,6 +94,15 @@ class InMemoryTests(unittest.SynchronousTestCase):
         self.assertEqual((self.alice.down, self.bob.down), (["bob"], ["alice"]))
         self.assertIsNone(self.bob.links.get("alice"))
 
+    def test_open_link_outlives_the_handshake_timeout(self) -> None:
+        """The handshake timeout ends once the link is open: a quiet link stays up."""
+        opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.successResultOf(opened)
+        self.clock.advance(HANDSHAKE_TIMEOUT * 10)
+        pump.flush()
+        self.assertEqual((self.alice.down, self.bob.down), ([], []))
+        self.assertIs(self.alice.links.get("bob"), link)
+
     def test_line_too_long_closes(self) -> None:
         """A line longer than any frame closes the link rather than growing a buffer for it."""
         opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
