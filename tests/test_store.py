@@ -618,6 +618,35 @@ class GroupCommitTests(StoreTestCase):
         self.assertEqual([ok for ok, _ in outcomes], [False, False, False])
         self.assertEqual(self.query("SELECT seq FROM envelopes"), [(1,)])
 
+    async def test_failed_commit_rolled_back(self) -> None:
+        """
+        A batch whose COMMIT fails with the transaction still open (a disk I/O error) fails whole
+        and is rolled back: the store goes on, and the next batch is stored as usual.
+        """
+        store, _ = await self.start_store()
+        connection = store._db
+
+        class CommitFailsOnce:
+            """The store's own connection, whose next COMMIT fails as a full or failing disk makes it."""
+
+            failed = False
+
+            def __getattr__(self, name: str):
+                return getattr(connection, name)
+
+            def execute(self, sql: str, *args):
+                if sql == "COMMIT" and not self.failed:
+                    self.failed = True
+                    raise sqlite3.OperationalError("disk I/O error")
+                return connection.execute(sql, *args)
+
+        store._db = CommitFailsOnce()  # the writer thread is idle: it takes _db at its next batch
+        [(ok, failure)] = await DeferredList([store.put_envelope(env(1, "bob", "alice", "m1"))], consumeErrors=True)
+        self.assertFalse(ok)
+        self.assertIn("disk I/O error", str(failure.value))
+        await store.put_envelope(env(2, "bob", "alice", "m2"))
+        self.assertEqual(self.query("SELECT seq FROM envelopes"), [(2,)])
+
 
 class PutRunTests(unittest.SynchronousTestCase):
     """The writer thread's way of storing a run of queued puts, on a connection of the test's own."""
