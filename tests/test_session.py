@@ -989,7 +989,8 @@ class RelayTests(TestCase):
     @harness_test(mailbox_limit=2)
     async def test_mailbox_full(self, h):
         """The sender gets mailbox_full once the recipient's mailbox holds the limit; a resend of a
-        stored one is still answered as a duplicate; an ack makes room."""
+        stored one is still answered as a duplicate (delivered once the recipient is online to
+        get it); an ack makes room."""
         alice = await h.user("alice")
         await (await h.user("bob")).ok("logout")
         first = await alice.ok("send", to="bob", msg_id="1", envelope="e")
@@ -1000,6 +1001,8 @@ class RelayTests(TestCase):
         again = await alice.ok("send", to="bob", msg_id="1", envelope="e")
         self.assertEqual((again["status"], again["seq"], again["duplicate"]), ("stored", first["seq"], True))
         bob = await h.user("bob")
+        again = await alice.ok("send", to="bob", msg_id="1", envelope="e")
+        self.assertEqual((again["status"], again["seq"], again["duplicate"]), ("delivered", first["seq"], True))
         await bob.ok("ack", seqs=[first["seq"]])
         await bob.ok("logout")
         self.assertEqual((await alice.ok("send", to="bob", msg_id="3", envelope="e"))["status"], "stored")
