@@ -826,6 +826,7 @@ class RelayTests(TestCase):
         h.clock.advance(0.1)
         self.assertEqual((await reply).result, {"status": "delivered", "seq": seq, "duplicate": False})
         self.assertEqual([e.msg_id for e in await h.store.fetch_envelopes("bob", 0, 10)], ["m1"])
+        self.assertEqual(len(bob.conn.events("envelope")), 1)  # stored, not written again
         await bob.ok("logout")
         bob = await h.user("bob")
         self.assertEqual(bob.login["mailbox"], 1)
