@@ -839,12 +839,13 @@ class KeyTests(MessengerTestCase):
         self.assertFalse(self.successResultOf(self.messenger.verify_peer("alice", self.me.fingerprint)))
 
     def test_unusable_keys_not_pinned(self) -> None:
-        """Keys from the server that are not keys are not pinned: the message waits, and goes
-        sealed to the real key once the server sends it."""
+        """Keys from the server that are not keys are not pinned: the message waits, the user is
+        told why, and it goes sealed to the real key once the server sends it."""
         self.start()
         self.directory.answers["keys"] = {"user": "bob", "fingerprint": "zz", "envelope_key": "nope"}
         self.command("send", "bob", "hi")
         self.assertEqual(self.statuses("bob"), [("hi", PENDING)])
+        self.assertEqual(self.view.events("bad_keys"), [{"user": "bob"}])
         self.assertEqual(self.directory.sent, [])
         self.assertNotIn("bob", self.successResultOf(self.history.contacts()))
         del self.directory.answers["keys"]

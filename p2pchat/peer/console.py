@@ -196,6 +196,7 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "send_failed": lambda user, code, message, text: f"could not deliver your message to {user} ({clean(text)[:40]}): "
     + render_error(code, user=user, message=message),
     "waiting_for_keys": lambda user: f"{user} has not logged in since their account was made; your messages wait until they do",
+    "bad_keys": lambda user: f"the server sent unusable keys for {user}; your messages to {user} wait until it sends real ones",
     "key_changed": lambda user, old, new: (
         f"WARNING: {user}'s IDENTITY KEY HAS CHANGED (was sha256:{old}, now sha256:{new}). "
         f"It may be a reinstall, or someone impersonating {user}. Nothing goes to or comes from {user} "

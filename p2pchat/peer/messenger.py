@@ -712,7 +712,9 @@ class Messenger:
                 status = await self._send_sealed(user, entry)
                 behind_server = True
             except CommandError as e:
-                if e.code != "key_changed":
+                if e.code == "bad_keys":
+                    self._view.show("bad_keys", user=user)
+                elif e.code != "key_changed":  # that one was shown loudly when it was seen
                     log.warn("outbox for {user}: {code}", user=user, code=e.code)
                 return  # waits for /trust, or for the server to send sane keys
             except NotConnected:
