@@ -321,7 +321,7 @@ class AccountTests(TestCase):
 
     @harness_test()
     async def test_login_the_store_fails_to_record(self, h):
-        """A login, or a resume, whose token the store fails to write is answered internal_error
+        """A login, or a resume, whose records the store fails to write is answered internal_error
         and leaves the connection logged out: nobody sees the user online, the connection cannot
         act as them, and trying again there works once the store does."""
         alice = await h.user("alice")
