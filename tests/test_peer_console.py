@@ -71,6 +71,9 @@ class ParseTests(unittest.SynchronousTestCase):
             "/mute bob soon": "SECONDS must be",
             "/history bob 0": "N must be",
             "/history bob 1.5": "N must be",
+            "/history bob 1001": "N must be",
+            "/whosince inf": "SECONDS must be",
+            "/mute bob 1e10": "SECONDS must be",
             "/frobnicate": "unknown command /frobnicate",
             "hello there": "is not a command",
         }

@@ -243,6 +243,10 @@ class KnownServersTests(unittest.SynchronousTestCase):
         known.pin("h:2", "b" * 64)
         self.assertEqual((known.get("h:1"), known.get("h:2"), known.get("h:3")), ("a" * 64, "b" * 64, None))
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path, "a") as f:
+            f.write("h:3 not-a-fingerprint\nh:3\n\n")  # damaged lines pin nothing
+        known.pin("h:3", "c" * 64)
+        self.assertEqual(known.get("h:3"), "c" * 64)
 
 
 class HelloServer(Protocol):

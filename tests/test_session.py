@@ -301,11 +301,16 @@ class AccountTests(TestCase):
 
     @harness_test()
     async def test_before_and_after_login(self, h):
-        """Commands before login get not_authenticated; login after login gets already_authenticated."""
+        """Every command but hello, register, login, resume and ping gets not_authenticated before
+        login (nobody's keys, address or presence for a connection that has not logged in);
+        login after login gets already_authenticated."""
+        await h.user("bob")
         c = h.connect()
         await c.ok("hello", protocol=1)
-        for op, args in [("who", {}), ("send", {"to": "x", "msg_id": "1", "envelope": "e"}), ("logout", {})]:
-            self.assertEqual(await c.refused(op, **args), "not_authenticated")
+        valid = {"user": "bob", "to": "bob", "msg_id": "1", "envelope": "e", "seconds": 60, "seqs": [1], "text": "hi"}
+        for op, schema in REQUEST_SCHEMAS.items():
+            if op not in ("hello", "register", "login", "resume", "ping"):
+                self.assertEqual(await c.refused(op, **{name: valid[name] for name in schema}), "not_authenticated", op)
         self.assertIn("time", await c.ok("ping"))
         a = await h.user("alice")
         self.assertEqual(await a.refused("login", username="alice", password=PASSWORD, port=1), "already_authenticated")
