@@ -19,6 +19,7 @@ class HashTests(SynchronousTestCase):
         self.assertTrue(verify_password("correct horse", stored))
         self.assertFalse(verify_password("Correct horse", stored))
         self.assertNotEqual(stored, hash_password("correct horse", n=2**4))
+        self.assertFalse(verify_password("correct horse", "other" + stored[len("scrypt"):]))  # another scheme
 
     def test_malformed_hash(self):
         """A malformed stored hash is a mismatch, not an exception."""
@@ -33,8 +34,15 @@ class HasherTests(TestCase):
         self.addCleanup(self.hasher.stop)
 
     def test_unknown_account_costs_a_hash(self):
-        """Verifying against no hash is False (after spending a real hash's time)."""
-        return self.hasher.verify("pw", None).addCallback(self.assertFalse)
+        """Verifying against no hash is False, after checking the password against a real hash
+        (so that an unknown name takes as long as a wrong password)."""
+        checked = []
+        verify = passwords.verify_password
+        self.patch(passwords, "verify_password", lambda password, stored: checked.append(stored) or verify(password, stored))
+        d = self.hasher.verify("pw", None)
+        d.addCallback(self.assertFalse)
+        d.addCallback(lambda _: self.assertEqual([stored.split("$")[0] for stored in checked], ["scrypt"]))
+        return d
 
     def test_hash_and_verify_off_thread(self):
         """hash and verify run outside the reactor thread and agree with each other."""

@@ -895,6 +895,8 @@ class PrivateTests(MessengerTestCase):
         self.command("start_private", "bob")
         link = self.links.open["bob"]
         self.assertEqual(link.sent[0], {"type": "session", "state": "start"})
+        self.assertEqual(self.command_error("private", "bob", "  ").code, "empty_message")
+        self.assertEqual(self.command_error("private", "bob", "x" * 16001).code, "too_long")
         self.command("private", "bob", "secret")
         self.assertEqual((link.sent[1]["text"], link.sent[1]["private"]), ("secret", True))
         self.messenger.link_frame(link, {"type": "ack", "msg_ids": [link.sent[1]["msg_id"]]})
@@ -1022,5 +1024,6 @@ class OfflineTests(MessengerTestCase):
         self.assertEqual(self.command("who"), ["bob", "carol"])
         self.assertEqual(self.command("broadcast", "hello"), (1, 1))
         self.assertEqual(self.command_error("broadcast", "x" * 4097).code, "too_long")
+        self.assertEqual(self.command_error("broadcast", " \t ").code, "empty_message")
         self.directory.answers["block"] = RequestError("already_blocked", "already")
         self.assertEqual(self.command_error("block", "bob").fields["user"], "bob")
