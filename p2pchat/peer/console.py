@@ -166,34 +166,34 @@ _BYE = {
 }
 
 _EVENTS: dict[str, Callable[..., str]] = {
-    "message": lambda user, text, private: f"{user}{' (private)' if private else ''}: {clean(text)}",
-    "broadcast": lambda user, text: f"{user} (broadcast): {clean(text)}",
+    "message": lambda user, text, private: f"{user}{' (private)' if private else ''}: {text}",
+    "broadcast": lambda user, text: f"{user} (broadcast): {text}",
     "presence": lambda user, online: f"{user} logged {'in' if online else 'out'}",
     "welcome": lambda user, mailbox: f"welcome, {user}!"
     + (f" {_plural(mailbox, 'message')} arrived while you were away:" if mailbox else ""),
     "reconnected": lambda user, mailbox: "reconnected to the server",
     "registered": lambda user, server: f"registered {user} on {server}",
     "wrong_password": lambda user: "wrong password",
-    "weak_password": lambda message: f"that password is not accepted: {clean(message)}",
-    "too_many_attempts": lambda user, code, message: f"wrong password too many times: {user} is now blocked, try again later ({clean(message)})",
-    "account_locked": lambda user, message, code="": f"{user} is blocked after failed logins; try again later ({clean(message)})",
+    "weak_password": lambda message: f"that password is not accepted: {message}",
+    "too_many_attempts": lambda user, code, message: f"wrong password too many times: {user} is now blocked, try again later ({message})",
+    "account_locked": lambda user, message, code="": f"{user} is blocked after failed logins; try again later ({message})",
     "already_online": lambda user, code, message: f"{user} is already logged in elsewhere",
-    "login_failed": lambda code, message, user="": f"cannot log in: {clean(message)} ({clean(code)})",
+    "login_failed": lambda code, message, user="": f"cannot log in: {message} ({code})",
     "login_gave_up": lambda user: "no other password to try; exiting",
     "no_password": lambda: "no password given; exiting",
     "session_expired": lambda user: "the session expired and no password is available here; start the peer again to log in",
-    "server_unreachable": lambda server, reason: f"cannot reach the server at {server} ({clean(reason)}); working offline, retrying in the background",
+    "server_unreachable": lambda server, reason: f"cannot reach the server at {server} ({reason}); working offline, retrying in the background",
     "server_lost": lambda: "lost the connection to the server; reconnecting",
-    "internal_error": lambda message: f"the peer cannot go on: {clean(message)} (details in peer.log)",
-    "server_refused": lambda message: clean(message),
+    "internal_error": lambda message: f"the peer cannot go on: {message} (details in peer.log)",
+    "server_refused": lambda message: message,
     "server_pinned": lambda server, fingerprint: f"trusting the server at {server} on first use: certificate sha256:{fingerprint}",
-    "bye": lambda reason, message: _BYE.get(reason, f"the server closed the connection: {clean(message)}"),
-    "listen_failed": lambda reason: f"cannot accept direct links ({clean(reason)}); messages go through the server",
+    "bye": lambda reason, message: _BYE.get(reason, f"the server closed the connection: {message}"),
+    "listen_failed": lambda reason: f"cannot accept direct links ({reason}); messages go through the server",
     "stored": lambda user: f"{user} is offline: the message waits on the server until they log in",
     "queued": lambda user, chosen: f"you are offline: the message to {user} goes out after /online"
     if chosen
     else f"not connected to the server: the message to {user} goes out once the connection is back",
-    "send_failed": lambda user, code, message, text: f"could not deliver your message to {user} ({clean(text)[:40]}): "
+    "send_failed": lambda user, code, message, text: f"could not deliver your message to {user} ({text[:40]}): "
     + render_error(code, user=user, message=message),
     "waiting_for_keys": lambda user: f"{user} has not logged in since their account was made; your messages wait until they do",
     "bad_keys": lambda user: f"the server sent unusable keys for {user}; your messages to {user} wait until it sends real ones",
@@ -211,10 +211,9 @@ _EVENTS: dict[str, Callable[..., str]] = {
 
 
 def render(event: str, **fields: Any) -> str:
+    """One line for an event; cleaned whole, since what others write and the server says goes in it."""
     template = _EVENTS.get(event)
-    if template is None:
-        return f"{event}: {fields}"
-    return template(**fields)
+    return clean(f"{event}: {fields}" if template is None else template(**fields))
 
 
 _ERRORS: dict[str, str] = {
