@@ -407,6 +407,131 @@ class LoginTests(MessengerTestCase):
         self.assertEqual(self.view.events("session_expired"), [{"user": "alice"}])
         self.assertEqual(self.successResultOf(self.finished), 1)
 
+    def test_unusable_token_is_not_kept(self) -> None:
+        """A login answer whose token the server would not take back (not a string, empty, too
+        long) is not kept: the next connection logs in with the password, asked for again, instead
+        of resuming with it for ever."""
+        for token in [12345, "", "x" * 257, ["T"], None]:
+            self.passwords = ["correct horse"]
+            self.asked.clear()
+            self.new_messenger()
+            self.directory.answers["register"] = RequestError("username_taken", "taken")
+            self.directory.answers["login"] = [{"username": "alice", "token": token, "mailbox": 0}]
+            self.start()
+            self.passwords = ["correct horse"]
+            self.directory.requests.clear()
+            self.messenger.server_lost()
+            self.successResultOf(self.messenger.server_connected())
+            self.assertEqual(self.directory.ops()[:2], ["login", "blocks"], repr(token))
+            self.assertEqual(self.directory.requests[0][1]["password"], "correct horse")
+            self.assertEqual(self.asked, [False, False])
+            self.assertTrue(self.messenger.logged_in)
+            self.directory.requests.clear()
+            self.messenger.server_lost()
+            self.successResultOf(self.messenger.server_connected())
+            self.assertEqual(self.directory.requests[0][1].get("token"), "T" * 43)
+            self.assertNoResult(self.finished)
+
+    def test_unusable_registration_token_logs_in(self) -> None:
+        """A registration answer with a token that is not one logs in with the password."""
+        self.directory.answers["register"] = {"username": "alice", "token": 7}
+        self.start()
+        self.assertEqual(self.directory.ops()[:2], ["register", "login"])
+
+    def test_no_token_and_no_password_exits(self) -> None:
+        """Without a token to resume and no password to give (a password file gone), a reconnect
+        says so and exits rather than sending an empty login."""
+        self.directory.answers["register"] = {"username": "alice"}
+        self.directory.answers["login"] = [{"username": "alice", "mailbox": 0}]
+        self.start()
+        self.directory.requests.clear()
+        self.messenger.server_lost()
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.directory.ops(), [])
+        self.assertEqual(self.view.events("session_expired"), [{"user": "alice"}])
+        self.assertEqual(self.successResultOf(self.finished), 1)
+
+    def test_busy_login_waits_and_tries_again(self) -> None:
+        """A login refused for now (too many password attempts from this address, the server busy
+        hashing passwords, its store failing) says so, lets the user work offline, and tries again
+        on the same connection after RETRY_DELAY, with the same password."""
+        for op, code in [("login", "rate_limited"), ("login", "internal_error"), ("register", "rate_limited"),
+                         ("resume", "internal_error")]:
+            self.passwords = ["correct horse"]
+            self.asked.clear()
+            self.path = self.mktemp()  # a first run each time: register, then resume with its token
+            self.new_messenger()
+            self.directory.requests.clear()
+            ready = self.messenger.when_ready()
+            if op == "login":
+                self.directory.answers["register"] = RequestError("username_taken", "taken")
+            self.directory.answers[op] = [RequestError(code, "the server's words")]
+            self.start(login=False)
+            login = self.messenger.server_connected()
+            self.assertEqual(self.view.events("welcome"), [], op)
+            self.assertNoResult(login)
+            self.assertEqual(self.view.events("login_delayed"),
+                             [{"code": code, "message": "the server's words", "seconds": RETRY_DELAY}], op)
+            self.successResultOf(ready)
+            self.assertFalse(self.messenger.logged_in)
+            before = len(self.directory.requests)
+            self.clock.advance(RETRY_DELAY - 0.1)
+            self.assertEqual(len(self.directory.requests), before)
+            self.clock.advance(0.1)
+            self.successResultOf(login)
+            self.assertTrue(self.messenger.logged_in, op)
+            self.assertEqual(self.asked, [False])
+            self.assertNoResult(self.finished)
+            self.assertEqual(len(self.view.events("welcome")), 1)
+
+    def test_busy_login_said_once(self) -> None:
+        """The same refusal again is not said again at each try; another one is."""
+        self.directory.answers["register"] = RequestError("username_taken", "taken")
+        busy = RequestError("rate_limited", "busy")
+        self.directory.answers["login"] = [busy, busy, RequestError("internal_error", "disk full")]
+        self.start(login=False)
+        login = self.messenger.server_connected()
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual([e["message"] for e in self.view.events("login_delayed")], ["busy"])
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual([e["message"] for e in self.view.events("login_delayed")], ["busy", "disk full"])
+        self.clock.advance(RETRY_DELAY)
+        self.successResultOf(login)
+        self.assertEqual(self.directory.ops().count("login"), 4)
+        self.assertTrue(self.messenger.logged_in)
+
+    def test_busy_login_wait_ends_with_the_connection(self) -> None:
+        """The wait before trying again ends when the connection is lost (the next one logs in
+        afresh) or the peer stops: no second login from the old wait."""
+        self.directory.answers["register"] = RequestError("username_taken", "taken")
+        self.directory.answers["login"] = [RequestError("rate_limited", "wait")]
+        self.start(login=False)
+        first = self.messenger.server_connected()
+        self.messenger.server_lost()
+        self.successResultOf(first)
+        self.successResultOf(self.messenger.server_connected())
+        self.assertTrue(self.messenger.logged_in)
+        self.directory.requests.clear()
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual(self.directory.requests, [])
+        self.directory.answers["resume"] = [RequestError("rate_limited", "wait")]
+        self.messenger.server_lost()
+        waiting = self.messenger.server_connected()
+        self.assertNoResult(waiting)
+        self.successResultOf(Deferred.fromCoroutine(self.messenger.stop()))
+        self.successResultOf(waiting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_unexpected_resume_refusal_exits(self) -> None:
+        """A resume refused for a reason no retry changes says why and exits (it used to reconnect
+        silently for ever)."""
+        self.start()
+        self.directory.answers["resume"] = RequestError("bad_request", "token: must be a string")
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.view.events("login_failed"),
+                         [{"user": "alice", "code": "bad_request", "message": "token: must be a string"}])
+        self.assertEqual(self.successResultOf(self.finished), 1)
+
     def test_unreachable_server_makes_ready(self) -> None:
         """A server that cannot be reached is reported and commands may run (offline)."""
         ready = self.messenger.when_ready()

@@ -179,6 +179,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "account_locked": lambda user, message, code="": f"{user} is blocked after failed logins; try again later ({message})",
     "already_online": lambda user, code, message: f"{user} is already logged in elsewhere",
     "login_failed": lambda code, message, user="": f"cannot log in: {message} ({code})",
+    "login_delayed": lambda code, message, seconds: f"the server cannot log you in just now: {message} ({code}); "
+    f"working offline, trying again in {seconds:g} s",
     "login_gave_up": lambda user: "no other password to try; exiting",
     "no_password": lambda: "no password given; exiting",
     "session_expired": lambda user: "the session expired and no password is available here; start the peer again to log in",

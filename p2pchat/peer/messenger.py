@@ -9,15 +9,16 @@ import math
 import re
 import secrets
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NoReturn, Protocol
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .. import crypto
 from ..crypto import CryptoError, EnvelopeError, EnvelopeKey, Identity
-from ..wire import MAX_ACK, MAX_BROADCAST, Code, Event
+from ..wire import MAX_ACK, MAX_BROADCAST, REQUEST_SCHEMAS, Code, Event
 from .history import DELIVERED, FAILED, HELD, MUTED, PENDING, SENT, SHOWN, Contact, Entry, History
 from .server_link import NotConnected, RequestError
 
@@ -32,6 +33,10 @@ OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
 
 # Server refusals that no retry will change: the message is marked failed.
 _PERMANENT = {Code.UNKNOWN_USER, Code.BLOCKED_BY_USER, Code.SELF, Code.BAD_REQUEST, Code.INVALID_USERNAME}
+# Login refusals that pass: too many password attempts from this address (a class behind one
+# router), the server busy hashing passwords, its store failing. The peer waits and tries again.
+_LOGIN_LATER = {Code.RATE_LIMITED, Code.INTERNAL_ERROR}
+_TOKEN_CHECK = REQUEST_SCHEMAS["resume"]["token"][0]
 
 
 class CommandError(Exception):
@@ -130,6 +135,7 @@ class Messenger:
         self._contacts: dict[str, Contact] = {}
         self._password: str | None = None
         self._token: str | None = None
+        self._login_wait: Deferred[None] | None = None
         self._port = 0
         self._online_wanted = False
         self.logged_in = False
@@ -185,10 +191,7 @@ class Messenger:
     async def stop(self) -> None:
         """Leave the server and close every link (idempotent)."""
         self._online_wanted = False
-        self.logged_in = False
-        await self._server.stop()
-        await self._links.stop_listening()
-        self._links.close_all()
+        await self._leave()
         for call in self._retry_calls.values():
             call.cancel()
         self._retry_calls.clear()
@@ -224,6 +227,7 @@ class Messenger:
         return Deferred.fromCoroutine(self._authenticate())
 
     def server_lost(self) -> None:
+        self._cancel_login_wait()  # the next connection logs in afresh
         was_logged_in, self.logged_in = self.logged_in, False
         if was_logged_in and self._online_wanted:
             self._view.show("server_lost")
@@ -248,23 +252,40 @@ class Messenger:
         handler(event.fields)
 
     async def _authenticate(self) -> None:
-        if self._finished is not None:
-            return
-        try:
-            result = await self._resume() if self._token is not None else None
-            resumed = result is not None
-            if result is None and not await self._history.is_registered(self._server_name):
-                result = await self._register()
-            if result is None:
-                result = await self._login()
-        except _Fatal:
-            # Stopping the connection from inside its own setup would re-enter the server link;
-            # the peer is about to exit, which stops everything.
-            self._online_wanted = False
-            self._finish(1)
-            return
-        self._token = result.get("token")
-        self._password = None  # reconnections resume with the token
+        told = None
+        while True:
+            if self._finished is not None:
+                return
+            try:
+                result = await self._resume()
+                resumed = result is not None
+                if result is None and not await self._history.is_registered(self._server_name):
+                    result = await self._register()
+                if result is None:
+                    result = await self._login()
+                break
+            except _Fatal:
+                # Stopping the connection from inside its own setup would re-enter the server link;
+                # the peer is about to exit, which stops everything.
+                self._online_wanted = False
+                self._finish(1)
+                return
+            except RequestError as e:
+                if e.code not in _LOGIN_LATER:
+                    raise
+                if told != (e.code, e.message):  # said once, not at every try
+                    told = (e.code, e.message)
+                    self._view.show("login_delayed", code=e.code, message=e.message, seconds=RETRY_DELAY)
+                self._ready()  # meanwhile the user works offline
+                self._login_wait = deferLater(self._clock, RETRY_DELAY)
+                try:
+                    await self._login_wait
+                except CancelledError:
+                    return  # the connection was lost or the peer stops
+                finally:
+                    self._login_wait = None
+        self._token = _usable_token(result.get("token"))
+        self._password = None  # reconnections resume with the token (or ask for the password again)
         self.logged_in = True
         mailbox = _count(result.get("mailbox"))
         self._view.show("reconnected" if resumed else "welcome", user=self.user, mailbox=mailbox)
@@ -274,24 +295,32 @@ class Messenger:
         )
 
     async def _resume(self) -> dict[str, Any] | None:
-        """Log in with the session token; None (the password asked for) when it is no longer valid."""
-        result = await self._resume_with(self._token)
+        """
+        Log in with the session token, if there is one; None when the password has to log in
+        (asked for when this peer no longer has it: the token expired, or the server gave none).
+        """
+        result = None if self._token is None else await self._resume_with(self._token)
         if result is None:
             self._token = None
-            self._password = await self._passwords(False)
             if self._password is None:
-                self._view.show("session_expired", user=self.user)
-                raise _Fatal()
+                self._password = await self._passwords(False)
+                if self._password is None:
+                    self._view.show("session_expired", user=self.user)
+                    raise _Fatal()
         return result
+
+    def _cancel_login_wait(self) -> None:
+        if self._login_wait is not None:
+            self._login_wait.cancel()
 
     async def _resume_with(self, token: str) -> dict[str, Any] | None:
         """Log in with C{token}: the login's result, or None when the server does not know the token."""
         try:
             return await self._server.request("resume", username=self.user, token=token, port=self._port)
         except RequestError as e:
-            if e.code != Code.INVALID_TOKEN:
-                raise
-            return None
+            if e.code == Code.INVALID_TOKEN:
+                return None
+            self._refused(e)
 
     async def _next_password(self) -> None:
         self._password = await self._passwords(True)
@@ -322,8 +351,7 @@ class Messenger:
                 if e.code == Code.REGISTRATION_CLOSED:
                     return None  # only existing accounts log in there: try, and register next time
                 if e.code != Code.USERNAME_TAKEN:
-                    self._view.show("login_failed", code=e.code, message=e.message)
-                    raise _Fatal() from None
+                    self._refused(e)
                 # The account exists already (imported, or ours from another install): log in.
                 registered = {}
             else:
@@ -331,7 +359,7 @@ class Messenger:
             await self._history.mark_registered(self._server_name)
             # Log in with the token the registration gave, so the server hashes the password once;
             # without one (the account existed) the password logs in.
-            token = registered.get("token")
+            token = _usable_token(registered.get("token"))
             return None if token is None else await self._resume_with(token)
 
     async def _login(self) -> dict[str, Any]:
@@ -350,13 +378,19 @@ class Messenger:
                     self._view.show("wrong_password", user=self.user)
                     await self._next_password()
                     continue
-                event = {
-                    Code.TOO_MANY_ATTEMPTS: "too_many_attempts",
-                    Code.ACCOUNT_LOCKED: "account_locked",
-                    Code.ALREADY_ONLINE: "already_online",
-                }.get(e.code, "login_failed")
-                self._view.show(event, user=self.user, code=e.code, message=e.message)
-                raise _Fatal() from None
+                self._refused(e)
+
+    def _refused(self, e: RequestError) -> NoReturn:
+        """A login, resume or registration refused: wait and try again (L{_LOGIN_LATER}), or say why and exit."""
+        if e.code in _LOGIN_LATER:
+            raise e
+        event = {
+            Code.TOO_MANY_ATTEMPTS: "too_many_attempts",
+            Code.ACCOUNT_LOCKED: "account_locked",
+            Code.ALREADY_ONLINE: "already_online",
+        }.get(e.code, "login_failed")
+        self._view.show(event, user=self.user, code=e.code, message=e.message)
+        raise _Fatal() from None
 
     async def _after_login(self) -> None:
         # Read before this login's mailbox is stored (the history runs its work in order): the
@@ -961,6 +995,7 @@ class Messenger:
 
     async def _leave(self) -> None:
         self.logged_in = False
+        self._cancel_login_wait()
         await self._server.stop()
         await self._links.stop_listening()
         self._links.close_all()
@@ -1019,6 +1054,11 @@ def _usernames(result: dict[str, Any]) -> list[str]:
     """The usernames in a server answer's C{users}, sorted; anything else there is dropped."""
     users = result.get("users")
     return sorted({u for u in users if valid_username(u)}) if isinstance(users, list) else []
+
+
+def _usable_token(value: Any) -> str | None:
+    """A session token the server would take back in a resume, else None (the password logs in)."""
+    return value if _TOKEN_CHECK(value) is None else None
 
 
 def _count(value: Any) -> int:
