@@ -52,6 +52,10 @@ class EnvelopeError(CryptoError):
     """An envelope that must not be trusted or cannot be opened."""
 
 
+class WrongEnvelopeKey(EnvelopeError):
+    """A well-signed envelope sealed to another envelope key (one its recipient had before)."""
+
+
 # -- fingerprints -------------------------------------------------------------------
 
 
@@ -486,5 +490,5 @@ def open_sealed(
             nonce, ciphertext, _AAD_LABEL + bound + _lp(spki)
         )
     except (ValueError, InvalidTag):
-        raise EnvelopeError("the envelope was not sealed to this envelope key") from None
+        raise WrongEnvelopeKey("the envelope was not sealed to this envelope key") from None
     return payload, fingerprint

@@ -29,6 +29,7 @@ from p2pchat.crypto import (
     MAX_PAYLOAD,
     CryptoError,
     EnvelopeError,
+    WrongEnvelopeKey,
     cert_fingerprint,
     format_fingerprint,
     generate_envelope_key,
@@ -405,8 +406,13 @@ class OpenRefusalTests(SynchronousTestCase):
         self.assertIn("signature", self._refused(msg_id="m2"))
 
     def test_wrong_key(self):
-        """An envelope sealed to bob's key cannot be opened with carol's key."""
+        """An envelope sealed to bob's key cannot be opened with carol's key, and says so with an
+        error of its own (the peer tells its user); an altered one does not."""
         self.assertIn("not sealed to this envelope key", self._refused(key=CAROL_KEY))
+        self.assertRaises(WrongEnvelopeKey, open_sealed, SEALED, CAROL_KEY, "alice", "bob", "m1", None)
+        self.assertNotIsInstance(
+            self.assertRaises(EnvelopeError, open_sealed, SEALED, BOB_KEY, "alice", "bob", "m2", None), WrongEnvelopeKey
+        )
 
     def test_replayed_to_other_recipient(self):
         """An envelope for bob relayed to carol is refused, under either recipient name."""

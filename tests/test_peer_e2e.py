@@ -240,6 +240,26 @@ class ResilienceTests(PeerTestCase):
         await alice.poll("/history bob", r"you -> bob: three \(delivered\)$")
         self.assertEqual([line for line in bob.lines if line.startswith("alice: ")], ["alice: one", "alice: two", "alice: three"])
 
+    async def test_new_install_while_offline(self) -> None:
+        """bob moves to a new install (new keys) and logs out before alice hears of it: her next
+        message is not sealed to his old keys, which the new install could not open; she is warned,
+        and after /trust it reaches him there."""
+        await self.start_server()
+        alice, bob = await self.peers("alice", "bob")
+        alice.send("/msg bob hi")  # pins bob's keys
+        await bob.expect(r"^alice: hi$")
+        bob.send("/logout")
+        await bob.ended()
+        moved = await Peer(self, "bob", home=self.home("bob-moved")).started()
+        moved.send("/logout")
+        await moved.ended()
+        await alice.command("/msg bob did you move?", r"^WARNING: bob's IDENTITY KEY HAS CHANGED")
+        await alice.command("/history bob", r"you -> bob: did you move\? \(pending\)$")
+        await alice.command("/trust bob", r"^accepted bob's new key$")
+        await alice.expect(r"^bob is offline: the message waits on the server")
+        await moved.started()
+        await moved.expect(r"^alice: did you move\?$")
+
     async def test_server_down_then_up(self) -> None:
         """A peer started while the server is down says so, works offline, and logs in once the server is up."""
         with socket.socket() as s:

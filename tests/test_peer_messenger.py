@@ -14,7 +14,13 @@ from twisted.trial import unittest
 
 from p2pchat import crypto
 from p2pchat.peer.history import DELIVERED, FAILED, PENDING, SENT, History
-from p2pchat.peer.messenger import DIRECT_RETRY, RETRY_DELAY, CommandError, Messenger
+from p2pchat.peer.messenger import (
+    DIRECT_RETRY,
+    RETRY_DELAY,
+    UNREADABLE_WAIT,
+    CommandError,
+    Messenger,
+)
 from p2pchat.peer.server_link import NotConnected, RequestError
 from p2pchat.wire import Event
 
@@ -989,6 +995,73 @@ class KeyTests(MessengerTestCase):
         self.assertEqual(self.statuses("bob"), [("hi", SENT)])
         self.assertEqual(len(self.view.events("key_changed")), 1)
         self.assertEqual(self.directory.acked, [1])
+
+    def test_changed_key_of_an_offline_user_seen_before_sealing(self) -> None:
+        """bob moved to a new install (new keys) while offline: a message for him is not sealed to
+        the key pinned earlier, which his new install cannot open (the server would store it and
+        bob's peer drop it: a message lost). The change is shown and the message waits for /trust."""
+        self.start()
+        self.command("send", "bob", "first")
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "first")
+        new_bob = self.change_bobs_key()
+        self.command("send", "bob", "second")
+        self.assertEqual(len(self.view.events("key_changed")), 1)
+        self.assertEqual(len(self.directory.sent), 1)
+        self.assertEqual(self.statuses("bob"), [("first", SENT), ("second", PENDING)])
+        self.command("trust", "bob")
+        self.assertEqual(self.open_sent(-1, new_bob)["text"], "second")
+        self.assertEqual(self.statuses("bob"), [("first", SENT), ("second", SENT)])
+
+    def test_changed_key_found_while_the_outbox_waits(self) -> None:
+        """A message queued while disconnected, for a user whose keys changed meanwhile, is not
+        sealed to the old key when the connection comes back."""
+        self.start()
+        self.command("send", "bob", "first")
+        self.messenger.server_lost()
+        self.directory.connected = False
+        self.command("send", "bob", "queued")
+        new_bob = self.change_bobs_key()
+        self.directory.connected = True
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(len(self.directory.sent), 1)
+        self.assertEqual(len(self.view.events("key_changed")), 1)
+        self.assertEqual(self.statuses("bob"), [("first", SENT), ("queued", PENDING)])
+        self.command("trust", "bob")
+        self.assertEqual(self.open_sent(-1, new_bob)["text"], "queued")
+
+    def test_envelopes_sealed_to_an_old_key_are_told(self) -> None:
+        """Envelopes sealed to an envelope key this install does not have (sent to the user's old
+        install) are acked, since no retry opens them, and the user is told how many, from whom,
+        together; a forged one is dropped without a word."""
+        self.start()
+        old_me = crypto.generate_envelope_key()
+        for seq, msg_id in [(1, "m1"), (2, "m2")]:
+            envelope = crypto.seal(self.bob.identity, "bob", "alice", old_me.public_b64, msg_id,
+                                   json.dumps({"kind": "msg", "text": "lost?", "sent_at": 1.0}).encode())
+            self.messenger.server_event(
+                Event("envelope", {"seq": seq, "from": "bob", "msg_id": msg_id, "envelope": envelope, "sent_at": 1.0})
+            )
+        self.deliver(3, self.carol, "m3", {"kind": "msg", "text": "hi", "sent_at": 1.0}, signer=self.bob)
+        self.assertEqual(self.view.events("unreadable"), [])
+        self.clock.advance(UNREADABLE_WAIT)
+        self.assertEqual(self.view.events("unreadable"), [{"user": "bob", "count": 2}])
+        self.clock.advance(UNREADABLE_WAIT)
+        self.assertEqual(len(self.view.events("unreadable")), 1)
+        self.assertEqual(self.view.messages(), [])
+        self.assertEqual(sorted(self.directory.acked), [1, 2, 3])
+
+    def test_keys_asked_once_per_outbox_pass(self) -> None:
+        """The keys are checked once for the messages an outbox pass seals, not once per message."""
+        self.start()
+        self.messenger.server_lost()
+        self.directory.connected = False
+        for text in ("one", "two", "three"):
+            self.command("send", "bob", text)
+        self.directory.connected = True
+        self.directory.requests.clear()
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(3)], ["one", "two", "three"])
+        self.assertEqual(self.directory.ops().count("keys"), 1)
 
     def test_changed_key_refused_until_trusted(self) -> None:
         """A changed key is warned about loudly; messages are held and sending stops until /trust."""

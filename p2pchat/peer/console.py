@@ -191,6 +191,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "server_pinned": lambda server, fingerprint: f"trusting the server at {server} on first use: certificate sha256:{fingerprint}",
     "bye": lambda reason, message: _BYE.get(reason, f"the server closed the connection: {message}"),
     "listen_failed": lambda reason: f"cannot accept direct links ({reason}); messages go through the server",
+    "unreadable": lambda user, count: f"{_plural(count, 'message')} from {user} could not be opened: sealed to a "
+    f"key of yours this install does not have (your old install's?); ask {user} to send again",
     "stored": lambda user: f"{user} is offline: the message waits on the server until they log in",
     "queued": lambda user, chosen: f"you are offline: the message to {user} goes out after /online"
     if chosen

@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .. import crypto
-from ..crypto import CryptoError, EnvelopeError, EnvelopeKey, Identity
+from ..crypto import CryptoError, EnvelopeError, EnvelopeKey, Identity, WrongEnvelopeKey
 from ..wire import MAX_ACK, MAX_BROADCAST, REQUEST_SCHEMAS, Code, Event
 from .history import DELIVERED, FAILED, HELD, MUTED, PENDING, SENT, SHOWN, Contact, Entry, History
 from .server_link import NotConnected, RequestError
@@ -30,6 +30,7 @@ MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
 RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
+UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, this long after the first
 
 # Server refusals that no retry will change: the message is marked failed.
 _PERMANENT = {Code.UNKNOWN_USER, Code.BLOCKED_BY_USER, Code.SELF, Code.BAD_REQUEST, Code.INVALID_USERNAME}
@@ -141,8 +142,10 @@ class Messenger:
         self.logged_in = False
         self._in_flight: dict[tuple[str, str], LinkLike] = {}
         self._direct_retry: dict[str, float] = {}
-        # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed receipts
+        # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed
+        # receipts; ("unreadable",) tells of the envelopes counted in _unreadable (sender -> count)
         self._retry_calls: dict[tuple[str, ...], Any] = {}
+        self._unreadable: dict[str, int] = {}
         self._pumping: set[str] = set()
         self._again: set[str] = set()
         self._idle_waiters: list[Deferred[None]] = []
@@ -496,6 +499,13 @@ class Messenger:
             kind = data["kind"]
         except NotConnected:
             return False
+        except WrongEnvelopeKey:
+            # Sealed to a key this install does not have (sent to its user's old install): no retry
+            # opens it. The user is told how many, from whom, once a mailbox's worth has come in.
+            log.warn("dropped {msg_id} from {sender}: sealed to another envelope key", msg_id=msg_id, sender=sender)
+            self._unreadable[sender] = self._unreadable.get(sender, 0) + 1
+            self._retry_later(("unreadable",), self._tell_unreadable, UNREADABLE_WAIT)
+            return True
         except (EnvelopeError, RequestError, ValueError, TypeError, KeyError) as e:
             log.warn("dropped a forged or unreadable envelope {msg_id} from {sender}: {e}", msg_id=msg_id, sender=sender, e=e)
             return True
@@ -607,9 +617,16 @@ class Messenger:
             return None if e.code == "key_changed" else False
         return True
 
-    async def _recipient_key(self, user: str) -> str:
+    async def _recipient_key(self, user: str, fresh: bool = True) -> str:
+        """
+        The envelope key to seal to C{user}: the pinned one, checked against the directory first
+        when C{fresh}. A user who moved to a new install has new keys, which the directory has
+        from their last login: what is sealed to the old key, their new install cannot open.
+
+        @raise CommandError: C{key_changed} or C{bad_keys}, as L{_check_keys}.
+        """
         contact = self._contacts.get(user)
-        if contact is not None and contact.envelope_key and not contact.new_fingerprint:
+        if not fresh and contact is not None and contact.envelope_key and not contact.new_fingerprint:
             return contact.envelope_key
         keys = await self._server.request("keys", user=user)
         await self._check_keys(user, keys.get("fingerprint"), keys.get("envelope_key"))
@@ -726,6 +743,7 @@ class Messenger:
         # (the server may have stored it, or written it without waiting for the ack). Without the
         # server, a link open already carries them rather than leaving them pending.
         behind_server = await self._history.awaiting_receipt(user)
+        keys_checked = False  # the first message sealed in this pass asks the directory for the keys
         for entry in await self._history.outbox(user):
             if (user, entry.msg_id) in self._in_flight:
                 continue
@@ -743,8 +761,8 @@ class Messenger:
                     continue
                 if not self.logged_in:
                     return
-                status = await self._send_sealed(user, entry)
-                behind_server = True
+                status = await self._send_sealed(user, entry, fresh=not keys_checked)
+                behind_server = keys_checked = True
             except CommandError as e:
                 if e.code == "bad_keys":
                     self._view.show("bad_keys", user=user)
@@ -784,21 +802,26 @@ class Messenger:
             self._direct_retry[user] = self._clock.seconds() + DIRECT_RETRY
             return None
 
-    async def _send_sealed(self, user: str, entry: Entry) -> str:
-        key = await self._recipient_key(user)
+    async def _send_sealed(self, user: str, entry: Entry, fresh: bool) -> str:
+        key = await self._recipient_key(user, fresh)
         payload = _msg_payload(entry.text, entry.sent_at)
         envelope = crypto.seal(self._identity, self.user, user, key, entry.msg_id, payload)
         result = await self._server.request("send", to=user, msg_id=entry.msg_id, envelope=envelope)
         return result.get("status", "stored")
 
-    def _retry_later(self, key: tuple[str, ...], action: Callable[[], object]) -> None:
+    def _retry_later(self, key: tuple[str, ...], action: Callable[[], object], delay: float = RETRY_DELAY) -> None:
         if key not in self._retry_calls:
 
             def retry() -> None:
                 del self._retry_calls[key]
                 action()
 
-            self._retry_calls[key] = self._clock.callLater(RETRY_DELAY, retry)
+            self._retry_calls[key] = self._clock.callLater(delay, retry)
+
+    def _tell_unreadable(self) -> None:
+        told, self._unreadable = self._unreadable, {}
+        for user, count in told.items():
+            self._view.show("unreadable", user=user, count=count)
 
     def when_outbox_idle(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
