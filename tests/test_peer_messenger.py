@@ -1050,6 +1050,21 @@ class KeyTests(MessengerTestCase):
         self.assertEqual(self.view.messages(), [])
         self.assertEqual(sorted(self.directory.acked), [1, 2, 3])
 
+    def test_receipts_for_held_messages_go_after_trust(self) -> None:
+        """Messages from a changed key are held without a receipt (the key is not accepted); /trust
+        shows them and sends their receipt then, sealed to the new key, not at the next login."""
+        self.start()
+        self.command("send", "bob", "first")
+        new_bob = self.change_bobs_key()
+        self.deliver(1, new_bob, "m1", {"kind": "msg", "text": "it is me, new laptop", "sent_at": 1.0})
+        self.assertEqual(len(self.directory.sent), 1)
+        self.command("trust", "bob")
+        self.assertEqual(self.view.messages(), [("bob", "it is me, new laptop")])
+        receipt = crypto.open_sealed(self.directory.sent[-1]["envelope"], new_bob.envelope_key, "alice", "bob",
+                                     self.directory.sent[-1]["msg_id"], self.me.fingerprint)
+        self.assertEqual(json.loads(receipt[0]), {"kind": "receipt", "msg_ids": ["m1"]})
+        self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
+
     def test_keys_asked_once_per_outbox_pass(self) -> None:
         """The keys are checked once for the messages an outbox pass seals, not once per message."""
         self.start()

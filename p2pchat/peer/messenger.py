@@ -1008,6 +1008,7 @@ class Messenger:
             self._view.show("message", user=user, text=entry.text, private=entry.private)
         self._direct_retry.pop(user, None)
         self._kick(user)
+        self._retry_receipts()  # those for what was held: no receipt goes to a key not accepted
 
     async def go_offline(self) -> None:
         """/offline: leave the server and close the listener; messages wait in the outbox."""
