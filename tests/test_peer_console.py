@@ -332,6 +332,19 @@ class TerminalTests(ConsoleTestCase):
         self.assertEqual(self.successResultOf(password), "sekrit")
         self.assertNotIn("krit", self.output())
 
+    def test_password_confirmation_prompt(self) -> None:
+        """Before registering, the password is asked once more, under a prompt that says so, not echoed."""
+        first = self.console.password(False)
+        self.assertIn("password for alice: ", self.output())
+        self.type(b"sekrit\r")
+        self.assertEqual(self.successResultOf(first), "sekrit")
+        self.assertEqual(self.output(), "\n")
+        again = self.console.confirm_password()
+        self.type(b"sekr")
+        self.assertEqual(self.output(), "\r\x1b[Kthe same password again, to confirm: ")
+        self.type(b"it\r")
+        self.assertEqual(self.successResultOf(again), "sekrit")
+
     def test_ctrl_d_logs_out(self) -> None:
         """Ctrl-D on an empty line ends the session like /logout."""
         self.console.start_commands()

@@ -326,6 +326,18 @@ class LoginTests(MessengerTestCase):
         self.start()
         self.assertEqual(self.directory.ops()[0], "login")
 
+    def test_registration_password_typed_twice(self) -> None:
+        """On a terminal the password is typed a second time before the account is made with it
+        (a typo would lock the user out); two that differ are said, and both are asked again."""
+        confirmations = ["correct horze", "battery staple"]
+        self.passwords = ["correct horse", "battery staple"]
+        self.messenger._confirm = lambda: succeed(confirmations.pop(0))
+        self.start()
+        self.assertEqual(len(self.view.events("passwords_differ")), 1)
+        self.assertEqual(self.asked, [False, True])
+        self.assertEqual([args["password"] for op, args in self.directory.requests if op == "register"], ["battery staple"])
+        self.assertEqual(confirmations, [])
+
     def test_wrong_password_asks_again(self) -> None:
         """A wrong password says so and asks again; the next one logs in."""
         self.passwords = ["wrong", "right"]

@@ -183,6 +183,7 @@ _EVENTS: dict[str, Callable[..., str]] = {
     f"working offline, trying again in {seconds:g} s",
     "login_gave_up": lambda user: "no other password to try; exiting",
     "no_password": lambda: "no password given; exiting",
+    "passwords_differ": lambda: "the two passwords differ; choose the password again",
     "session_expired": lambda user: "the session expired and no password is available here; start the peer again to log in",
     "server_unreachable": lambda server, reason: f"cannot reach the server at {server} ({reason}); working offline, retrying in the background",
     "server_lost": lambda: "lost the connection to the server; reconnecting",
@@ -322,6 +323,7 @@ class Console(Protocol):
         self._lines: list[str | None] = []  # complete lines not taken yet; None is the end of input
         self._line_waiter: Deferred[str | None] | None = None
         self._password_waiter: Deferred[str | None] | None = None
+        self._password_prompt = ""
         self._commands_started = False
         self._prompt_shown = False  # terminal: the prompt line is on screen
         self._closed = False
@@ -348,7 +350,7 @@ class Console(Protocol):
         if not self._terminal or self._prompt_shown:
             return
         if self._password_waiter is not None:
-            self._write(f"password for {self.user}: ")
+            self._write(self._password_prompt)
         elif self._commands_started:
             self._write(self._prompt + self._typed)
         else:
@@ -473,17 +475,24 @@ class Console(Protocol):
         commands run (afterwards lines are commands and no password is available).
         """
         if self._terminal:
-            self._password_waiter = Deferred()
-            waiter = self._password_waiter
-            self._typed = ""
-            self._write("\r\x1b[K")
-            self._prompt_shown = False
-            self._redraw()
-            return waiter
+            return self._ask_password(f"password for {self.user}: ")
         if self._commands_started:
             return succeed(None)
         self._print(f"password for {self.user}:")
         return self._next_line()
+
+    def confirm_password(self) -> Deferred[str | None]:
+        """On a terminal: the password once more, without echo, before an account is made with it."""
+        return self._ask_password("the same password again, to confirm: ")
+
+    def _ask_password(self, prompt: str) -> Deferred[str | None]:
+        self._password_waiter = waiter = Deferred()
+        self._password_prompt = prompt
+        self._typed = ""
+        self._write("\r\x1b[K")
+        self._prompt_shown = False
+        self._redraw()
+        return waiter
 
     # -- commands -----------------------------------------------------------------
 

@@ -57,6 +57,8 @@ class View(Protocol):
 
 # The next password: retry is true after the previous one was refused. None: no (more) password.
 PasswordSource = Callable[[bool], "Deferred[str | None]"]
+# The password typed once more (on a terminal), before an account is registered with it.
+PasswordCheck = Callable[[], "Deferred[str | None]"]
 
 
 class ServerLinkLike(Protocol):
@@ -110,6 +112,8 @@ class Messenger:
 
     @param server_name: "host:port", to remember registration per server.
     @param passwords: where login passwords come from (a prompt or a file).
+    @param confirm: asks for the password again before registering (a typo there would lock the
+        user out of the new account); None where it cannot be typed twice (a password file, a pipe).
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class Messenger:
         view: View,
         passwords: PasswordSource,
         server_name: str,
+        confirm: PasswordCheck | None = None,
     ) -> None:
         self.user = user
         self._identity = identity
@@ -130,6 +135,7 @@ class Messenger:
         self._clock = clock
         self._view = view
         self._passwords = passwords
+        self._confirm = confirm
         self._server_name = server_name
         self._server: ServerLinkLike
         self._links: LinksLike
@@ -338,6 +344,10 @@ class Messenger:
         registration is closed, or the server gave no token).
         """
         while True:
+            if self._confirm is not None and await self._confirm() != self._password:
+                self._view.show("passwords_differ")
+                await self._next_password()
+                continue
             try:
                 registered = await self._server.request(
                     "register",

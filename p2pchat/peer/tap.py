@@ -159,9 +159,13 @@ class PeerService(Service):
             on_first_use=first_use,
         )
         endpoint = wrapClientTLS(trust.creator(), HostnameEndpoint(reactor, config["host"], config["server_port"]))
-        passwords = file_passwords(config["password-file"]) if config["password-file"] else console.password
+        if config["password-file"]:
+            passwords, confirm = file_passwords(config["password-file"]), None
+        else:
+            passwords, confirm = console.password, console.confirm_password if terminal else None
         self.messenger = messenger = Messenger(
-            user, config["identity"], config["envelope_key"], self._history, reactor, console, passwords, server_name
+            user, config["identity"], config["envelope_key"], self._history, reactor, console, passwords, server_name,
+            confirm,
         )
         links = Links(reactor, config["identity"], user, messenger, config["interface"], config["port"])
         messenger.attach(ServerLink(endpoint, reactor, messenger), links)
