@@ -94,6 +94,19 @@ class InMemoryTests(unittest.SynchronousTestCase):
         self.assertEqual((self.alice.down, self.bob.down), (["bob"], ["alice"]))
         self.assertIsNone(self.bob.links.get("alice"))
 
+    def test_abort_drops_at_once(self) -> None:
+        """abort() forgets the link and drops the connection without the closing handshake that an
+        other end which vanished would never answer; the link is down once the transport is."""
+        opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.successResultOf(opened)
+        link.send({"type": "msg", "text": "into the void"})
+        link.abort()
+        self.assertIsNone(self.alice.links.get("bob"))
+        self.assertTrue(link.transport.disconnecting)
+        pump.flush()
+        self.assertEqual(self.alice.down, ["bob"])
+        self.assertEqual(self.bob.frames, [])
+
     def test_open_link_outlives_the_handshake_timeout(self) -> None:
         """The handshake timeout ends once the link is open: a quiet link stays up."""
         opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from p2pchat import crypto
 from p2pchat.peer.history import DELIVERED, FAILED, PENDING, SENT, History
 from p2pchat.peer.messenger import (
+    ACK_WAIT,
     DIRECT_RETRY,
     RETRY_DELAY,
     UNREADABLE_WAIT,
@@ -135,7 +136,7 @@ class FakeLink:
         self.user = user
         self.session = False
         self.sent: list[dict[str, Any]] = []
-        self.closed = False
+        self.closed = self.aborted = False
 
     def send(self, frame: dict[str, Any]) -> None:
         self.sent.append(frame)
@@ -145,6 +146,10 @@ class FakeLink:
             self.closed = True
             self.links.open.pop(self.user, None)
             self.links.messenger.link_down(self)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
 
 
 class FakeLinks:
@@ -580,6 +585,59 @@ class SendTests(MessengerTestCase):
         self.assertEqual(self.statuses("bob"), [("hi bob", PENDING)])
         self.messenger.link_frame(self.links.open["bob"], {"type": "ack", "msg_ids": [frame["msg_id"]]})
         self.assertEqual(self.statuses("bob"), [("hi bob", DELIVERED)])
+
+    def test_silent_link_dropped(self) -> None:
+        """A direct link that acknowledges nothing for ACK_WAIT (its other end vanished: a laptop
+        closed, a network changed) is dropped rather than holding the messages until TCP gives up,
+        a quarter of an hour later: they go again, through the server when bob is gone."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.command("send", "bob", "one")
+        link = self.links.open["bob"]
+        self.clock.advance(ACK_WAIT / 2)
+        self.command("send", "bob", "two")
+        self.assertEqual([f["text"] for f in link.sent], ["one", "two"])
+        self.directory.online.discard("bob")
+        self.links.reachable.discard("bob")
+        self.clock.advance(ACK_WAIT / 2 - 0.1)
+        self.assertFalse(link.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(link.aborted)
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
+        self.assertEqual(self.statuses("bob"), [("one", SENT), ("two", SENT)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_ends_the_ack_checks(self) -> None:
+        """Stopping leaves no check of a link's acks behind."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.command("send", "bob", "one")
+        self.successResultOf(Deferred.fromCoroutine(self.messenger.stop()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_acknowledging_link_kept(self) -> None:
+        """A link whose acks come keeps carrying messages, however long it lives; each message
+        gets at least ACK_WAIT for its ack."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        link = None
+        for n in range(4):
+            self.command("send", "bob", f"m{n}")
+            link = self.links.open["bob"]
+            self.clock.advance(ACK_WAIT - 1)
+            self.messenger.link_frame(link, {"type": "ack", "msg_ids": [link.sent[-1]["msg_id"]]})
+        self.command("send", "bob", "late")
+        self.clock.advance(ACK_WAIT * 1.5)
+        self.assertFalse(link.aborted)  # the last check came before "late" had waited ACK_WAIT
+        self.messenger.link_frame(link, {"type": "ack", "msg_ids": [link.sent[-1]["msg_id"]]})
+        self.clock.advance(ACK_WAIT * 2)
+        self.assertFalse(link.aborted)
+        self.assertEqual(self.directory.sent, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual({status for _, status in self.statuses("bob")}, {DELIVERED})
 
     def test_unusable_address_not_dialled(self) -> None:
         """A lookup answer with no usable address (port 0, a host that is not a string) is not

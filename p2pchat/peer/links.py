@@ -136,6 +136,12 @@ class Link(LineOnlyReceiver, TimeoutMixin):
         if not self._lost:
             self.transport.loseConnection()
 
+    def abort(self) -> None:
+        """Drop the link at once, without the closing handshake a dead or stuck link would never finish."""
+        self._links._remove(self)
+        if not self._lost:
+            self.transport.abortConnection()
+
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn("closed the link to {user}: a line over {n} bytes", user=self.user or "?", n=self.MAX_LENGTH)
         self.transport.abortConnection()

@@ -30,6 +30,7 @@ MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
 RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
+ACK_WAIT = 15.0  # a direct link that leaves a message unacknowledged this long is dead or stuck: dropped
 UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, this long after the first
 
 # Server refusals that no retry will change: the message is marked failed.
@@ -73,6 +74,7 @@ class LinkLike(Protocol):
 
     def send(self, frame: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class LinksLike(Protocol):
@@ -147,6 +149,7 @@ class Messenger:
         self._online_wanted = False
         self.logged_in = False
         self._in_flight: dict[tuple[str, str], LinkLike] = {}
+        self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
         # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed
         # receipts; ("unreadable",) tells of the envelopes counted in _unreadable (sender -> count)
@@ -201,9 +204,10 @@ class Messenger:
         """Leave the server and close every link (idempotent)."""
         self._online_wanted = False
         await self._leave()
-        for call in self._retry_calls.values():
+        for call in [*self._retry_calls.values(), *self._ack_checks.values()]:
             call.cancel()
         self._retry_calls.clear()
+        self._ack_checks.clear()
 
     def _ready(self) -> None:
         waiters, self._ready_waiters = self._ready_waiters, None
@@ -686,7 +690,7 @@ class Messenger:
         self._kick(link.user)
 
     def link_down(self, link: LinkLike) -> None:
-        lost = [key for key, on in self._in_flight.items() if on is link]
+        lost = self._carried(link)
         for key in lost:
             del self._in_flight[key]
         if link.session:
@@ -768,6 +772,7 @@ class Messenger:
                 if link is not None:
                     link.send(_msg_frame(entry))
                     self._in_flight[(user, entry.msg_id)] = link
+                    self._watch_acks(link)
                     continue
                 if not self.logged_in:
                     return
@@ -796,6 +801,28 @@ class Messenger:
             if status == "stored" and not stored:
                 stored = True
                 self._view.show("stored", user=user)
+
+    def _carried(self, link: LinkLike) -> set[tuple[str, str]]:
+        """The messages on their way over C{link}, not acknowledged yet."""
+        return {key for key, on in self._in_flight.items() if on is link}
+
+    def _watch_acks(self, link: LinkLike) -> None:
+        """
+        Check, L{ACK_WAIT} from now, that what C{link} carries now has been acknowledged. A link
+        whose other end vanished (a laptop closed, a network changed) takes TCP a quarter of an
+        hour to notice, and it would hold this user's messages, and the next ones, all that time:
+        it is dropped, and they go again another way (the recipient drops what it already has).
+        """
+        if link not in self._ack_checks:
+            self._ack_checks[link] = self._clock.callLater(ACK_WAIT, self._check_acks, link, self._carried(link))
+
+    def _check_acks(self, link: LinkLike, carried: set[tuple[str, str]]) -> None:
+        del self._ack_checks[link]
+        if carried & self._carried(link):
+            log.warn("dropped the direct link to {user}: no acknowledgement in {s:g} s", user=link.user, s=ACK_WAIT)
+            link.abort()
+        elif self._carried(link):
+            self._watch_acks(link)
 
     async def _open_link(self, user: str) -> LinkLike | None:
         if not self.logged_in or self._direct_retry.get(user, 0) > self._clock.seconds():
