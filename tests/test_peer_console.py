@@ -107,6 +107,15 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(render("welcome", user="bob", mailbox=0), "welcome, bob!")
         self.assertIn("2 messages arrived", render("welcome", user="bob", mailbox=2))
 
+    def test_history_hides_held_text(self) -> None:
+        """/history does not show what came signed with a changed key not accepted yet: only that
+        something waits for /trust; muted messages are shown, marked."""
+        held = render_entry(Entry("bob", False, "m1", "click this link", False, "held", 1.0))
+        self.assertNotIn("click", held)
+        self.assertTrue(held.endswith("bob: (held until you accept the new key: /fingerprint bob, /trust bob)"), held)
+        self.assertTrue(render_entry(Entry("bob", False, "m1", "hush", False, "muted", 1.0)).endswith("bob: hush (muted)"))
+        self.assertTrue(render_entry(Entry("bob", False, "m1", "hi", False, "shown", 1.0)).endswith("bob: hi"))
+
     def test_every_event_renders(self) -> None:
         """Every event the messenger can show has a template that accepts its fields."""
         samples = {"user": "bob", "text": "t", "private": False, "online": True, "mailbox": 1, "server": "h:1",

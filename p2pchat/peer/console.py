@@ -269,7 +269,9 @@ def render_entry(entry: Entry) -> str:
     private = " (private)" if entry.private else ""
     if entry.outgoing:
         return f"[{when}] you -> {entry.peer}{private}: {clean(entry.text)} ({entry.status})"
-    note = {"muted": " (muted)", "held": " (held: key changed)"}.get(entry.status, "")
+    if entry.status == "held":  # signed with a key not accepted: not shown before /trust
+        return f"[{when}] {entry.peer}{private}: (held until you accept the new key: /fingerprint {entry.peer}, /trust {entry.peer})"
+    note = " (muted)" if entry.status == "muted" else ""
     return f"[{when}] {entry.peer}{private}: {clean(entry.text)}{note}"
 
 
