@@ -733,6 +733,25 @@ class SendTests(MessengerTestCase):
         self.assertEqual(self.statuses("bob"), [("one", PENDING), ("two", PENDING)])
         self.clock.advance(RETRY_DELAY)
         self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
+        self.assertEqual(self.view.events("send_delayed"),
+                         [{"user": "bob", "code": "rate_limited", "message": "slow down", "seconds": RETRY_DELAY}])
+
+    def test_full_mailbox_said_once(self) -> None:
+        """A recipient's full mailbox is said once while the messages wait, not at every try; said
+        again when it happens again after a message went through."""
+        self.start()
+        full = RequestError("mailbox_full", "bob's mailbox is full")
+        self.directory.answers["send"] = [full, full]
+        self.command("send", "bob", "one")
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual([e["code"] for e in self.view.events("send_delayed")], ["mailbox_full"])
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "one")
+        self.directory.answers["send"] = [full]
+        self.command("send", "bob", "two")
+        self.assertEqual(len(self.view.events("send_delayed")), 2)
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual(self.open_sent(1, self.bob)["text"], "two")
 
     def test_permanent_refusal_fails(self) -> None:
         """A queued message to someone who blocked you meanwhile is marked failed, with a notice."""

@@ -200,6 +200,12 @@ _EVENTS: dict[str, Callable[..., str]] = {
     else f"not connected to the server: the message to {user} goes out once the connection is back",
     "send_failed": lambda user, code, message, text: f"could not deliver your message to {user} ({text[:40]}): "
     + render_error(code, user=user, message=message),
+    "send_delayed": lambda user, code, message, seconds: (
+        f"{user}'s mailbox on the server is full: your messages to {user} wait"
+        if code == "mailbox_full"
+        else f"the server takes no message to {user} just now ({message}): yours wait"
+    )
+    + f", tried again every {seconds:g} s",
     "waiting_for_keys": lambda user: f"{user} has not logged in since their account was made; your messages wait until they do",
     "bad_keys": lambda user: f"the server sent unusable keys for {user}; your messages to {user} wait until it sends real ones",
     "key_changed": lambda user, old, new: (

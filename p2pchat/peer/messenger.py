@@ -151,6 +151,7 @@ class Messenger:
         self._in_flight: dict[tuple[str, str], LinkLike] = {}
         self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
+        self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
         # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed
         # receipts; ("unreadable",) tells of the envelopes counted in _unreadable (sender -> count)
         self._retry_calls: dict[tuple[str, ...], Any] = {}
@@ -795,8 +796,12 @@ class Messenger:
                     self._view.show("waiting_for_keys", user=user)
                     return  # flushed again when they log in
                 log.info("outbox for {user} retries later: {code}", user=user, code=e.code)
+                if self._delays_told.get(user) != e.code:  # said once, not at every try
+                    self._delays_told[user] = e.code
+                    self._view.show("send_delayed", user=user, code=e.code, message=e.message, seconds=RETRY_DELAY)
                 self._retry_later(("outbox", user), lambda: self._kick(user))
                 return
+            self._delays_told.pop(user, None)
             await self._history.set_status(user, [entry.msg_id], SENT, (PENDING,))
             if status == "stored" and not stored:
                 stored = True
