@@ -42,7 +42,9 @@ _Check = Callable[[x509.Certificate], Exception | None]
 class ServerPinError(Exception):
     """The discovery server presented a certificate other than the pinned one."""
 
-    def __init__(self, expected: str, seen: str, hostname: str = "the discovery server") -> None:
+    def __init__(
+        self, expected: str, seen: str, hostname: str = "the discovery server", remedy: str | None = None
+    ) -> None:
         self.expected = expected
         self.seen = seen
         self.hostname = hostname
@@ -50,7 +52,8 @@ class ServerPinError(Exception):
             f"THE CERTIFICATE OF {hostname} HAS CHANGED: expected sha256:{expected} "
             f"but it presented sha256:{seen}. Someone may be intercepting the connection, "
             "or the server got a new certificate; nothing was sent. If you trust the new "
-            "certificate, remove the stored pin and connect again."
+            "certificate (ask the server's operator for its fingerprint), "
+            + (remedy or "remove the stored pin and connect again.")
         )
 
 
@@ -125,6 +128,7 @@ class ServerTrust:
 
     @ivar pinned: the pinned fingerprint; set by the first successful handshake in TOFU mode.
     @ivar last_error: the L{ServerPinError} of the most recent handshake, or C{None}.
+    @param remedy: how the user replaces the pin, ending that error's message.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class ServerTrust:
         pinned: str | None = None,
         ca_pem: bytes | None = None,
         on_first_use: Callable[[str], None] | None = None,
+        remedy: str | None = None,
     ) -> None:
         if pinned is not None and ca_pem is not None:
             raise ValueError(
@@ -145,6 +150,7 @@ class ServerTrust:
         self.pinned = pinned
         self.last_error: ServerPinError | None = None
         self._on_first_use = on_first_use
+        self._remedy = remedy
         self._creator: IOpenSSLClientConnectionCreator
         if ca_pem is None:
             self._creator = _ServerPinning(self)
@@ -170,7 +176,7 @@ class ServerTrust:
             return None
         if hmac.compare_digest(fingerprint, self.pinned):
             return None
-        self.last_error = ServerPinError(self.pinned, fingerprint, self.hostname)
+        self.last_error = ServerPinError(self.pinned, fingerprint, self.hostname, self._remedy)
         return self.last_error
 
     def _handshake_done(self, tls_protocol, seen: list[str]) -> None:
@@ -186,7 +192,7 @@ class ServerTrust:
                     log.failure("while storing the discovery server's fingerprint")
         elif not hmac.compare_digest(fingerprint, self.pinned):
             # Another connection pinned a different certificate while this one was handshaking.
-            self.last_error = ServerPinError(self.pinned, fingerprint, self.hostname)
+            self.last_error = ServerPinError(self.pinned, fingerprint, self.hostname, self._remedy)
             tls_protocol.failVerification(Failure(self.last_error))
 
 

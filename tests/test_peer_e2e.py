@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 
 from twisted.internet import reactor
@@ -279,9 +280,29 @@ class ResilienceTests(PeerTestCase):
         await self.start_server()
         alice = Peer(self, "alice")
         alice.start("--server-fingerprint", "ab" * 32)
-        await alice.expect(r"THE CERTIFICATE OF 127\.0\.0\.1 HAS CHANGED")
+        await alice.expect(r"THE CERTIFICATE OF 127\.0\.0\.1 HAS CHANGED.* start the peer with --server-fingerprint set")
         self.assertEqual(await alice.ended(), 1)
         self.assertFalse(any("welcome" in line for line in alice.lines))
+
+    async def test_server_with_a_new_certificate(self) -> None:
+        """A server that comes back with a new certificate (its data directory lost) is refused,
+        and the message names the pin to delete; once deleted, the new one is trusted on first use."""
+        await self.start_server()
+        alice = Peer(self, "alice")
+        await alice.started(pin=False)
+        alice.send("/logout")
+        await alice.ended()
+        await self.server.kill()
+        shutil.rmtree(os.path.join(self.base, "server"))
+        await self.start_server(port=self.server_port)
+        alice.start(pin=False)
+        known = os.path.join(alice.data_dir, "known_servers")
+        line = await alice.expect(r"THE CERTIFICATE OF 127\.0\.0\.1 HAS CHANGED")
+        self.assertIn(f"delete the line for 127.0.0.1:{self.server_port} in {known} and start the peer again", line)
+        self.assertEqual(await alice.ended(), 1)
+        os.remove(known)
+        alice.start(pin=False)
+        await alice.expect(r"^trusting the server at .* on first use: certificate sha256:" + self.server.fingerprint)
 
 
 class LoginTests(PeerTestCase):

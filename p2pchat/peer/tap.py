@@ -146,7 +146,8 @@ class PeerService(Service):
         self._runner.start()
         self._history = History(os.path.join(data_dir, "history.sqlite3"), self._runner)
         server_name = config["server_name"]
-        known = KnownServers(os.path.join(data_dir, "known_servers"))
+        known_path = os.path.join(data_dir, "known_servers")
+        known = KnownServers(known_path)
 
         def first_use(fingerprint: str) -> None:
             known.pin(server_name, fingerprint)
@@ -157,6 +158,9 @@ class PeerService(Service):
             pinned=config["server-fingerprint"] or (None if "ca_pem" in config else known.get(server_name)),
             ca_pem=config.get("ca_pem"),
             on_first_use=first_use,
+            remedy="start the peer with --server-fingerprint set to the new one."
+            if config["server-fingerprint"]
+            else f"delete the line for {server_name} in {known_path} and start the peer again.",
         )
         endpoint = wrapClientTLS(trust.creator(), HostnameEndpoint(reactor, config["host"], config["server_port"]))
         if config["password-file"]:
