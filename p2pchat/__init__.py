@@ -1,9 +1,25 @@
 """p2pchat: a self-hostable secure chat system on Twisted."""
 
+import atexit
 import os
+import sys
 
 
 def data_home() -> str:
     """Where p2pchat keeps its data by default: $XDG_DATA_HOME/p2pchat (~/.local/share/p2pchat)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "p2pchat")
+
+
+def exit_status_at_exit(status: int) -> None:
+    """
+    Have the process exit with C{status} once twistd is done (pid file removed, logs closed):
+    twistd has no way for a plugin to set its exit status, and would exit 0.
+    """
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    atexit.register(leave)

@@ -4,6 +4,7 @@ over real TLS exactly as PROTOCOL.md says."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from twisted.internet import defer, reactor, task
@@ -250,6 +251,24 @@ class ServerProcessTests(E2E):
         self.assertEqual((await client.event("hello")).fields["protocol"], 1)
         self.assertIsNone(server.fingerprint)  # it logs none of its own: peers check the CA's
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, "server.key")))
+
+    @e2e
+    async def test_port_in_use(self):
+        """A port another program holds stops the server with one line saying so, and a failing
+        exit status (for systemd and scripts), rather than a traceback and status 0."""
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        child = start_process(self, twistd_argv() + [
+            "-n", "--pidfile=", "p2pdiscovery", "--port", f"tcp:{port}:interface=127.0.0.1", "--data-dir", self.data_dir,
+        ])
+        code = await with_timeout(child.when_ended(), what="twistd exit")
+        self.assertEqual(code, 1)
+        output = "\n".join(child.output.lines)
+        self.assertIn(f"p2pdiscovery cannot start: Couldn't listen on 127.0.0.1:{port}", output)
+        self.assertNotIn("Traceback", output)
 
     @e2e
     async def test_bad_option(self):

@@ -8,10 +8,11 @@ import os
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from p2pchat import data_home
+from p2pchat import data_home, exit_status_at_exit
 from p2pchat.crypto import CryptoError, cert_fingerprint, format_fingerprint, load_or_create_identity
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.dispatch import dispatch_directly
@@ -131,10 +132,11 @@ class DiscoveryService(Service):
         self._started.addErrback(self._failed)
 
     def _failed(self, failure) -> None:
-        if failure.check(CryptoError, OSError, usage.UsageError):
+        if failure.check(CryptoError, OSError, usage.UsageError, CannotListenError):
             log.critical("p2pdiscovery cannot start: {why}", why=str(failure.value))
         else:
             log.failure("p2pdiscovery cannot start", failure)
+        exit_status_at_exit(1)  # for systemd and scripts: the server is not running
         if self.reactor.running:
             self.reactor.stop()
 

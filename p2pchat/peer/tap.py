@@ -3,9 +3,7 @@ messenger, direct links, server link and history together."""
 
 from __future__ import annotations
 
-import atexit
 import os
-import sys
 from typing import Any
 
 from twisted.application.service import Service
@@ -15,7 +13,7 @@ from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .. import data_home
+from .. import data_home, exit_status_at_exit
 from ..crypto import CryptoError, load_or_create_envelope_key, load_or_create_identity, valid_fingerprint
 from ..tls import ServerTrust
 from .console import Console, cbreak
@@ -192,9 +190,7 @@ class PeerService(Service):
             self.console.show("internal_error", message=str(e))
         finally:
             if status:
-                # twistd has no way for a plugin to set the exit status: set it once twistd is done
-                # (pid file removed, logs closed), as the process exits.
-                atexit.register(_exit, status)
+                exit_status_at_exit(status)
             if self._reactor.running:
                 self._reactor.stop()
 
@@ -211,12 +207,6 @@ class PeerService(Service):
             self.console.close()
             if self._restore_terminal is not None:
                 self._restore_terminal()
-
-
-def _exit(status: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def makeService(config: Options) -> Service:
