@@ -286,7 +286,8 @@ class ResilienceTests(PeerTestCase):
 
     async def test_server_with_a_new_certificate(self) -> None:
         """A server that comes back with a new certificate (its data directory lost) is refused,
-        and the message names the pin to delete; once deleted, the new one is trusted on first use."""
+        and the message names the pin to delete; once deleted, the new one is trusted on first use
+        and the account, lost with the server's data, is registered again."""
         await self.start_server()
         alice = Peer(self, "alice")
         await alice.started(pin=False)
@@ -303,6 +304,8 @@ class ResilienceTests(PeerTestCase):
         os.remove(known)
         alice.start(pin=False)
         await alice.expect(r"^trusting the server at .* on first use: certificate sha256:" + self.server.fingerprint)
+        await alice.expect(r"^registered alice on 127\.0\.0\.1:\d+$")  # the account went with the server's data
+        await alice.expect(r"^welcome, alice!$")
 
 
 class LoginTests(PeerTestCase):

@@ -343,6 +343,22 @@ class LoginTests(MessengerTestCase):
         self.assertEqual([args["password"] for op, args in self.directory.requests if op == "register"], ["battery staple"])
         self.assertEqual(confirmations, [])
 
+    def test_new_server_certificate_registers_again(self) -> None:
+        """A server certificate trusted on first use (a new server, or one that lost its data) is
+        said, and the next login tries registering first: an account the server lost is made
+        anew rather than refused as a wrong password; one it has still logs in."""
+        self.start()
+        self.messenger.server_pinned("ab" * 32)
+        self.assertEqual(self.view.events("server_pinned"), [{"server": "server:5000", "fingerprint": "ab" * 32}])
+        self.assertFalse(self.successResultOf(self.history.is_registered("server:5000")))
+        self.directory.requests.clear()
+        self.messenger.server_lost()
+        self.messenger._token = None  # the new server knows no token of ours
+        self.passwords = ["correct horse"]
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.directory.ops()[:2], ["register", "resume"])
+        self.assertTrue(self.successResultOf(self.history.is_registered("server:5000")))
+
     def test_wrong_password_asks_again(self) -> None:
         """A wrong password says so and asks again; the next one logs in."""
         self.passwords = ["wrong", "right"]

@@ -187,6 +187,12 @@ class History:
 
         return self._transact(work)
 
+    def forget_registered(self, server: str) -> Deferred[None]:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM settings WHERE key = ?", ("registered " + server,))
+
+        return self._transact(work)
+
     # -- contacts -----------------------------------------------------------------
 
     def contacts(self) -> Deferred[dict[str, Contact]]:

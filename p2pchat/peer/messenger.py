@@ -252,6 +252,15 @@ class Messenger:
             self._view.show("server_unreachable", server=self._server_name, reason=reason)
         self._ready()
 
+    def server_pinned(self, fingerprint: str) -> None:
+        """
+        The server's certificate was trusted on first use: a new server, or one that lost its data
+        (the user deleted the old pin), where this account may not exist any more. Registering is
+        tried again, so that a lost account is made anew rather than refused as a wrong password.
+        """
+        self._view.show("server_pinned", server=self._server_name, fingerprint=fingerprint)
+        self._history.forget_registered(self._server_name).addErrback(lambda f: log.failure("forget registration", f))
+
     def server_refused(self, message: str) -> None:
         """The server is not the one pinned: stop for good."""
         self._view.show("server_refused", message=message)

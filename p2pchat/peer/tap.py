@@ -149,7 +149,7 @@ class PeerService(Service):
 
         def first_use(fingerprint: str) -> None:
             known.pin(server_name, fingerprint)
-            console.show("server_pinned", server=server_name, fingerprint=fingerprint)
+            self.messenger.server_pinned(fingerprint)
 
         trust = ServerTrust(
             config["host"],
