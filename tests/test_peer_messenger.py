@@ -320,6 +320,30 @@ class LoginTests(MessengerTestCase):
         self.assertEqual(self.asked, [False])
         self.assertEqual(self.view.events("welcome"), [{"user": "alice", "mailbox": 0}])
 
+    def test_closed_registration_said_then_login(self) -> None:
+        """On a server that takes no new accounts the first run says so, then logs in with the
+        password (an account the operator made); once that worked, later runs log in at once. A
+        login that fails leaves the next run to try registering again."""
+        self.directory.answers["register"] = RequestError("registration_closed", "closed")
+        self.directory.answers["login"] = [RequestError("bad_credentials", "no")]
+        self.start(login=False)
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.directory.ops()[:2], ["register", "login"])
+        self.assertEqual(self.view.events("registration_closed"), [{"user": "alice", "server": "server:5000"}])
+        self.assertFalse(self.successResultOf(self.history.is_registered("server:5000")))
+        self.directory.requests.clear()
+        self.passwords = ["correct horse"]
+        self.new_messenger()
+        self.start()
+        self.assertEqual(self.directory.ops()[:2], ["register", "login"])
+        self.assertTrue(self.successResultOf(self.history.is_registered("server:5000")))
+        self.directory.requests.clear()
+        self.passwords = ["correct horse"]
+        self.new_messenger()
+        self.start()
+        self.assertEqual(self.directory.ops()[0], "login")
+        self.assertEqual(self.view.events("registration_closed"), [])
+
     def test_existing_account_logs_in(self) -> None:
         """username_taken (an imported account) falls through to login; a second run does not register."""
         self.directory.answers["register"] = RequestError("username_taken", "taken")

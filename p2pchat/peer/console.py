@@ -173,6 +173,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     + (f" {_plural(mailbox, 'message')} arrived while you were away:" if mailbox else ""),
     "reconnected": lambda user, mailbox: "reconnected to the server",
     "registered": lambda user, server: f"registered {user} on {server}",
+    "registration_closed": lambda user, server: f"{server} takes no new accounts: logging in as {user}, "
+    "an account its operator made",
     "wrong_password": lambda user: "wrong password",
     "weak_password": lambda message: f"that password is not accepted: {message}",
     "too_many_attempts": lambda user, code, message: f"wrong password too many times: {user} is now blocked, try again later ({message})",

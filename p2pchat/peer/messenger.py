@@ -376,7 +376,10 @@ class Messenger:
                     await self._next_password()
                     continue
                 if e.code == Code.REGISTRATION_CLOSED:
-                    return None  # only existing accounts log in there: try, and register next time
+                    # Only accounts its operator made log in there: say so (a refused password
+                    # then reads right), try, and register next time.
+                    self._view.show("registration_closed", user=self.user, server=self._server_name)
+                    return None
                 if e.code != Code.USERNAME_TAKEN:
                     self._refused(e)
                 # The account exists already (imported, or ours from another install): log in.
@@ -392,7 +395,7 @@ class Messenger:
     async def _login(self) -> dict[str, Any]:
         while True:
             try:
-                return await self._server.request(
+                result = await self._server.request(
                     "login",
                     username=self.user,
                     password=self._password,
@@ -406,6 +409,9 @@ class Messenger:
                     await self._next_password()
                     continue
                 self._refused(e)
+            else:
+                await self._history.mark_registered(self._server_name)  # the account is there
+                return result
 
     def _refused(self, e: RequestError) -> NoReturn:
         """A login, resume or registration refused: wait and try again (L{_LOGIN_LATER}), or say why and exit."""
