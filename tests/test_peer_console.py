@@ -283,6 +283,14 @@ class PipeTests(ConsoleTestCase):
         self.console.readConnectionLost()
         self.assertEqual(self.messenger.calls, [("send", ("bob", "bye")), ("logout", ())])
 
+    def test_logout_ends_the_commands(self) -> None:
+        """After /logout no further line runs, and the end of input does not log out a second time."""
+        self.console.start_commands()
+        self.type(b"/logout\n/msg bob too late\n")
+        self.console.readConnectionLost()
+        self.assertEqual(self.messenger.calls, [("logout", ())])
+        self.assertEqual(self.output(), "logging out\n")
+
     def test_show_prints_lines(self) -> None:
         """Events from the messenger print as plain lines on a pipe."""
         self.console.show("message", user="bob", text="hi", private=False)

@@ -405,6 +405,17 @@ class LoginTests(MessengerTestCase):
         self.assertEqual([e for e, _ in self.view.shown], ["wrong_password", "login_gave_up"])
         self.assertFalse(self.messenger.logged_in)
 
+    def test_finished_before_ready(self) -> None:
+        """A login that cannot work has the peer finished by the time it is ready, so that the
+        console never starts running the commands typed ahead."""
+        seen = []
+        self.messenger.when_ready().addCallback(lambda _: seen.append(self.finished.called))
+        self.directory.answers["register"] = RequestError("username_taken", "taken")
+        self.directory.answers["login"] = [RequestError("bad_credentials", "no")]
+        self.start(login=False)
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(seen, [True])
+
     def test_no_password_at_all_exits(self) -> None:
         """Without any password (an empty password file, input closed) the peer says so and ends
         with status 1 before it connects."""

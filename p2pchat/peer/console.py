@@ -335,6 +335,7 @@ class Console(Protocol):
         self._password_waiter: Deferred[str | None] | None = None
         self._password_prompt = ""
         self._commands_started = False
+        self._leaving = False
         self._prompt_shown = False  # terminal: the prompt line is on screen
         self._closed = False
 
@@ -513,12 +514,9 @@ class Console(Protocol):
         return Deferred.fromCoroutine(self._command_loop())
 
     async def _command_loop(self) -> None:
-        while not self._closed:
+        while not (self._closed or self._leaving):
             line = await self._next_line()
-            if line is None:
-                await self.execute("/logout")
-                return
-            await self.execute(line)
+            await self.execute("/logout" if line is None else line)
             self._redraw()
 
     async def execute(self, line: str) -> None:
@@ -612,5 +610,6 @@ class Console(Protocol):
         self._print(help_text())
 
     async def _do_logout(self) -> None:
+        self._leaving = True  # no command runs after this one
         self._print("logging out")
         await self._m.logout()

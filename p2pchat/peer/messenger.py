@@ -219,10 +219,10 @@ class Messenger:
         if self._finished is not None:
             return
         self._finished = status
-        self._ready()
         waiters, self._finish_waiters = self._finish_waiters, []
         for d in waiters:
             d.callback(status)
+        self._ready()  # after: whoever waits to be ready sees the peer finished (no commands run)
 
     async def _go_online(self) -> None:
         self._online_wanted = True
