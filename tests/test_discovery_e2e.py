@@ -271,6 +271,26 @@ class ServerProcessTests(E2E):
         self.assertNotIn("Traceback", output)
 
     @e2e
+    async def test_unusable_data_dir_or_port(self):
+        """A data directory that cannot be made, or a port description Twisted cannot use, stops
+        the server with one line and exit status 1 (the first used to leave it running, idle)."""
+        blocker = self.mktemp()
+        with open(blocker, "w"):
+            pass
+        for options, said in [
+            (["--port", "tcp:0:interface=127.0.0.1", "--data-dir", os.path.join(blocker, "data")], "Not a directory"),
+            (["--port", "nonsense", "--data-dir", self.data_dir], "--port 'nonsense': "),
+            (["--port", "tcp:99999:interface=127.0.0.1", "--data-dir", self.data_dir], "--port 'tcp:99999:interface=127.0.0.1': "),
+        ]:
+            child = start_process(self, twistd_argv() + ["-n", "--pidfile=", "p2pdiscovery", *options])
+            code = await with_timeout(child.when_ended(), what="twistd exit")
+            output = "\n".join(child.output.lines)
+            self.assertEqual(code, 1, output)
+            self.assertIn("p2pdiscovery cannot start: ", output)
+            self.assertIn(said, output)
+            self.assertNotIn("Traceback", output)
+
+    @e2e
     async def test_bad_option(self):
         """A bad option value stops twistd with a clear message instead of starting."""
         child = start_process(self, twistd_argv() + ["-n", "--pidfile=", "p2pdiscovery", "--block-duration", "soon"])

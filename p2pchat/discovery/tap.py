@@ -7,7 +7,7 @@ import os
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -132,13 +132,15 @@ class DiscoveryService(Service):
         self._started.addErrback(self._failed)
 
     def _failed(self, failure) -> None:
+        if failure.check(CancelledError):
+            return  # stopped while starting
         if failure.check(CryptoError, OSError, usage.UsageError, CannotListenError):
             log.critical("p2pdiscovery cannot start: {why}", why=str(failure.value))
         else:
             log.failure("p2pdiscovery cannot start", failure)
         exit_status_at_exit(1)  # for systemd and scripts: the server is not running
-        if self.reactor.running:
-            self.reactor.stop()
+        # A failure before the first await (the data directory) comes before the reactor runs.
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     async def _start(self) -> None:
         config = self.config
@@ -177,8 +179,13 @@ class DiscoveryService(Service):
         else:
             log.warn("serving PLAINTEXT: passwords and tokens travel in clear")
         quiet_collector()
-        endpoint = endpoints.serverFromString(self.reactor, config["port"])
-        self.listening = await endpoint.listen(factory)
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, config["port"])
+            self.listening = await endpoint.listen(factory)
+        except (CannotListenError, OSError):
+            raise
+        except Exception as e:  # a description Twisted cannot use: unknown type, port out of range
+            raise usage.UsageError(f"--port {config['port']!r}: {e}") from None
         serve_promptly(self.listening)
         address = self.listening.getHost()
         log.info("p2pdiscovery listening on {host}:{port}", host=address.host, port=address.port)
