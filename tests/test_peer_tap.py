@@ -72,6 +72,7 @@ class OptionsTests(unittest.SynchronousTestCase):
             (["--user", "alice", "--port", "70000"], "--port must be between"),
             (["--user", "alice", "--server-fingerprint", "abc"], "--server-fingerprint must be"),
             (["--user", "alice", "--server-fingerprint", "a" * 64, "--server-ca", ca], "not both"),
+            (["--user", "alice", "--server-ca", ca], f"--server-ca {ca}: the CA file holds no valid PEM certificate"),
             (["--user", "alice", "--password-file", "/nonexistent/pw"], "cannot read the password file"),
         ]
         for args, message in cases:

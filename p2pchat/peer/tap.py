@@ -96,8 +96,11 @@ class Options(usage.Options):
             try:
                 with open(self["server-ca"], "rb") as f:
                     self["ca_pem"] = f.read()
+                ServerTrust(self["host"], ca_pem=self["ca_pem"])  # the file is usable: PEM certificates
             except OSError as e:
                 raise usage.UsageError(f"cannot read {self['server-ca']}: {e.strerror}") from None
+            except CryptoError as e:
+                raise usage.UsageError(f"--server-ca {self['server-ca']}: {e}") from None
 
     def _adjust_twistd(self, data_dir: str) -> None:
         # twistd's defaults would make two peers started from one directory fight over
