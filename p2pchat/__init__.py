@@ -11,6 +11,17 @@ def data_home() -> str:
     return os.path.join(base, "p2pchat")
 
 
+def pid_file_in(options, data_dir: str, name: str) -> None:
+    """
+    Point twistd's pid file (when left at its default, ./twistd.pid) into C{data_dir}, so that a
+    second process on the same data directory is refused wherever it is started from.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is not None and parent.get("pidfile") == "twistd.pid":
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        parent["pidfile"] = os.path.join(data_dir, name)
+
+
 def exit_status_at_exit(status: int) -> None:
     """
     Have the process exit with C{status} once twistd is done (pid file removed, logs closed):

@@ -291,6 +291,24 @@ class ServerProcessTests(E2E):
             self.assertNotIn("Traceback", output)
 
     @e2e
+    async def test_second_server_on_one_data_dir(self):
+        """A second server on the data directory of a running one is refused (its pid file is
+        there), even when started from another directory, on another port."""
+        data_dir = os.path.abspath(self.data_dir)
+        argv = twistd_argv() + ["-n", "p2pdiscovery", "--port", "tcp:0:interface=127.0.0.1", "--data-dir", data_dir]
+        runs = []
+        for _ in range(2):
+            cwd = os.path.abspath(self.mktemp())
+            os.makedirs(cwd)
+            runs.append(start_process(self, argv, path=cwd))
+            if len(runs) == 1:
+                await runs[0].output.wait_for("p2pdiscovery listening on")
+        code = await with_timeout(runs[1].when_ended(), what="second twistd exit")
+        self.assertEqual(code, 1)
+        self.assertIn("Another twistd server is running", "\n".join(runs[1].output.lines))
+        self.assertTrue(os.path.exists(os.path.join(data_dir, "p2pdiscovery.pid")))
+
+    @e2e
     async def test_bad_option(self):
         """A bad option value stops twistd with a clear message instead of starting."""
         child = start_process(self, twistd_argv() + ["-n", "--pidfile=", "p2pdiscovery", "--block-duration", "soon"])

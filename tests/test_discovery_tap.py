@@ -25,6 +25,26 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((limits.block_duration, limits.idle_timeout, limits.open_registration), (60.0, 0.0, True))
         self.assertFalse(o["insecure-plaintext"])
 
+    def test_pid_file_in_the_data_dir(self):
+        """Under twistd the pid file goes into the data directory (made if need be), so that a
+        second server on it is refused wherever it is started from; one named on the command line
+        stays where it is."""
+        from twisted.scripts.twistd import ServerOptions
+
+        data_dir = os.path.join(os.path.abspath(self.mktemp()), "d")
+        options = ServerOptions()
+        options.parseOptions(["-n", "p2pdiscovery", "--data-dir", data_dir])
+        self.assertEqual(options["pidfile"], os.path.join(data_dir, "p2pdiscovery.pid"))
+        self.assertTrue(os.path.isdir(data_dir))
+        options = ServerOptions()
+        options.parseOptions(["-n", "--pidfile", "x.pid", "p2pdiscovery", "--data-dir", data_dir])
+        self.assertEqual(os.path.basename(options["pidfile"]), "x.pid")
+        blocker = self.mktemp()
+        open(blocker, "w").close()
+        with self.assertRaises(usage.UsageError) as caught:
+            ServerOptions().parseOptions(["-n", "p2pdiscovery", "--data-dir", os.path.join(blocker, "d")])
+        self.assertIn("--data-dir: ", str(caught.exception))
+
     def test_home_fallback(self):
         """Without XDG_DATA_HOME the data lives under ~/.local/share."""
         self.patch(os, "environ", {"HOME": "/home/u"})

@@ -12,7 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from p2pchat import data_home, exit_status_at_exit
+from p2pchat import data_home, exit_status_at_exit, pid_file_in
 from p2pchat.crypto import CryptoError, cert_fingerprint, format_fingerprint, load_or_create_identity
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.dispatch import dispatch_directly
@@ -92,6 +92,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--hold must be at most {MAX_HOLD:g}: the sender waits that long for its answer")
         if self["data-dir"] is None:
             self["data-dir"] = default_data_dir()
+        try:
+            # Two servers on one data directory would each keep their own idea of it in memory.
+            pid_file_in(self, self["data-dir"], "p2pdiscovery.pid")
+        except OSError as e:
+            raise usage.UsageError(f"--data-dir: {e}") from None
         if self["credentials"] is not None and not os.path.isfile(self["credentials"]):
             raise usage.UsageError(f"--credentials: no such file: {self['credentials']}")
         port = self["port"]

@@ -13,7 +13,7 @@ from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .. import data_home, exit_status_at_exit
+from .. import data_home, exit_status_at_exit, pid_file_in
 from ..crypto import CryptoError, load_or_create_envelope_key, load_or_create_identity, valid_fingerprint
 from ..tls import ServerTrust
 from .console import Console, cbreak
@@ -105,12 +105,9 @@ class Options(usage.Options):
     def _adjust_twistd(self, data_dir: str) -> None:
         # twistd's defaults would make two peers started from one directory fight over
         # ./twistd.pid and print log lines into the chat.
+        pid_file_in(self, data_dir, "p2ppeer.pid")
         parent = getattr(self, "parent", None)
-        if parent is None:
-            return
-        if parent.get("pidfile") == "twistd.pid":
-            parent["pidfile"] = os.path.join(data_dir, "p2ppeer.pid")
-        if "logfile" in parent and parent["logfile"] is None:
+        if parent is not None and "logfile" in parent and parent["logfile"] is None:
             parent["logfile"] = os.path.join(data_dir, "peer.log")
 
 
