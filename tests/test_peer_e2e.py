@@ -351,7 +351,7 @@ class LoginTests(PeerTestCase):
         self.assertNotEqual(await twin.ended(), None)
         self.assertTrue(any("Another twistd server is running" in line for line in twin.lines), twin.lines)
         elsewhere = Peer(self, "alice", self.home("elsewhere")).start()
-        await elsewhere.expect(r"^alice is already logged in elsewhere$")
+        await elsewhere.expect(r"^cannot log in: alice is already logged in elsewhere \(a session whose network was cut off ends within 45 s\)$")
         self.assertEqual(await elsewhere.ended(), 1)
         await alice.command("/who", r"^online: bob$")
         self.assertTrue(os.path.exists(os.path.join(alice.data_dir, "p2ppeer.pid")))

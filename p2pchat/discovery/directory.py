@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, NoReturn, Protocol
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
@@ -358,7 +358,7 @@ class Directory:
         if fingerprint is None and account.fingerprint is None:
             raise Refusal(Code.KEYS_REQUIRED, "this account has no keys yet: log in with fingerprint and envelope_key")
         if username in self.online:
-            raise Refusal(Code.ALREADY_ONLINE, f"{username} is already logged in elsewhere")
+            self._refuse_second_login(username)
         if fingerprint is not None and (fingerprint, envelope_key) != (account.fingerprint, account.envelope_key):
             await self.store.set_keys(username, fingerprint, envelope_key)
             account = self.accounts[username] = Account(
@@ -366,8 +366,15 @@ class Directory:
             )
             log.info("{username} bound new keys", username=username)
         if username in self.online:  # logged in elsewhere while the keys were written
-            raise Refusal(Code.ALREADY_ONLINE, f"{username} is already logged in elsewhere")
+            self._refuse_second_login(username)
         return await self._enter(member, username)
+
+    def _refuse_second_login(self, username: str) -> NoReturn:
+        raise Refusal(
+            Code.ALREADY_ONLINE,
+            f"{username} is already logged in elsewhere (a session whose network was cut off ends "
+            f"within {self.limits.keepalive_timeout:g} s)",
+        )
 
     async def resume(self, member: Member, username: str, token: str) -> dict:
         """Log in with a session token; an existing session of that user is replaced."""

@@ -179,7 +179,7 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "weak_password": lambda message: f"that password is not accepted: {message}",
     "too_many_attempts": lambda user, code, message: f"wrong password too many times: {user} is now blocked, try again later ({message})",
     "account_locked": lambda user, message, code="": f"{user} is blocked after failed logins; try again later ({message})",
-    "already_online": lambda user, code, message: f"{user} is already logged in elsewhere",
+    "already_online": lambda user, code, message: f"cannot log in: {message}",
     "login_failed": lambda code, message, user="": f"cannot log in: {message} ({code})",
     "login_delayed": lambda code, message, seconds: f"the server cannot log you in just now: {message} ({code}); "
     f"working offline, trying again in {seconds:g} s",
