@@ -107,6 +107,18 @@ class InMemoryTests(unittest.SynchronousTestCase):
         self.assertEqual(self.alice.down, ["bob"])
         self.assertEqual(self.bob.frames, [])
 
+    def test_newest_link_used(self) -> None:
+        """With two links to one user (an old one may be dead: its other end vanished and came back
+        with a new link) the newest is the one used; when it goes, the older one again."""
+        first, first_link, first_pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        second, second_link, second_pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertIs(self.alice.links.get("bob"), second_link)
+        second_link.close()
+        second_pump.flush()
+        self.assertIs(self.alice.links.get("bob"), first_link)
+
     def test_open_link_outlives_the_handshake_timeout(self) -> None:
         """The handshake timeout ends once the link is open: a quiet link stays up."""
         opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)

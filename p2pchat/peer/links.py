@@ -224,8 +224,9 @@ class Links:
         return Deferred.fromCoroutine(connect())
 
     def get(self, user: str) -> Link | None:
+        """C{user}'s newest link: an older one may be the dead link of a process they left."""
         links = self._links.get(user)
-        return links[0] if links else None
+        return links[-1] if links else None
 
     def close(self, user: str) -> None:
         for link in list(self._links.get(user, ())):
