@@ -4,6 +4,7 @@ envelopes, and a scripted directory standing in for the server connection."""
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 from typing import Any
 
@@ -1380,3 +1381,163 @@ class OfflineTests(MessengerTestCase):
         self.assertEqual(self.command_error("broadcast", " \t ").code, "empty_message")
         self.directory.answers["block"] = RequestError("already_blocked", "already")
         self.assertEqual(self.command_error("block", "bob").fields["user"], "bob")
+
+
+class RandomScheduleTests(MessengerTestCase):
+    """
+    The outbox's promise whatever happens around it. Seeded random schedules of: alice writing;
+    bob coming online and going away (his peer closing its link, or vanishing and leaving it
+    silent); direct links that can or cannot be opened; bob acknowledging what reached him, or not
+    yet; alice's server connection lost and back; the server refusing a message for now; receipts
+    arriving or waiting; time passing. Then
+    things heal (the server is back, bob online and reachable, acknowledging everything): every
+    message alice wrote is delivered, bob got each one (over a link or sealed through the server)
+    first in the order she wrote them, and nothing was logged as an error.
+    """
+
+    SEEDS = 25
+    STEPS = 120
+
+    def test_every_message_delivered(self) -> None:
+        for seed in range(self.SEEDS):
+            self._schedule(random.Random(seed), seed)
+
+    def _schedule(self, r: random.Random, seed: int) -> None:
+        self.path = self.mktemp()
+        self.directory = Directory()
+        self.directory.people = {"bob": self.bob, "carol": self.carol}
+        self.passwords = ["correct horse"]
+        self.new_messenger()
+        links: list[FakeLink] = []
+        arrived: list[str] = []  # what reached bob, in the order it first did
+        silent: set[int] = set()  # ids of links whose other end vanished: nothing comes back
+        accept = self.links.accept
+
+        def accept_watched(user: str) -> FakeLink:
+            link = accept(user)
+            send = link.send
+
+            def sent(frame: dict[str, Any]) -> None:
+                send(frame)
+                if frame.get("type") == "msg" and id(link) not in silent and frame["text"] not in arrived:
+                    arrived.append(frame["text"])
+
+            link.send = sent  # type: ignore[method-assign]
+            links.append(link)
+            return link
+
+        self.links.accept = accept_watched  # type: ignore[method-assign]
+        acked: set[tuple[int, str]] = set()
+        got: dict[str, str] = {}  # what reached bob: msg_id -> text
+        seen_on_server = 0
+        owed: list[str] = []  # receipts bob sent through the server that alice has not had yet
+        written: list[str] = []
+        seq = 0
+        self.start()
+
+        def presence(online: bool) -> None:
+            if self.messenger.logged_in:
+                fields = {"online": ["bob"], "offline": {}} if online else {"online": [], "offline": {"bob": "logout"}}
+                self.messenger.server_event(Event("presence", fields))
+
+        def bob_acks() -> None:
+            for link in links:
+                if link.closed or id(link) in silent:
+                    continue
+                ids = [f["msg_id"] for f in link.sent if f.get("type") == "msg" and (id(link), f["msg_id"]) not in acked]
+                for msg_id in ids:
+                    acked.add((id(link), msg_id))
+                    got.setdefault(msg_id, next(f["text"] for f in link.sent if f.get("msg_id") == msg_id))
+                if ids:
+                    self.messenger.link_frame(link, {"type": "ack", "msg_ids": ids})
+
+        def bob_takes_mailbox() -> None:
+            nonlocal seen_on_server
+            if "bob" not in self.directory.online:
+                return
+            new = [item for item in self.directory.sent[seen_on_server:] if item["to"] == "bob"]
+            seen_on_server = len(self.directory.sent)
+            for item in new:
+                payload, _ = crypto.open_sealed(
+                    item["envelope"], self.bob.envelope_key, "alice", "bob", item["msg_id"], self.me.fingerprint
+                )
+                text = json.loads(payload)["text"]
+                got.setdefault(item["msg_id"], text)
+                if text not in arrived:
+                    arrived.append(text)
+                owed.append(item["msg_id"])
+
+        def receipts_arrive() -> None:
+            nonlocal seq
+            if self.messenger.logged_in and owed:
+                seq += 1
+                self.deliver(seq, self.bob, f"r-{seq}", {"kind": "receipt", "msg_ids": owed[:]})
+                owed.clear()
+
+        def server_lost() -> None:
+            if self.directory.connected:
+                self.directory.connected = False
+                self.messenger.server_lost()
+
+        def server_back() -> None:
+            if not self.directory.connected:
+                self.directory.connected = True
+                self.successResultOf(self.messenger.server_connected())
+
+        def write() -> None:
+            text = f"m{len(written)}"
+            written.append(text)
+            self.command("send", "bob", text)
+
+        def bob_online() -> None:
+            self.directory.online.add("bob")
+            if r.random() < 0.7:
+                self.links.reachable.add("bob")
+            presence(True)
+
+        def bob_leaves() -> None:
+            self.directory.online.discard("bob")
+            self.links.reachable.discard("bob")
+            link = self.links.open.get("bob")
+            if link is not None:
+                if r.random() < 0.5:
+                    silent.add(id(link))  # vanished: the link stays, silent
+                else:
+                    link.close()
+            presence(False)
+
+        def reachable() -> None:
+            if "bob" in self.directory.online:
+                self.links.reachable.symmetric_difference_update({"bob"})
+
+        def silence() -> None:
+            link = self.links.open.get("bob")
+            if link is not None:
+                silent.add(id(link))
+
+        def refused_for_now() -> None:  # the next send: bob's mailbox full, or alice over her rate
+            self.directory.answers["send"] = [RequestError(r.choice(["mailbox_full", "rate_limited"]), "later")]
+
+        steps = [write, write, write, bob_online, bob_leaves, reachable, silence, bob_acks, bob_acks,
+                 bob_takes_mailbox, receipts_arrive, receipts_arrive, server_lost, server_back, refused_for_now]
+        for _ in range(self.STEPS):
+            if r.random() < 0.3:
+                self.clock.advance(r.uniform(0.1, 40))
+            else:
+                r.choice(steps)()
+            bob_takes_mailbox()  # the server hands bob what it holds for him as soon as he is online
+        # Things heal: the server is back, bob online and reachable, acknowledging all that reaches him.
+        server_back()
+        bob_online()
+        self.links.reachable.add("bob")
+        for _ in range(12):
+            bob_acks()
+            bob_takes_mailbox()
+            receipts_arrive()
+            self.clock.advance(20)
+            self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
+        self.assertEqual(self.flushLoggedErrors(), [], f"seed {seed}")
+        self.assertEqual(sorted(got.values(), key=lambda t: int(t[1:])), written, f"seed {seed}: what reached bob")
+        self.assertEqual(arrived, written, f"seed {seed}: the order it first reached bob in")
+        statuses = self.statuses("bob")
+        self.assertEqual([status for _, status in statuses], [DELIVERED] * len(written), f"seed {seed}: {statuses}")
