@@ -275,8 +275,7 @@ class ServerProcessTests(E2E):
         """A data directory that cannot be made, or a port description Twisted cannot use, stops
         the server with one line and exit status 1 (the first used to leave it running, idle)."""
         blocker = self.mktemp()
-        with open(blocker, "w"):
-            pass
+        os.close(os.open(blocker, os.O_CREAT | os.O_WRONLY, 0o600))  # a file where a directory should be
         for options, said in [
             (["--port", "tcp:0:interface=127.0.0.1", "--data-dir", os.path.join(blocker, "data")], "Not a directory"),
             (["--port", "nonsense", "--data-dir", self.data_dir], "--port 'nonsense': "),

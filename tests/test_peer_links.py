@@ -110,7 +110,7 @@ class InMemoryTests(unittest.SynchronousTestCase):
     def test_newest_link_used(self) -> None:
         """With two links to one user (an old one may be dead: its other end vanished and came back
         with a new link) the newest is the one used; when it goes, the older one again."""
-        first, first_link, first_pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        first, first_link, _ = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
         second, second_link, second_pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
         self.successResultOf(first)
         self.successResultOf(second)

@@ -189,7 +189,7 @@ class DiscoveryService(Service):
             self.listening = await endpoint.listen(factory)
         except (CannotListenError, OSError):
             raise
-        except Exception as e:  # a description Twisted cannot use: unknown type, port out of range
+        except Exception as e:  # noqa: BLE001 - a description Twisted cannot use (unknown type, port out of range...)
             raise usage.UsageError(f"--port {config['port']!r}: {e}") from None
         serve_promptly(self.listening)
         address = self.listening.getHost()

@@ -532,7 +532,7 @@ class Messenger:
         except WrongEnvelopeKey:
             # Sealed to a key this install does not have (sent to its user's old install): no retry
             # opens it. The user is told how many, from whom, once a mailbox's worth has come in.
-            log.warn("dropped {msg_id} from {sender}: sealed to another envelope key", msg_id=msg_id, sender=sender)
+            log.warn("dropped {msg_id} from {sender}: sealed to another envelope key", msg_id=msg_id, sender=sender)  # noqa: G010 - twisted.logger
             self._unreadable[sender] = self._unreadable.get(sender, 0) + 1
             self._retry_later(("unreadable",), self._tell_unreadable, UNREADABLE_WAIT)
             return True
@@ -839,7 +839,7 @@ class Messenger:
     def _check_acks(self, link: LinkLike, carried: set[tuple[str, str]]) -> None:
         del self._ack_checks[link]
         if carried & self._carried(link):
-            log.warn("dropped the direct link to {user}: no acknowledgement in {s:g} s", user=link.user, s=ACK_WAIT)
+            log.warn("dropped the direct link to {user}: no acknowledgement in {s:g} s", user=link.user, s=ACK_WAIT)  # noqa: G010 - twisted.logger
             link.abort()
         elif self._carried(link):
             self._watch_acks(link)
