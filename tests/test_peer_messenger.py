@@ -1388,11 +1388,12 @@ class RandomScheduleTests(MessengerTestCase):
     The outbox's promise whatever happens around it. Seeded random schedules of: alice writing;
     bob coming online and going away (his peer closing its link, or vanishing and leaving it
     silent); direct links that can or cannot be opened; bob acknowledging what reached him, or not
-    yet; alice's server connection lost and back; the server refusing a message for now; receipts
-    arriving or waiting; time passing. Then
-    things heal (the server is back, bob online and reachable, acknowledging everything): every
-    message alice wrote is delivered, bob got each one (over a link or sealed through the server)
-    first in the order she wrote them, and nothing was logged as an error.
+    yet; alice's server connection lost and back; alice going /offline and /online, or her peer
+    killed and started again; the server refusing a message for now; receipts arriving or
+    waiting; time passing. Then things heal (the server is back, bob online and reachable,
+    acknowledging everything): every message alice wrote is delivered, bob got each one (over a
+    link or sealed through the server) first in the order she wrote them, and nothing was logged
+    as an error.
     """
 
     SEEDS = 25
@@ -1400,18 +1401,37 @@ class RandomScheduleTests(MessengerTestCase):
 
     def test_every_message_delivered(self) -> None:
         for seed in range(self.SEEDS):
-            self._schedule(random.Random(seed), seed)
+            _Schedule(self, random.Random(seed)).run(self.STEPS, f"seed {seed}")
 
-    def _schedule(self, r: random.Random, seed: int) -> None:
-        self.path = self.mktemp()
-        self.directory = Directory()
-        self.directory.people = {"bob": self.bob, "carol": self.carol}
-        self.passwords = ["correct horse"]
-        self.new_messenger()
-        links: list[FakeLink] = []
-        arrived: list[str] = []  # what reached bob, in the order it first did
-        silent: set[int] = set()  # ids of links whose other end vanished: nothing comes back
-        accept = self.links.accept
+
+class _Schedule:
+    """One random schedule of RandomScheduleTests, with bob's side of it."""
+
+    def __init__(self, test: RandomScheduleTests, r: random.Random) -> None:
+        self.test = test
+        self.r = r
+        self.links: list[FakeLink] = []  # every link alice ever had to bob
+        self.silent: set[int] = set()  # ids of links whose other end vanished: nothing comes back
+        self.acked: set[tuple[int, str]] = set()
+        self.arrived: list[str] = []  # what reached bob, in the order it first did
+        self.seen_on_server = 0
+        self.owed: list[str] = []  # receipts bob sent through the server that alice has not had yet
+        self.written: list[str] = []
+        self.seq = 0
+        self.wanted = True  # alice wants to be online (not /offline)
+        test.path = test.mktemp()
+        test.directory = Directory()
+        test.directory.people = {"bob": test.bob, "carol": test.carol}
+        self.boot()
+
+    def boot(self) -> None:
+        """Start alice's peer on her history (again, after a crash)."""
+        test = self.test
+        reachable = test.links.reachable if hasattr(test, "links") else set()
+        test.passwords = ["correct horse"]
+        test.new_messenger()
+        test.links.reachable = reachable
+        accept = test.links.accept
 
         def accept_watched(user: str) -> FakeLink:
             link = accept(user)
@@ -1419,125 +1439,143 @@ class RandomScheduleTests(MessengerTestCase):
 
             def sent(frame: dict[str, Any]) -> None:
                 send(frame)
-                if frame.get("type") == "msg" and id(link) not in silent and frame["text"] not in arrived:
-                    arrived.append(frame["text"])
+                if frame.get("type") == "msg" and id(link) not in self.silent and frame["text"] not in self.arrived:
+                    self.arrived.append(frame["text"])
 
             link.send = sent  # type: ignore[method-assign]
-            links.append(link)
+            self.links.append(link)
             return link
 
-        self.links.accept = accept_watched  # type: ignore[method-assign]
-        acked: set[tuple[int, str]] = set()
-        got: dict[str, str] = {}  # what reached bob: msg_id -> text
-        seen_on_server = 0
-        owed: list[str] = []  # receipts bob sent through the server that alice has not had yet
-        written: list[str] = []
-        seq = 0
-        self.start()
+        test.links.accept = accept_watched  # type: ignore[method-assign]
+        self.wanted = True
+        test.start(login=test.directory.connected)
 
-        def presence(online: bool) -> None:
-            if self.messenger.logged_in:
-                fields = {"online": ["bob"], "offline": {}} if online else {"online": [], "offline": {"bob": "logout"}}
-                self.messenger.server_event(Event("presence", fields))
+    # -- bob's side ------------------------------------------------------------------
 
-        def bob_acks() -> None:
-            for link in links:
-                if link.closed or id(link) in silent:
-                    continue
-                ids = [f["msg_id"] for f in link.sent if f.get("type") == "msg" and (id(link), f["msg_id"]) not in acked]
-                for msg_id in ids:
-                    acked.add((id(link), msg_id))
-                    got.setdefault(msg_id, next(f["text"] for f in link.sent if f.get("msg_id") == msg_id))
-                if ids:
-                    self.messenger.link_frame(link, {"type": "ack", "msg_ids": ids})
+    def presence(self, online: bool) -> None:
+        if self.test.messenger.logged_in:
+            fields = {"online": ["bob"], "offline": {}} if online else {"online": [], "offline": {"bob": "logout"}}
+            self.test.messenger.server_event(Event("presence", fields))
 
-        def bob_takes_mailbox() -> None:
-            nonlocal seen_on_server
-            if "bob" not in self.directory.online:
-                return
-            new = [item for item in self.directory.sent[seen_on_server:] if item["to"] == "bob"]
-            seen_on_server = len(self.directory.sent)
-            for item in new:
-                payload, _ = crypto.open_sealed(
-                    item["envelope"], self.bob.envelope_key, "alice", "bob", item["msg_id"], self.me.fingerprint
-                )
-                text = json.loads(payload)["text"]
-                got.setdefault(item["msg_id"], text)
-                if text not in arrived:
-                    arrived.append(text)
-                owed.append(item["msg_id"])
+    def bob_acks(self) -> None:
+        for link in self.links:
+            if link.closed or id(link) in self.silent:
+                continue
+            ids = [f["msg_id"] for f in link.sent if f.get("type") == "msg" and (id(link), f["msg_id"]) not in self.acked]
+            self.acked.update((id(link), msg_id) for msg_id in ids)
+            if ids:
+                link.links.messenger.link_frame(link, {"type": "ack", "msg_ids": ids})
 
-        def receipts_arrive() -> None:
-            nonlocal seq
-            if self.messenger.logged_in and owed:
-                seq += 1
-                self.deliver(seq, self.bob, f"r-{seq}", {"kind": "receipt", "msg_ids": owed[:]})
-                owed.clear()
+    def bob_takes_mailbox(self) -> None:
+        test = self.test
+        if "bob" not in test.directory.online:
+            return
+        new = [item for item in test.directory.sent[self.seen_on_server :] if item["to"] == "bob"]
+        self.seen_on_server = len(test.directory.sent)
+        for item in new:
+            payload, _ = crypto.open_sealed(
+                item["envelope"], test.bob.envelope_key, "alice", "bob", item["msg_id"], test.me.fingerprint
+            )
+            text = json.loads(payload)["text"]
+            if text not in self.arrived:
+                self.arrived.append(text)
+            self.owed.append(item["msg_id"])
 
-        def server_lost() -> None:
-            if self.directory.connected:
-                self.directory.connected = False
-                self.messenger.server_lost()
+    def receipts_arrive(self) -> None:
+        if self.test.messenger.logged_in and self.owed:
+            self.seq += 1
+            self.test.deliver(self.seq, self.test.bob, f"r-{self.seq}", {"kind": "receipt", "msg_ids": self.owed[:]})
+            self.owed.clear()
 
-        def server_back() -> None:
-            if not self.directory.connected:
-                self.directory.connected = True
-                self.successResultOf(self.messenger.server_connected())
+    def bob_online(self) -> None:
+        self.test.directory.online.add("bob")
+        if self.r.random() < 0.7:
+            self.test.links.reachable.add("bob")
+        self.presence(True)
 
-        def write() -> None:
-            text = f"m{len(written)}"
-            written.append(text)
-            self.command("send", "bob", text)
-
-        def bob_online() -> None:
-            self.directory.online.add("bob")
-            if r.random() < 0.7:
-                self.links.reachable.add("bob")
-            presence(True)
-
-        def bob_leaves() -> None:
-            self.directory.online.discard("bob")
-            self.links.reachable.discard("bob")
-            link = self.links.open.get("bob")
-            if link is not None:
-                if r.random() < 0.5:
-                    silent.add(id(link))  # vanished: the link stays, silent
-                else:
-                    link.close()
-            presence(False)
-
-        def reachable() -> None:
-            if "bob" in self.directory.online:
-                self.links.reachable.symmetric_difference_update({"bob"})
-
-        def silence() -> None:
-            link = self.links.open.get("bob")
-            if link is not None:
-                silent.add(id(link))
-
-        def refused_for_now() -> None:  # the next send: bob's mailbox full, or alice over her rate
-            self.directory.answers["send"] = [RequestError(r.choice(["mailbox_full", "rate_limited"]), "later")]
-
-        steps = [write, write, write, bob_online, bob_leaves, reachable, silence, bob_acks, bob_acks,
-                 bob_takes_mailbox, receipts_arrive, receipts_arrive, server_lost, server_back, refused_for_now]
-        for _ in range(self.STEPS):
-            if r.random() < 0.3:
-                self.clock.advance(r.uniform(0.1, 40))
+    def bob_leaves(self) -> None:
+        test = self.test
+        test.directory.online.discard("bob")
+        test.links.reachable.discard("bob")
+        link = test.links.open.get("bob")
+        if link is not None:
+            if self.r.random() < 0.5:
+                self.silent.add(id(link))  # vanished: the link stays, silent
             else:
-                r.choice(steps)()
-            bob_takes_mailbox()  # the server hands bob what it holds for him as soon as he is online
-        # Things heal: the server is back, bob online and reachable, acknowledging all that reaches him.
-        server_back()
-        bob_online()
-        self.links.reachable.add("bob")
+                link.close()
+        self.presence(False)
+
+    def reachable(self) -> None:
+        if "bob" in self.test.directory.online:
+            self.test.links.reachable.symmetric_difference_update({"bob"})
+
+    def silence(self) -> None:
+        link = self.test.links.open.get("bob")
+        if link is not None:
+            self.silent.add(id(link))
+
+    # -- alice's side and the server ---------------------------------------------------
+
+    def write(self) -> None:
+        text = f"m{len(self.written)}"
+        self.written.append(text)
+        self.test.command("send", "bob", text)
+
+    def server_lost(self) -> None:
+        if self.test.directory.connected:
+            self.test.directory.connected = False
+            self.test.messenger.server_lost()
+
+    def server_back(self) -> None:
+        test = self.test
+        test.directory.connected = True
+        if self.wanted and not test.messenger.logged_in:
+            test.successResultOf(test.messenger.server_connected())
+
+    def alice_offline(self) -> None:
+        if self.wanted:
+            self.wanted = False
+            self.test.command("go_offline")
+
+    def alice_online(self) -> None:
+        if not self.wanted:
+            self.wanted = True
+            self.test.command("go_online")
+            if self.test.directory.connected:
+                self.test.successResultOf(self.test.messenger.server_connected())
+
+    def alice_restarts(self) -> None:
+        """Killed and started again: what was in memory is gone (its timers with it), the history stays."""
+        self.test.successResultOf(Deferred.fromCoroutine(self.test.messenger.stop()))
+        self.boot()
+
+    def refused_for_now(self) -> None:  # the next send: bob's mailbox full, or alice over her rate
+        self.test.directory.answers["send"] = [RequestError(self.r.choice(["mailbox_full", "rate_limited"]), "later")]
+
+    def run(self, steps: int, name: str) -> None:
+        test, r = self.test, self.r
+        actions = [self.write, self.write, self.write, self.bob_online, self.bob_leaves, self.reachable, self.silence,
+                   self.bob_acks, self.bob_acks, self.bob_takes_mailbox, self.receipts_arrive, self.receipts_arrive,
+                   self.server_lost, self.server_back, self.alice_offline, self.alice_online, self.alice_restarts,
+                   self.refused_for_now]
+        for _ in range(steps):
+            if r.random() < 0.3:
+                test.clock.advance(r.uniform(0.1, 40))
+            else:
+                r.choice(actions)()
+            self.bob_takes_mailbox()  # the server hands bob what it holds for him as soon as he is online
+        # Things heal: bob online and reachable, acknowledging all; alice online, the server back.
+        self.bob_online()
+        test.links.reachable.add("bob")
+        self.alice_online()
+        self.server_back()
         for _ in range(12):
-            bob_acks()
-            bob_takes_mailbox()
-            receipts_arrive()
-            self.clock.advance(20)
-            self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
-        self.assertEqual(self.flushLoggedErrors(), [], f"seed {seed}")
-        self.assertEqual(sorted(got.values(), key=lambda t: int(t[1:])), written, f"seed {seed}: what reached bob")
-        self.assertEqual(arrived, written, f"seed {seed}: the order it first reached bob in")
-        statuses = self.statuses("bob")
-        self.assertEqual([status for _, status in statuses], [DELIVERED] * len(written), f"seed {seed}: {statuses}")
+            self.bob_acks()
+            self.bob_takes_mailbox()
+            self.receipts_arrive()
+            test.clock.advance(20)
+        test.assertEqual(test.flushLoggedErrors(), [], name)
+        test.assertEqual(sorted(self.arrived, key=lambda t: int(t[1:])), self.written, f"{name}: what reached bob")
+        test.assertEqual(self.arrived, self.written, f"{name}: the order it first reached bob in")
+        statuses = test.statuses("bob")
+        test.assertEqual([status for _, status in statuses], [DELIVERED] * len(self.written), f"{name}: {statuses}")
