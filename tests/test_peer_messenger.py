@@ -1547,6 +1547,7 @@ class _Schedule:
     def alice_restarts(self) -> None:
         """Killed and started again: what was in memory is gone (its timers with it), the history stays."""
         self.test.successResultOf(Deferred.fromCoroutine(self.test.messenger.stop()))
+        self.test.successResultOf(self.test.history.close())
         self.boot()
 
     def refused_for_now(self) -> None:  # the next send: bob's mailbox full, or alice over her rate
@@ -1579,3 +1580,154 @@ class _Schedule:
         test.assertEqual(self.arrived, self.written, f"{name}: the order it first reached bob in")
         statuses = test.statuses("bob")
         test.assertEqual([status for _, status in statuses], [DELIVERED] * len(self.written), f"{name}: {statuses}")
+        test.successResultOf(Deferred.fromCoroutine(test.messenger.stop()))
+        test.successResultOf(test.history.close())
+
+
+class RandomInboxTests(MessengerTestCase):
+    """
+    The inbox's promise whatever happens around it: seeded random schedules of bob writing to
+    alice over a direct link or sealed through the server, and writing again what alice has not
+    acknowledged yet (over either way); the server handing alice what it holds at each login and
+    keeping it until she acks; alice's server connection lost and back; her peer killed and
+    started again; time passing. Once things heal, alice was shown each of bob's messages exactly
+    once, the server holds nothing more for her, and bob has an acknowledgement (over the link) or
+    a receipt (through the server) for every one.
+    """
+
+    SEEDS = 25
+    STEPS = 120
+
+    def test_each_message_shown_once(self) -> None:
+        for seed in range(self.SEEDS):
+            _Inbox(self, random.Random(seed)).run(self.STEPS, f"seed {seed}")
+
+
+class _Inbox:
+    """One random schedule of RandomInboxTests: bob's peer and the server's mailbox for alice."""
+
+    def __init__(self, test: RandomInboxTests, r: random.Random) -> None:
+        self.test = test
+        self.r = r
+        self.written: list[str] = []  # bob's msg_ids, in order
+        self.mailbox: list[tuple[int, str]] = []  # (seq, msg_id) the server holds for alice
+        self.seq = 0
+        self.shown: list[str] = []  # texts alice was shown, across restarts
+        self.link: FakeLink | None = None  # bob's link to alice, from her side
+        self.acked_by_link: set[str] = set()
+        self.receipted: set[str] = set()
+        self.receipts_read = 0
+        test.path = test.mktemp()
+        test.directory = Directory()
+        test.directory.people = {"bob": test.bob, "carol": test.carol}
+        test.directory.online.add("bob")
+        self.boot()
+
+    def boot(self) -> None:
+        test = self.test
+        test.passwords = ["correct horse"]
+        test.new_messenger()
+        test.start(login=test.directory.connected)
+        if test.directory.connected:
+            self.hand_over(self.mailbox)
+        self.link = None
+
+    def hand_over(self, items: list[tuple[int, str]]) -> None:
+        """The server writes envelopes to alice (at her login: all it holds, in order)."""
+        self.settle()
+        for seq, msg_id in items:
+            self.test.deliver(seq, self.test.bob, msg_id, {"kind": "msg", "text": msg_id, "sent_at": 1.0})
+        self.settle()
+
+    def settle(self) -> None:
+        """alice's acks reach the server, which forgets what was acked."""
+        acked = set(self.test.directory.acked)
+        self.mailbox = [(seq, msg_id) for seq, msg_id in self.mailbox if seq not in acked]
+
+    def unanswered(self) -> list[str]:
+        return [msg_id for msg_id in self.written if msg_id not in self.answered()]
+
+    def answered(self) -> set[str]:
+        """What bob had an ack (over a link) or a receipt (through the server) for."""
+        if self.link is not None:
+            self.acked_by_link.update(m for f in self.link.sent if f.get("type") == "ack" for m in f["msg_ids"])
+        sent = self.test.directory.sent
+        for item in sent[self.receipts_read :]:
+            if item["to"] == "bob" and item["msg_id"].startswith("r-"):
+                payload, _ = crypto.open_sealed(
+                    item["envelope"], self.test.bob.envelope_key, "alice", "bob", item["msg_id"], self.test.me.fingerprint
+                )
+                self.receipted.update(json.loads(payload)["msg_ids"])
+        self.receipts_read = len(sent)
+        return self.acked_by_link | self.receipted
+
+    # -- what happens ------------------------------------------------------------------
+
+    def through_server(self, msg_id: str) -> None:
+        self.seq += 1
+        self.mailbox.append((self.seq, msg_id))
+        if self.test.messenger.logged_in:
+            self.hand_over([(self.seq, msg_id)])
+
+    def over_link(self, msg_id: str) -> None:
+        test = self.test
+        if self.link is None or self.link.closed:
+            self.answered()  # the acks that came over the old link
+            self.link = test.links.accept("bob")  # bob dials alice
+        test.messenger.link_frame(self.link, {"type": "msg", "msg_id": msg_id, "text": msg_id, "sent_at": 1.0})
+
+    def bob_writes(self) -> None:
+        msg_id = f"b{len(self.written)}"
+        self.written.append(msg_id)
+        self.r.choice([self.through_server, self.over_link])(msg_id)
+
+    def bob_writes_again(self) -> None:
+        waiting = self.unanswered()
+        if waiting:
+            self.r.choice([self.through_server, self.over_link])(self.r.choice(waiting))
+
+    def link_closes(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+    def server_lost(self) -> None:
+        if self.test.directory.connected:
+            self.test.directory.connected = False
+            self.test.messenger.server_lost()
+
+    def server_back(self) -> None:
+        test = self.test
+        if not test.directory.connected:
+            test.directory.connected = True
+            test.successResultOf(test.messenger.server_connected())
+            self.hand_over(self.mailbox)
+
+    def alice_restarts(self) -> None:
+        self.answered()  # the acks that came over the link, which goes with her peer
+        self.test.successResultOf(Deferred.fromCoroutine(self.test.messenger.stop()))
+        self.test.successResultOf(self.test.history.close())
+        self.shown += [text for _, text in self.test.view.messages()]
+        self.boot()
+
+    def run(self, steps: int, name: str) -> None:
+        test, r = self.test, self.r
+        actions = [self.bob_writes, self.bob_writes, self.bob_writes, self.bob_writes_again, self.link_closes,
+                   self.server_lost, self.server_back, self.alice_restarts]
+        for _ in range(steps):
+            if r.random() < 0.2:
+                test.clock.advance(r.uniform(0.1, 40))
+            else:
+                r.choice(actions)()
+        self.server_back()
+        for _ in range(6):  # bob writes again what is not answered; receipts refused for now go again
+            for msg_id in self.unanswered():
+                self.through_server(msg_id)
+            test.clock.advance(40)
+            self.settle()
+        self.shown += [text for _, text in test.view.messages()]
+        test.assertEqual(test.flushLoggedErrors(), [], name)
+        test.assertEqual(sorted(self.shown, key=lambda t: int(t[1:])), self.written, f"{name}: shown")
+        test.assertEqual(self.mailbox, [], f"{name}: left on the server")
+        test.assertEqual(self.unanswered(), [], f"{name}: no ack or receipt")
+        test.successResultOf(Deferred.fromCoroutine(test.messenger.stop()))
+        test.successResultOf(test.history.close())
