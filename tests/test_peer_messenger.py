@@ -1383,7 +1383,42 @@ class OfflineTests(MessengerTestCase):
         self.assertEqual(self.command_error("block", "bob").fields["user"], "bob")
 
 
-class RandomScheduleTests(MessengerTestCase):
+class _RandomRuns(MessengerTestCase):
+    """Runs a kind of L{_World} over SEEDS seeded random schedules of STEPS steps each."""
+
+    SEEDS = 25
+    STEPS = 120
+
+    def runs(self, world: type[_World]) -> None:
+        for seed in range(self.SEEDS):
+            world(self, random.Random(seed)).run(self.STEPS, f"seed {seed}")
+
+
+class _World:
+    """A fresh history and server for one schedule, and what both kinds of schedule do alike."""
+
+    def __init__(self, test: MessengerTestCase, r: random.Random) -> None:
+        self.test = test
+        self.r = r
+        test.path = test.mktemp()
+        test.directory = Directory()
+        test.directory.people = {"bob": test.bob, "carol": test.carol}
+
+    def run(self, steps: int, name: str) -> None:
+        raise NotImplementedError
+
+    def server_lost(self) -> None:
+        if self.test.directory.connected:
+            self.test.directory.connected = False
+            self.test.messenger.server_lost()
+
+    def stop(self) -> None:
+        """alice's peer ends, or is killed: what was in memory goes (its timers with it), the history stays."""
+        self.test.successResultOf(Deferred.fromCoroutine(self.test.messenger.stop()))
+        self.test.successResultOf(self.test.history.close())
+
+
+class RandomScheduleTests(_RandomRuns):
     """
     The outbox's promise whatever happens around it. Seeded random schedules of: alice writing;
     bob coming online and going away (his peer closing its link, or vanishing and leaving it
@@ -1396,20 +1431,15 @@ class RandomScheduleTests(MessengerTestCase):
     as an error.
     """
 
-    SEEDS = 25
-    STEPS = 120
-
     def test_every_message_delivered(self) -> None:
-        for seed in range(self.SEEDS):
-            _Schedule(self, random.Random(seed)).run(self.STEPS, f"seed {seed}")
+        self.runs(_Schedule)
 
 
-class _Schedule:
+class _Schedule(_World):
     """One random schedule of RandomScheduleTests, with bob's side of it."""
 
-    def __init__(self, test: RandomScheduleTests, r: random.Random) -> None:
-        self.test = test
-        self.r = r
+    def __init__(self, test: MessengerTestCase, r: random.Random) -> None:
+        super().__init__(test, r)
         self.links: list[FakeLink] = []  # every link alice ever had to bob
         self.silent: set[int] = set()  # ids of links whose other end vanished: nothing comes back
         self.acked: set[tuple[int, str]] = set()
@@ -1419,9 +1449,6 @@ class _Schedule:
         self.written: list[str] = []
         self.seq = 0
         self.wanted = True  # alice wants to be online (not /offline)
-        test.path = test.mktemp()
-        test.directory = Directory()
-        test.directory.people = {"bob": test.bob, "carol": test.carol}
         self.boot()
 
     def boot(self) -> None:
@@ -1521,11 +1548,6 @@ class _Schedule:
         self.written.append(text)
         self.test.command("send", "bob", text)
 
-    def server_lost(self) -> None:
-        if self.test.directory.connected:
-            self.test.directory.connected = False
-            self.test.messenger.server_lost()
-
     def server_back(self) -> None:
         test = self.test
         test.directory.connected = True
@@ -1545,9 +1567,7 @@ class _Schedule:
                 self.test.successResultOf(self.test.messenger.server_connected())
 
     def alice_restarts(self) -> None:
-        """Killed and started again: what was in memory is gone (its timers with it), the history stays."""
-        self.test.successResultOf(Deferred.fromCoroutine(self.test.messenger.stop()))
-        self.test.successResultOf(self.test.history.close())
+        self.stop()
         self.boot()
 
     def refused_for_now(self) -> None:  # the next send: bob's mailbox full, or alice over her rate
@@ -1580,11 +1600,10 @@ class _Schedule:
         test.assertEqual(self.arrived, self.written, f"{name}: the order it first reached bob in")
         statuses = test.statuses("bob")
         test.assertEqual([status for _, status in statuses], [DELIVERED] * len(self.written), f"{name}: {statuses}")
-        test.successResultOf(Deferred.fromCoroutine(test.messenger.stop()))
-        test.successResultOf(test.history.close())
+        self.stop()
 
 
-class RandomInboxTests(MessengerTestCase):
+class RandomInboxTests(_RandomRuns):
     """
     The inbox's promise whatever happens around it: seeded random schedules of bob writing to
     alice over a direct link or sealed through the server, and writing again what alice has not
@@ -1595,20 +1614,15 @@ class RandomInboxTests(MessengerTestCase):
     a receipt (through the server) for every one.
     """
 
-    SEEDS = 25
-    STEPS = 120
-
     def test_each_message_shown_once(self) -> None:
-        for seed in range(self.SEEDS):
-            _Inbox(self, random.Random(seed)).run(self.STEPS, f"seed {seed}")
+        self.runs(_Inbox)
 
 
-class _Inbox:
+class _Inbox(_World):
     """One random schedule of RandomInboxTests: bob's peer and the server's mailbox for alice."""
 
-    def __init__(self, test: RandomInboxTests, r: random.Random) -> None:
-        self.test = test
-        self.r = r
+    def __init__(self, test: MessengerTestCase, r: random.Random) -> None:
+        super().__init__(test, r)
         self.written: list[str] = []  # bob's msg_ids, in order
         self.mailbox: list[tuple[int, str]] = []  # (seq, msg_id) the server holds for alice
         self.seq = 0
@@ -1617,9 +1631,6 @@ class _Inbox:
         self.acked_by_link: set[str] = set()
         self.receipted: set[str] = set()
         self.receipts_read = 0
-        test.path = test.mktemp()
-        test.directory = Directory()
-        test.directory.people = {"bob": test.bob, "carol": test.carol}
         test.directory.online.add("bob")
         self.boot()
 
@@ -1690,11 +1701,6 @@ class _Inbox:
         if self.link is not None:
             self.link.close()
 
-    def server_lost(self) -> None:
-        if self.test.directory.connected:
-            self.test.directory.connected = False
-            self.test.messenger.server_lost()
-
     def server_back(self) -> None:
         test = self.test
         if not test.directory.connected:
@@ -1704,8 +1710,7 @@ class _Inbox:
 
     def alice_restarts(self) -> None:
         self.answered()  # the acks that came over the link, which goes with her peer
-        self.test.successResultOf(Deferred.fromCoroutine(self.test.messenger.stop()))
-        self.test.successResultOf(self.test.history.close())
+        self.stop()
         self.shown += [text for _, text in self.test.view.messages()]
         self.boot()
 
@@ -1729,5 +1734,4 @@ class _Inbox:
         test.assertEqual(sorted(self.shown, key=lambda t: int(t[1:])), self.written, f"{name}: shown")
         test.assertEqual(self.mailbox, [], f"{name}: left on the server")
         test.assertEqual(self.unanswered(), [], f"{name}: no ack or receipt")
-        test.successResultOf(Deferred.fromCoroutine(test.messenger.stop()))
-        test.successResultOf(test.history.close())
+        self.stop()
