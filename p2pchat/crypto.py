@@ -53,7 +53,15 @@ class EnvelopeError(CryptoError):
 
 
 class WrongEnvelopeKey(EnvelopeError):
-    """A well-signed envelope sealed to another envelope key (one its recipient had before)."""
+    """
+    A well-signed envelope sealed to another envelope key (one its recipient had before).
+
+    @ivar fingerprint: the SPKI fingerprint of the key that signed it (the signature verified).
+    """
+
+    def __init__(self, message: str, fingerprint: str) -> None:
+        super().__init__(message)
+        self.fingerprint = fingerprint
 
 
 # -- fingerprints -------------------------------------------------------------------
@@ -490,5 +498,5 @@ def open_sealed(
             nonce, ciphertext, _AAD_LABEL + bound + _lp(spki)
         )
     except (ValueError, InvalidTag):
-        raise WrongEnvelopeKey("the envelope was not sealed to this envelope key") from None
+        raise WrongEnvelopeKey("the envelope was not sealed to this envelope key", fingerprint) from None
     return payload, fingerprint

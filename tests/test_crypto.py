@@ -409,7 +409,8 @@ class OpenRefusalTests(SynchronousTestCase):
         """An envelope sealed to bob's key cannot be opened with carol's key, and says so with an
         error of its own (the peer tells its user); an altered one does not."""
         self.assertIn("not sealed to this envelope key", self._refused(key=CAROL_KEY))
-        self.assertRaises(WrongEnvelopeKey, open_sealed, SEALED, CAROL_KEY, "alice", "bob", "m1", None)
+        wrong = self.assertRaises(WrongEnvelopeKey, open_sealed, SEALED, CAROL_KEY, "alice", "bob", "m1", None)
+        self.assertEqual(wrong.fingerprint, ALICE.fingerprint)  # who signed it, for the caller to check
         self.assertNotIsInstance(
             self.assertRaises(EnvelopeError, open_sealed, SEALED, BOB_KEY, "alice", "bob", "m2", None), WrongEnvelopeKey
         )

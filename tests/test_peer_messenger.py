@@ -1173,7 +1173,8 @@ class KeyTests(MessengerTestCase):
     def test_envelopes_sealed_to_an_old_key_are_told(self) -> None:
         """Envelopes sealed to an envelope key this install does not have (sent to the user's old
         install) are acked, since no retry opens them, and the user is told how many, from whom,
-        together; a forged one is dropped without a word."""
+        together; a forged one (even one sealed to an old key, signed by someone else) is dropped
+        without a word."""
         self.start()
         old_me = crypto.generate_envelope_key()
         for seq, msg_id in [(1, "m1"), (2, "m2")]:
@@ -1183,13 +1184,18 @@ class KeyTests(MessengerTestCase):
                 Event("envelope", {"seq": seq, "from": "bob", "msg_id": msg_id, "envelope": envelope, "sent_at": 1.0})
             )
         self.deliver(3, self.carol, "m3", {"kind": "msg", "text": "hi", "sent_at": 1.0}, signer=self.bob)
+        forged = crypto.seal(self.carol.identity, "bob", "alice", old_me.public_b64, "m4",
+                             json.dumps({"kind": "msg", "text": "x", "sent_at": 1.0}).encode())
+        self.messenger.server_event(
+            Event("envelope", {"seq": 4, "from": "bob", "msg_id": "m4", "envelope": forged, "sent_at": 1.0})
+        )
         self.assertEqual(self.view.events("unreadable"), [])
         self.clock.advance(UNREADABLE_WAIT)
         self.assertEqual(self.view.events("unreadable"), [{"user": "bob", "count": 2}])
         self.clock.advance(UNREADABLE_WAIT)
         self.assertEqual(len(self.view.events("unreadable")), 1)
         self.assertEqual(self.view.messages(), [])
-        self.assertEqual(sorted(self.directory.acked), [1, 2, 3])
+        self.assertEqual(sorted(self.directory.acked), [1, 2, 3, 4])
 
     def test_receipts_for_held_messages_go_after_trust(self) -> None:
         """Messages from a changed key are held without a receipt (the key is not accepted); /trust

@@ -521,21 +521,25 @@ class Messenger:
             log.info("dropped an envelope from {sender}, who is blocked", sender=sender)
             return True
         try:
-            payload, fingerprint = crypto.open_sealed(envelope, self._envelope_key, sender, self.user, msg_id, None)
+            try:
+                payload, fingerprint = crypto.open_sealed(envelope, self._envelope_key, sender, self.user, msg_id, None)
+            except WrongEnvelopeKey as e:
+                payload, fingerprint = None, e.fingerprint
             verdict = await self._verify_key(sender, fingerprint)
             if verdict is False:
                 raise EnvelopeError(f"signed with sha256:{fingerprint}, which is not {sender}'s key")
+            if payload is None:
+                # From the sender, sealed to a key this install does not have (sent to its user's
+                # old install): no retry opens it. The user is told how many, from whom, once a
+                # mailbox's worth has come in.
+                log.warn("dropped {msg_id} from {sender}: sealed to another envelope key", msg_id=msg_id, sender=sender)  # noqa: G010 - twisted.logger
+                self._unreadable[sender] = self._unreadable.get(sender, 0) + 1
+                self._retry_later(("unreadable",), self._tell_unreadable, UNREADABLE_WAIT)
+                return True
             data = json.loads(payload)
             kind = data["kind"]
         except NotConnected:
             return False
-        except WrongEnvelopeKey:
-            # Sealed to a key this install does not have (sent to its user's old install): no retry
-            # opens it. The user is told how many, from whom, once a mailbox's worth has come in.
-            log.warn("dropped {msg_id} from {sender}: sealed to another envelope key", msg_id=msg_id, sender=sender)  # noqa: G010 - twisted.logger
-            self._unreadable[sender] = self._unreadable.get(sender, 0) + 1
-            self._retry_later(("unreadable",), self._tell_unreadable, UNREADABLE_WAIT)
-            return True
         except (EnvelopeError, RequestError, ValueError, TypeError, KeyError) as e:
             log.warn("dropped a forged or unreadable envelope {msg_id} from {sender}: {e}", msg_id=msg_id, sender=sender, e=e)
             return True
