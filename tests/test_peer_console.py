@@ -120,7 +120,7 @@ class RenderTests(unittest.SynchronousTestCase):
         """Every event the messenger can show has a template that accepts its fields."""
         samples = {"user": "bob", "text": "t", "private": False, "online": True, "mailbox": 1, "server": "h:1",
                    "message": "m", "code": "c", "reason": "r", "fingerprint": "f" * 64, "old": "a", "new": "b",
-                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2}
+                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False}
         for event, template in console._EVENTS.items():
             names = inspect.signature(template).parameters
             line = render(event, **{name: samples[name] for name in names})
@@ -137,7 +137,7 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(clean("tab\there"), "tab here")
         samples = {"user": "bob", "text": evil, "private": False, "online": True, "mailbox": 1, "server": "h:1",
                    "message": evil, "code": evil, "reason": evil, "fingerprint": "f" * 64, "old": "a", "new": "b",
-                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2}
+                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False}
         lines = {event: render(event, **{name: samples[name] for name in inspect.signature(template).parameters})
                  for event, template in console._EVENTS.items()}
         lines["send_failed rate_limited"] = render("send_failed", user="bob", code="rate_limited", message=evil, text=evil)

@@ -261,6 +261,26 @@ class ResilienceTests(PeerTestCase):
         await moved.started()
         await moved.expect(r"^alice: did you move\?$")
 
+    async def test_messages_sealed_before_a_move_sent_again(self) -> None:
+        """A message stored for bob before he moved to a new install is sealed to keys that install
+        does not have: it says so, asks alice's peer for it again, and gets it once alice has
+        accepted bob's new key."""
+        await self.start_server()
+        alice, bob = await self.peers("alice", "bob")
+        alice.send("/msg bob hi")  # pins bob's keys
+        await bob.expect(r"^alice: hi$")
+        bob.send("/logout")
+        await bob.ended()
+        await alice.command("/msg bob while you were away", r"^bob is offline: the message waits on the server")
+        moved = await Peer(self, "bob", home=self.home("bob-moved")).started()
+        await moved.expect(r"^1 message from alice could not be opened: sealed to a key of yours this install does not have")
+        await alice.expect(r"^bob could not open 1 message of yours \(sealed to keys they had before\): sent again once you accept")
+        self.assertTrue(any(line.startswith("WARNING: bob's IDENTITY KEY HAS CHANGED") for line in alice.lines))
+        await alice.command("/trust bob", r"^accepted bob's new key$")
+        await moved.expect(r"^alice: while you were away$")
+        await alice.poll("/history bob", r"you -> bob: while you were away \(delivered\)$")
+        self.assertEqual(moved.count("alice: while you were away"), 1)
+
     async def test_server_down_then_up(self) -> None:
         """A peer started while the server is down says so, works offline, and logs in once the server is up."""
         with socket.socket() as s:

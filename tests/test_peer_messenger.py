@@ -1196,6 +1196,38 @@ class KeyTests(MessengerTestCase):
         self.assertEqual(len(self.view.events("unreadable")), 1)
         self.assertEqual(self.view.messages(), [])
         self.assertEqual(sorted(self.directory.acked), [1, 2, 3, 4])
+        # bob's peer is asked to send them again, in a notice sealed to him and signed by alice
+        [notice] = [item for item in self.directory.sent if item["msg_id"].startswith("u-")]
+        payload, _ = crypto.open_sealed(
+            notice["envelope"], self.bob.envelope_key, "alice", "bob", notice["msg_id"], self.me.fingerprint
+        )
+        self.assertEqual(json.loads(payload), {"kind": "unopened", "msg_ids": ["m1", "m2"]})
+
+    def test_unopened_messages_sent_again(self) -> None:
+        """bob's new install asks for what it could not open (sealed to his old keys): those go
+        back to the outbox, and out once alice accepts his new key, sealed to it; each only once
+        on such word, and only what went to bob through the server and was not delivered."""
+        self.start()
+        for text in ("before", "read"):
+            self.command("send", "bob", text)
+        read_id = self.directory.sent[1]["msg_id"]
+        self.deliver(1, self.bob, "r-1", {"kind": "receipt", "msg_ids": [read_id]})
+        self.command("send", "carol", "to carol")
+        before_id, carol_id = self.directory.sent[0]["msg_id"], self.directory.sent[2]["msg_id"]
+        new_bob = self.change_bobs_key()
+        unopened = {"kind": "unopened", "msg_ids": [before_id, read_id, carol_id]}
+        self.deliver(2, new_bob, "u-1", unopened)
+        self.assertEqual(len(self.view.events("key_changed")), 1)
+        self.assertEqual(self.view.events("sending_again"), [{"user": "bob", "count": 1, "trusted": False}])
+        self.assertEqual(self.statuses("bob"), [("before", PENDING), ("read", DELIVERED)])
+        self.assertEqual(self.statuses("carol"), [("to carol", SENT)])
+        self.assertEqual(len(self.directory.sent), 3)  # not to the old key, not before /trust
+        self.command("trust", "bob")
+        self.assertEqual(self.open_sent(-1, new_bob)["text"], "before")
+        self.assertEqual(self.directory.sent[-1]["msg_id"], before_id)  # the same id: shown once at most
+        self.deliver(3, new_bob, "u-2", unopened)
+        self.assertEqual(len(self.view.events("sending_again")), 1)
+        self.assertEqual(self.statuses("bob"), [("before", SENT), ("read", DELIVERED)])
 
     def test_receipts_for_held_messages_go_after_trust(self) -> None:
         """Messages from a changed key are held without a receipt (the key is not accepted); /trust

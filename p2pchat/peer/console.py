@@ -195,7 +195,10 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "bye": lambda reason, message: _BYE.get(reason, f"the server closed the connection: {message}"),
     "listen_failed": lambda reason: f"cannot accept direct links ({reason}); messages go through the server",
     "unreadable": lambda user, count: f"{_plural(count, 'message')} from {user} could not be opened: sealed to a "
-    f"key of yours this install does not have (your old install's?); ask {user} to send again",
+    f"key of yours this install does not have (your old install's?); {user}'s peer is asked to send again",
+    "sending_again": lambda user, count, trusted: f"{user} could not open {_plural(count, 'message')} of yours "
+    "(sealed to keys they had before): "
+    + ("sending again" if trusted else f"sent again once you accept {user}'s new key (/fingerprint {user}, /trust {user})"),
     "stored": lambda user: f"{user} is offline: the message waits on the server until they log in",
     "queued": lambda user, chosen: f"you are offline: the message to {user} goes out after /online"
     if chosen

@@ -153,9 +153,10 @@ class Messenger:
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
         # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed
-        # receipts; ("unreadable",) tells of the envelopes counted in _unreadable (sender -> count)
+        # receipts; ("unreadable",) tells of the envelopes in _unreadable (sender -> msg_ids)
         self._retry_calls: dict[tuple[str, ...], Any] = {}
-        self._unreadable: dict[str, int] = {}
+        self._unreadable: dict[str, list[str]] = {}
+        self._sent_again: set[tuple[str, str]] = set()  # (user, msg_id) sent again once on their word
         self._pumping: set[str] = set()
         self._again: set[str] = set()
         self._idle_waiters: list[Deferred[None]] = []
@@ -533,7 +534,7 @@ class Messenger:
                 # old install): no retry opens it. The user is told how many, from whom, once a
                 # mailbox's worth has come in.
                 log.warn("dropped {msg_id} from {sender}: sealed to another envelope key", msg_id=msg_id, sender=sender)  # noqa: G010 - twisted.logger
-                self._unreadable[sender] = self._unreadable.get(sender, 0) + 1
+                self._unreadable.setdefault(sender, []).append(msg_id)
                 self._retry_later(("unreadable",), self._tell_unreadable, UNREADABLE_WAIT)
                 return True
             data = json.loads(payload)
@@ -550,6 +551,9 @@ class Messenger:
             receipts.setdefault(sender, []).append(msg_id)
         elif kind == "receipt" and verdict is True and _msg_ids(data.get("msg_ids")):
             await self._delivered(sender, data["msg_ids"])
+        elif kind == "unopened" and _msg_ids(data.get("msg_ids")):
+            # From the sender's key, accepted or new (a new install is why it could not open them).
+            await self._send_again(sender, data["msg_ids"], trusted=verdict is True)
         else:
             log.warn("dropped an envelope {msg_id} from {sender} with unusable content", msg_id=msg_id, sender=sender)
         return True
@@ -578,12 +582,8 @@ class Messenger:
         if link is not None:
             link.send({"type": "ack", "msg_ids": msg_ids})
         else:
-            receipt_id = "r-" + secrets.token_hex(16)
             try:
-                key = await self._recipient_key(user)
-                payload = json.dumps({"kind": "receipt", "msg_ids": msg_ids}).encode()
-                envelope = crypto.seal(self._identity, self.user, user, key, receipt_id, payload)
-                await self._server.request("send", to=user, msg_id=receipt_id, envelope=envelope)
+                await self._seal_and_send(user, "receipt", msg_ids)
             except (RequestError, NotConnected, CommandError, CryptoError) as e:
                 log.info("no receipt to {user} for {n} message(s) yet: {e}", user=user, n=len(msg_ids), e=e)
                 if not isinstance(e, RequestError):
@@ -592,6 +592,33 @@ class Messenger:
                     self._retry_later(("receipts",), self._retry_receipts)
                     return
         await self._history.receipts_sent(user, msg_ids)
+
+    async def _seal_and_send(self, user: str, kind: str, msg_ids: list[str]) -> None:
+        """Hand the server a notice of C{kind} about C{msg_ids}, sealed to C{user} and signed."""
+        notice_id = {"receipt": "r-", "unopened": "u-"}[kind] + secrets.token_hex(16)
+        key = await self._recipient_key(user)
+        payload = json.dumps({"kind": kind, "msg_ids": msg_ids}).encode()
+        envelope = crypto.seal(self._identity, self.user, user, key, notice_id, payload)
+        await self._server.request("send", to=user, msg_id=notice_id, envelope=envelope)
+
+    async def _send_unopened(self, user: str, msg_ids: list[str]) -> None:
+        """
+        Ask C{user} to send again what this install could not open (sealed to keys its user had
+        before). Best effort: without it, those stay C{sent} at C{user}'s end, as they were.
+        """
+        try:
+            await self._seal_and_send(user, "unopened", msg_ids)
+        except (RequestError, NotConnected, CommandError, CryptoError) as e:
+            log.info("could not ask {user} to send {n} message(s) again: {e}", user=user, n=len(msg_ids), e=e)
+
+    async def _send_again(self, user: str, msg_ids: list[str], trusted: bool) -> None:
+        """C{user}'s peer could not open these (sealed to keys they had before): back to the outbox."""
+        fresh = [m for m in msg_ids if (user, m) not in self._sent_again]  # once each: no ping-pong
+        self._sent_again.update((user, m) for m in fresh)
+        count = await self._history.set_status(user, fresh, PENDING, (SENT,))
+        if count:
+            self._view.show("sending_again", user=user, count=count, trusted=trusted)
+            self._kick(user)
 
     async def _send_receipts(self, owed: dict[str, list[str]]) -> None:
         for user, msg_ids in owed.items():
@@ -881,8 +908,12 @@ class Messenger:
 
     def _tell_unreadable(self) -> None:
         told, self._unreadable = self._unreadable, {}
-        for user, count in told.items():
-            self._view.show("unreadable", user=user, count=count)
+        for user, msg_ids in told.items():
+            self._view.show("unreadable", user=user, count=len(msg_ids))
+            for chunk in _chunks(msg_ids, MAX_MSG_IDS):
+                Deferred.fromCoroutine(self._send_unopened(user, chunk)).addErrback(
+                    lambda f: log.failure("asking to send again", f)
+                )
 
     def when_outbox_idle(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
