@@ -241,16 +241,21 @@ class ResilienceTests(PeerTestCase):
         await alice.poll("/history bob", r"you -> bob: three \(delivered\)$")
         self.assertEqual([line for line in bob.lines if line.startswith("alice: ")], ["alice: one", "alice: two", "alice: three"])
 
+    async def bob_pinned_then_gone(self) -> Peer:
+        """alice has pinned bob's keys (a message over their link), and bob has logged out: alice's peer."""
+        await self.start_server()
+        alice, bob = await self.peers("alice", "bob")
+        alice.send("/msg bob hi")
+        await bob.expect(r"^alice: hi$")
+        bob.send("/logout")
+        await bob.ended()
+        return alice
+
     async def test_new_install_while_offline(self) -> None:
         """bob moves to a new install (new keys) and logs out before alice hears of it: her next
         message is not sealed to his old keys, which the new install could not open; she is warned,
         and after /trust it reaches him there."""
-        await self.start_server()
-        alice, bob = await self.peers("alice", "bob")
-        alice.send("/msg bob hi")  # pins bob's keys
-        await bob.expect(r"^alice: hi$")
-        bob.send("/logout")
-        await bob.ended()
+        alice = await self.bob_pinned_then_gone()
         moved = await Peer(self, "bob", home=self.home("bob-moved")).started()
         moved.send("/logout")
         await moved.ended()
@@ -265,12 +270,7 @@ class ResilienceTests(PeerTestCase):
         """A message stored for bob before he moved to a new install is sealed to keys that install
         does not have: it says so, asks alice's peer for it again, and gets it once alice has
         accepted bob's new key."""
-        await self.start_server()
-        alice, bob = await self.peers("alice", "bob")
-        alice.send("/msg bob hi")  # pins bob's keys
-        await bob.expect(r"^alice: hi$")
-        bob.send("/logout")
-        await bob.ended()
+        alice = await self.bob_pinned_then_gone()
         await alice.command("/msg bob while you were away", r"^bob is offline: the message waits on the server")
         moved = await Peer(self, "bob", home=self.home("bob-moved")).started()
         await moved.expect(r"^1 message from alice could not be opened: sealed to a key of yours this install does not have")
