@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sqlite3
 from typing import Any
 
 from twisted.internet.testing import StringTransport
@@ -258,6 +259,16 @@ class PipeTests(ConsoleTestCase):
         self.assertIn("something went wrong", lines[0])
         self.assertEqual(lines[1], "broadcast sent to 2 users; 1 user could not get it (they blocked you)")
         self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_history_failure_named(self) -> None:
+        """A history that cannot be written (a full disk) is named, not a generic error."""
+        self.messenger.errors["send"] = sqlite3.OperationalError("database or disk is full")
+        self.console.start_commands()
+        self.type(b"/msg bob hi\n")
+        self.assertEqual(
+            self.output(), "error: the history could not be read or written (database or disk is full)\n"
+        )
+        self.flushLoggedErrors(sqlite3.OperationalError)
 
     def test_huge_line_refused(self) -> None:
         """A line over the limit (even arriving in pieces) is refused once, whole; the next line works."""

@@ -964,8 +964,10 @@ class ReceiveTests(MessengerTestCase):
         add_incoming = self.history.add_incoming
         self.history.add_incoming = lambda *args: fail(sqlite3.OperationalError("disk I/O error"))
         self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
-        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+        self.deliver(2, self.bob, "m2", {"kind": "msg", "text": "again", "sent_at": 1.0})
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 2)
         self.assertEqual((self.directory.acked, self.directory.sent, self.view.messages()), ([], [], []))
+        self.assertEqual(self.view.events("not_stored"), [{"user": "bob", "reason": "disk I/O error"}])  # once
         self.history.add_incoming = add_incoming
         self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
         self.assertEqual(self.directory.acked, [1])

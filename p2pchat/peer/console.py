@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import math
 import re
+import sqlite3
 import termios
 import time
 from dataclasses import dataclass
@@ -199,6 +200,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "sending_again": lambda user, count, trusted: f"{user} could not open {_plural(count, 'message')} of yours "
     "(sealed to keys they had before): "
     + ("sending again" if trusted else f"sent again once you accept {user}'s new key (/fingerprint {user}, /trust {user})"),
+    "not_stored": lambda user, reason: f"a message from {user} could not be stored in your history ({reason}); it "
+    "is not lost: once that is fixed, /offline then /online brings it again",
     "stored": lambda user: f"{user} is offline: the message waits on the server until they log in",
     "queued": lambda user, chosen: f"you are offline: the message to {user} goes out after /online"
     if chosen
@@ -533,6 +536,9 @@ class Console(Protocol):
             self._print(f"error: {e}")
         except CommandError as e:
             self._print("error: " + render_error(e.code, **e.fields))
+        except sqlite3.Error as e:  # the history's file: a full disk, a damaged file
+            log.failure("command {line!r}", line=line[:100])
+            self._print(f"error: the history could not be read or written ({clean(e)})")
         except Exception:
             log.failure("command {line!r}", line=line[:100])
             self._print("error: something went wrong; details are in the log")

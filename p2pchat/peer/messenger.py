@@ -8,6 +8,7 @@ import json
 import math
 import re
 import secrets
+import sqlite3
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NoReturn, Protocol
 
@@ -156,6 +157,7 @@ class Messenger:
         # receipts; ("unreadable",) tells of the envelopes in _unreadable (sender -> msg_ids)
         self._retry_calls: dict[tuple[str, ...], Any] = {}
         self._unreadable: dict[str, list[str]] = {}
+        self._store_failing = False  # the history failed to store a message (and the user was told)
         self._sent_again: set[tuple[str, str]] = set()  # (user, msg_id) sent again once on their word
         self._pumping: set[str] = set()
         self._again: set[str] = set()
@@ -563,9 +565,17 @@ class Messenger:
         owe_receipt: bool = False,
     ) -> None:
         status = HELD if held else MUTED if self._is_muted(sender) else SHOWN
-        new = await self._history.add_incoming(
-            sender, msg_id, text, private, status, sent_at, self._clock.seconds(), owe_receipt
-        )
+        try:
+            new = await self._history.add_incoming(
+                sender, msg_id, text, private, status, sent_at, self._clock.seconds(), owe_receipt
+            )
+        except sqlite3.Error as e:
+            # Not acknowledged, so not lost: the server keeps it, a sender's peer sends it again.
+            if not self._store_failing:  # said once until a message is stored again
+                self._store_failing = True
+                self._view.show("not_stored", user=sender, reason=str(e))
+            raise
+        self._store_failing = False
         if not new:
             log.info("dropped {msg_id} from {sender}: already stored", msg_id=msg_id, sender=sender)
         elif status == SHOWN:
