@@ -105,6 +105,14 @@ class _Fatal(Exception):
     """Login cannot succeed: the view was told why; the peer exits."""
 
 
+class _Later(Exception):
+    """Login refused for now (L{_LOGIN_LATER}): the peer says so and tries again."""
+
+    def __init__(self, refusal: RequestError) -> None:
+        super().__init__(refusal)
+        self.refusal = refusal
+
+
 def valid_username(name: Any) -> bool:
     return isinstance(name, str) and USERNAME.fullmatch(name) is not None
 
@@ -296,9 +304,8 @@ class Messenger:
                 self._online_wanted = False
                 self._finish(1)
                 return
-            except RequestError as e:
-                if e.code not in _LOGIN_LATER:
-                    raise
+            except _Later as later:
+                e = later.refusal
                 if told != (e.code, e.message):  # said once, not at every try
                     told = (e.code, e.message)
                     self._view.show("login_delayed", code=e.code, message=e.message, seconds=RETRY_DELAY)
@@ -419,7 +426,7 @@ class Messenger:
     def _refused(self, e: RequestError) -> NoReturn:
         """A login, resume or registration refused: wait and try again (L{_LOGIN_LATER}), or say why and exit."""
         if e.code in _LOGIN_LATER:
-            raise e
+            raise _Later(e) from None
         event = {
             Code.TOO_MANY_ATTEMPTS: "too_many_attempts",
             Code.ACCOUNT_LOCKED: "account_locked",
