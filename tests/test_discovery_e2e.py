@@ -272,12 +272,19 @@ class ServerProcessTests(E2E):
 
     @e2e
     async def test_unusable_data_dir_or_port(self):
-        """A data directory that cannot be made, or a port description Twisted cannot use, stops
-        the server with one line and exit status 1 (the first used to leave it running, idle)."""
+        """A data directory that cannot be made, a database file that is not one, or a port
+        description Twisted cannot use, stops the server with one line and exit status 1 (the first
+        used to leave it running, idle)."""
         blocker = self.mktemp()
         os.close(os.open(blocker, os.O_CREAT | os.O_WRONLY, 0o600))  # a file where a directory should be
+        damaged = self.mktemp()
+        os.makedirs(damaged)
+        with open(os.path.join(damaged, "discovery.sqlite3"), "wb") as f:
+            f.write(b"not a database, " * 512)
         for options, said in [
             (["--port", "tcp:0:interface=127.0.0.1", "--data-dir", os.path.join(blocker, "data")], "Not a directory"),
+            (["--port", "tcp:0:interface=127.0.0.1", "--data-dir", damaged],
+             os.path.join(damaged, "discovery.sqlite3") + ": file is not a database"),
             (["--port", "nonsense", "--data-dir", self.data_dir], "--port 'nonsense': "),
             (["--port", "tcp:99999:interface=127.0.0.1", "--data-dir", self.data_dir], "--port 'tcp:99999:interface=127.0.0.1': "),
         ]:

@@ -22,6 +22,7 @@ from p2pchat.peer.history import (
     Contact,
     History,
     ThreadRunner,
+    UnusableHistory,
 )
 
 
@@ -51,8 +52,20 @@ class HistoryTests(unittest.SynchronousTestCase):
         db.execute("UPDATE schema_version SET version = 99")
         db.commit()
         db.close()
-        failure = self.failureResultOf(History(self.path).open(), RuntimeError)
+        failure = self.failureResultOf(History(self.path).open(), UnusableHistory)
         self.assertIn("schema version 99", str(failure.value))
+
+    def test_not_a_database_refused_and_kept(self) -> None:
+        """A file that is not an SQLite database (a damaged copy, another program's file) is refused
+        with a sentence naming it, and left as it was."""
+        path = os.path.join(os.path.dirname(self.path), "other.sqlite3")
+        garbage = b"not a database, " * 512
+        with open(path, "wb") as f:
+            f.write(garbage)
+        failure = self.failureResultOf(History(path).open(), UnusableHistory)
+        self.assertEqual(str(failure.value), f"{path}: file is not a database")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), garbage)
 
     def test_migrates_version_1(self) -> None:
         """A file of schema version 1 keeps its messages and gains the table of owed receipts."""

@@ -151,10 +151,25 @@ class LifeCycleTests(StoreTestCase):
         self.assertEqual(snapshot.last_seen, {"alice": 29.5, "bob": 2.5})
 
     async def test_missing_directory_fails_start(self) -> None:
-        """start() does not create directories: a path in a missing directory fails."""
-        store = SQLiteStore(os.path.join(self.mktemp(), "discovery.sqlite"), reactor)
-        await self.assertFailure(store.start(1000.0), sqlite3.OperationalError)
+        """start() does not create directories: a path in a missing directory fails, naming it."""
+        path = os.path.join(self.mktemp(), "discovery.sqlite")
+        store = SQLiteStore(path, reactor)
+        failure = await self.assertFailure(store.start(1000.0), StoreError)
+        self.assertEqual(str(failure), f"{path}: unable to open database file")
         await store.stop()
+
+    async def test_not_a_database_fails_start(self) -> None:
+        """A file that is not an SQLite database fails start() with a sentence naming it, and is left
+        as it was."""
+        garbage = b"not a database, " * 512
+        with open(self.path, "wb") as f:
+            f.write(garbage)
+        store = SQLiteStore(self.path, reactor)
+        failure = await self.assertFailure(store.start(1000.0), StoreError)
+        self.assertEqual(str(failure), f"{self.path}: file is not a database")
+        await store.stop()
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), garbage)
 
     def test_synchronous_checked(self) -> None:
         """Only "normal" and "full" are accepted for synchronous."""

@@ -18,6 +18,7 @@ from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.dispatch import dispatch_directly
 from p2pchat.discovery.passwords import PasswordHasher
 from p2pchat.discovery.protocol import DiscoveryFactory, DiscoveryTLSFactory, Outbox, serve_promptly
+from p2pchat.discovery.store.base import StoreError
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.tls import server_certificate_options
 
@@ -139,7 +140,7 @@ class DiscoveryService(Service):
     def _failed(self, failure) -> None:
         if failure.check(CancelledError):
             return  # stopped while starting
-        if failure.check(CryptoError, OSError, usage.UsageError, CannotListenError):
+        if failure.check(CryptoError, OSError, StoreError, usage.UsageError, CannotListenError):
             log.critical("p2pdiscovery cannot start: {why}", why=str(failure.value))
         else:
             log.failure("p2pdiscovery cannot start", failure)

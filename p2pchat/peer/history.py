@@ -64,6 +64,10 @@ _MIGRATIONS = [
 ]
 
 
+class UnusableHistory(Exception):
+    """The history file cannot be opened as this peer's (not a database, a newer schema...)."""
+
+
 def run_now(work: Callable[[], T]) -> "Deferred[T]":
     """Run C{work} at once, in the calling thread: for tests and tools."""
     return maybeDeferred(work)
@@ -135,6 +139,18 @@ class History:
             os.close(os.open(self._path, os.O_CREAT | os.O_WRONLY, 0o600))
         # One thread uses the connection at a time, but not the thread that made it.
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        try:
+            self._prepare(db)
+        except sqlite3.Error as e:
+            db.close()
+            # "file is not a database", "database disk image is malformed"...: say which file.
+            raise UnusableHistory(f"{self._path}: {e}") from e
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         with _transaction(db):
@@ -148,14 +164,13 @@ class History:
             else:
                 version = row[0]
             if not 1 <= version <= SCHEMA_VERSION:
-                raise RuntimeError(
+                raise UnusableHistory(
                     f"{self._path} has schema version {version}; this peer knows up to {SCHEMA_VERSION}"
                 )
             for step in _MIGRATIONS[version - 1 :]:
                 for statement in step:
                     db.execute(statement)
             db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-        self._db = db
 
     def _close(self) -> None:
         if self._db is not None:

@@ -317,7 +317,11 @@ class SQLiteStore:
 
     def _run(self, now: float, started: Deferred[Snapshot]) -> None:
         try:
-            snapshot = self._open(now)
+            try:
+                snapshot = self._open(now)
+            except sqlite3.Error as e:
+                # "file is not a database", "unable to open database file"...: say which file.
+                raise StoreError(f"{self._path}: {e}") from e
         except BaseException:
             failure = Failure()
             self._close()
