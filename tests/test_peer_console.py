@@ -108,6 +108,13 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(render("welcome", user="bob", mailbox=0), "welcome, bob!")
         self.assertIn("2 messages arrived", render("welcome", user="bob", mailbox=2))
 
+    def test_history_time_out_of_range(self) -> None:
+        """The time a message was sent is the sender's word: one the platform cannot show (a clock or a
+        peer far off) is said to be out of range, and the rest of /history still shows."""
+        for sent_at in (1e20, -1e20, 1e18):
+            self.assertEqual(render_entry(Entry("bob", False, "m1", "hi", False, "shown", sent_at)),
+                             "[time out of range] bob: hi")
+
     def test_history_hides_held_text(self) -> None:
         """/history does not show what came signed with a changed key not accepted yet: only that
         something waits for /trust; muted messages are shown, marked."""

@@ -279,7 +279,10 @@ def render_error(code: str, **fields: Any) -> str:
 
 
 def render_entry(entry: Entry) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.sent_at))
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.sent_at))
+    except (OverflowError, OSError, ValueError):  # sent_at is the sender's word, its clock may be far off
+        when = "time out of range"
     private = " (private)" if entry.private else ""
     if entry.outgoing:
         return f"[{when}] you -> {entry.peer}{private}: {clean(entry.text)} ({entry.status})"
