@@ -159,13 +159,14 @@ class DiscoveryServer:
         self.port: int | None = None
         self.fingerprint: str | None = None
         self.endpoint: str | None = None  # a --port description of the test's own, else loopback TCP
+        self.launcher: list[str] = []  # a command twistd's command line is given to, such as a shell
 
     async def start(self, port: int = 0) -> "DiscoveryServer":
         argv = twistd_argv() + [
             "-n", "--pidfile=", "p2pdiscovery", "--port", self.endpoint or f"tcp:{port}:interface=127.0.0.1",
             "--data-dir", self.data_dir, *self.options,
         ]
-        self.process = start_process(self.testcase, argv)
+        self.process = start_process(self.testcase, self.launcher + argv)
         ready = self.process.output.wait_for(r"p2pdiscovery listening on|cannot start|Traceback")
         ended = self.process.when_ended().addCallback(lambda code: f"exited with {code}")
         first = await defer.DeferredList([ready, ended], fireOnOneCallback=True, fireOnOneErrback=True)

@@ -4,13 +4,14 @@ over real TLS exactly as PROTOCOL.md says."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import sys
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from p2pchat.tls import ServerTrust
 
@@ -295,6 +296,26 @@ class ServerProcessTests(E2E):
             self.assertIn("p2pdiscovery cannot start: ", output)
             self.assertIn(said, output)
             self.assertNotIn("Traceback", output)
+
+    @e2e
+    async def test_open_file_limit_raised(self):
+        """Each connection is an open file: started with a low soft limit (the usual one is 1024,
+        which turned users away at about a thousand), the server raises it to the hard one, says so,
+        and takes more connections than the low limit allowed."""
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard < 1024:
+            raise SkipTest(f"the hard limit on open files here ({hard}) leaves nothing to show")
+        server = DiscoveryServer(self, self.data_dir)
+        server.launcher = ["/bin/sh", "-c", 'ulimit -Sn 64 && exec "$@"', "sh"]
+        await server.start()
+        self.assertIn(f"open files: up to {hard} (raised from 64)", "\n".join(server.process.output.lines))
+        with open(f"/proc/{server.process.transport.pid}/limits") as f:
+            self.assertIn(f"Max open files            {hard}", f.read())
+        idle = []
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+            self.addCleanup(idle[-1].close)
+        await with_timeout(defer.Deferred.fromCoroutine(self.connect(server)), 20, "a TLS connection past the low limit")
 
     @e2e
     async def test_second_server_on_one_data_dir(self):

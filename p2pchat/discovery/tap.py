@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
@@ -119,6 +120,24 @@ class Options(usage.Options):
         )
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """
+    Raise the soft limit on open files to the hard one, since each connection is an open file: the
+    usual soft limit (1024) would turn users away at about a thousand, where the hard one (set by
+    the system, or C{LimitNOFILE=} in a systemd unit) is usually far higher.
+
+    @return: the soft limit before and after.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft, soft  # no number to raise it to (where the hard one is infinite), or nothing to do
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
 class DiscoveryService(Service):
     """Opens the store, imports credentials, then listens; undoes it all in reverse on stop."""
 
@@ -159,6 +178,10 @@ class DiscoveryService(Service):
             fingerprint = cert_fingerprint(identity.certificate)
             log.info("certificate fingerprint sha256:{fp}", fp=fingerprint)
             log.info("(for people: {fp})", fp=format_fingerprint(fingerprint))
+
+        before, limit = raise_open_file_limit()
+        log.info("open files: up to {limit}{raised}, so about as many connections at once", limit=limit,
+                 raised=f" (raised from {before})" if limit != before else "")
 
         database = os.path.join(data_dir, "discovery.sqlite3")
         # Password hashes live there: owner-only, like the key (SQLite gives -wal and -shm the same mode).
