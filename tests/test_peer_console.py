@@ -6,6 +6,7 @@ import inspect
 import sqlite3
 from typing import Any
 
+import pyte
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -209,10 +210,11 @@ class FakeMessenger:
 
 class ConsoleTestCase(unittest.SynchronousTestCase):
     terminal = False
+    columns = 80
 
     def setUp(self) -> None:
         self.messenger = FakeMessenger()
-        self.console = Console("alice", self.terminal)
+        self.console = Console("alice", self.terminal, lambda: self.columns)
         self.console.attach(self.messenger)
         self.transport = StringTransport()
         self.console.makeConnection(self.transport)
@@ -326,28 +328,132 @@ class PipeTests(ConsoleTestCase):
 
 
 class TerminalTests(ConsoleTestCase):
+    """The console on a terminal, seen through a terminal emulator (pyte) as its user sees it."""
+
     terminal = True
+    columns = 40
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.screen = pyte.Screen(self.columns, 12)
+        self.screen.set_mode(pyte.modes.LNM)  # a newline returns the carriage too, as the tty's ONLCR does
+        self.stream = pyte.ByteStream(self.screen)
+
+    def look(self) -> list[str]:
+        """The screen's rows down to the last one written, without trailing blanks."""
+        self.stream.feed(self.output().encode())
+        rows = [row.rstrip() for row in self.screen.display]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    def cursor_after(self) -> str:
+        """What the row holding the cursor shows before the cursor."""
+        self.look()
+        row = self.screen.buffer[self.screen.cursor.y]
+        return "".join(row[x].data for x in range(self.screen.cursor.x)).replace(" ", "·")
 
     def test_prompt_echo_and_editing(self) -> None:
-        """On a terminal keys are echoed after a prompt; backspace and ctrl-U edit; escape keys are ignored."""
+        """Keys are echoed after a prompt; backspace edits; keys of no use here (F1, Alt-x) are dropped;
+        the entered line stays on the screen above the command's output and a new prompt."""
         self.console.start_commands()
-        self.assertEqual(self.output(), "alice> ")
-        self.type(b"/whx\x7fo\x1b[A\x1bOB")
-        self.assertEqual(self.output(), "/whx\b \bo")
+        self.assertEqual(self.look(), ["alice>"])
+        self.type(b"/whx\x7fo\x1bOP\x1bx")
+        self.assertEqual(self.look(), ["alice> /who"])
         self.type(b"\r")
         self.assertEqual(self.messenger.calls, [("who", ())])
-        self.assertEqual(self.output(), "\n\r\x1b[Konline: bob, carol\nalice> ")
+        self.assertEqual(self.look(), ["alice> /who", "online: bob, carol", "alice>"])
         self.type("/msg bob h\u00e9".encode()[:-1])
         self.type("/msg bob h\u00e9".encode()[-1:] + b"\x15/who\r")
         self.assertEqual(self.messenger.calls[-1], ("who", ()))
 
-    def test_incoming_line_keeps_typing(self) -> None:
-        """An incoming message erases the prompt line, prints, then redraws the prompt and the partial input."""
+    def test_cursor_keys(self) -> None:
+        """Left and right (arrows, ctrl-B/F), Home and End (keys, ctrl-A/E), Delete and ctrl-D under the
+        cursor, ctrl-W the word before it, ctrl-K the rest, ctrl-U what is before it."""
         self.console.start_commands()
-        self.type(b"/msg bob hel")
-        self.output()
+        self.type(b"/msg bob helo wrld")
+        self.type(b"\x1b[D" * 3 + b"o")  # arrows as most terminals send them
+        self.assertEqual(self.look(), ["alice> /msg bob helo world"])
+        self.assertEqual(self.cursor_after(), "alice>·/msg·bob·helo·wo")
+        self.type(b"\x1bOD" * 3 + b"\x02" + b"l")  # arrows in application mode; ctrl-B
+        self.assertEqual(self.look(), ["alice> /msg bob hello world"])
+        self.type(b"\x01\x1b[3~\x04")  # ctrl-A, Delete, ctrl-D on a line that has text
+        self.assertEqual(self.look(), ["alice> sg bob hello world"])
+        self.assertEqual(self.cursor_after(), "alice>·")
+        self.type(b"/m\x05\x17\x17")  # ctrl-E, then two words back
+        self.assertEqual(self.look(), ["alice> /msg bob"])
+        self.type(b"\x1b[H\x1b[C\x1b[C\x1b[C\x1b[C\x0b")  # Home, four right, ctrl-K
+        self.assertEqual(self.look(), ["alice> /msg"])
+        self.type(b"\x1b[F bob hi\x1b[1~\x1b[C\x1b[C\x1b[C\x1b[C\x15")  # End; Home as \x1b[1~; ctrl-U
+        self.assertEqual(self.look(), ["alice>  bob hi"])
+        self.assertEqual(self.cursor_after(), "alice>·")
+        self.type(b"/msg\r")
+        self.assertEqual(self.messenger.calls, [("send", ("bob", "hi"))])
+
+    def test_up_and_down_recall_lines(self) -> None:
+        """Up and down go through the lines entered before; the line being written comes back last."""
+        self.console.start_commands()
+        self.type(b"/msg bob one\r/who\r/who\r  \r/msg bob dra")
+        self.type(b"\x1b[A")
+        self.assertEqual(self.look()[-1], "alice> /who")
+        self.type(b"\x1b[A\x1b[A\x1b[A")  # /who once (entered twice in a row), blank lines not at all
+        self.assertEqual(self.look()[-1], "alice> /msg bob one")
+        self.type(b"\x1b[B\x1b[B")
+        self.assertEqual(self.look()[-1], "alice> /msg bob dra")
+        self.type(b"\x10\x10\x08\x08\x08two\r")  # ctrl-P twice, then edit what came back
+        self.assertEqual(self.messenger.calls[-1], ("send", ("bob", "two")))
+
+    def test_long_line_scrolls_sideways(self) -> None:
+        """A line longer than the terminal never wraps while it is typed: it scrolls under the cursor,
+        so an incoming message erases it whole; entered, it shows whole."""
+        self.console.start_commands()
+        text = " ".join(f"w{i:02d}" for i in range(30))
+        self.type(f"/msg bob {text}".encode())
+        self.assertEqual(self.look(), ["alice> " + text[-32:]])
+        self.assertEqual(self.screen.cursor.x, self.columns - 1)
         self.console.show("message", user="bob", text="hi", private=False)
-        self.assertEqual(self.output(), "\r\x1b[Kbob: hi\nalice> /msg bob hel")
+        self.assertEqual(self.look(), ["bob: hi", "alice> " + text[-32:]])
+        self.type(b"\x01")
+        self.assertEqual(self.look(), ["bob: hi", "alice> " + f"/msg bob {text}"[:32]])
+        self.assertEqual(self.cursor_after(), "alice>·")
+        self.type(b"\r")
+        self.assertEqual(self.messenger.calls, [("send", ("bob", text))])
+        whole = f"alice> /msg bob {text}"
+        self.assertEqual(self.look()[1:4], [whole[at : at + 40].rstrip() for at in (0, 40, 80)])
+
+    def test_wide_and_combining_characters(self) -> None:
+        """Wide characters take two columns and combining marks none: the cursor lands where the
+        terminal put the text, also when the line scrolls, and backspace takes one character."""
+        self.console.start_commands()
+        self.type("/msg bob 你好👋e\u0301".encode())
+        self.assertEqual(self.cursor_after(), "alice>·/msg·bob·你好👋\u00e9")  # the terminal composes the two
+        self.type(b"\x7f\x7f\x1b[D")
+        self.assertEqual(self.look(), ["alice> /msg bob 你好👋"])
+        self.assertEqual(self.cursor_after(), "alice>·/msg·bob·你好")
+        self.type(b"\x05" + "漢字".encode() * 10)
+        rows = self.look()
+        self.assertEqual(len(rows), 1)  # no wrapping
+        self.assertTrue(rows[0].endswith("漢字漢字"), rows)
+        self.assertLessEqual(self.screen.cursor.x, self.columns - 1)
+        self.type(b"\r")
+        self.assertEqual(self.messenger.calls, [("send", ("bob", "你好👋" + "漢字" * 10))])
+
+    def test_incoming_line_keeps_typing(self) -> None:
+        """An incoming message erases the prompt line, prints, then redraws the prompt and the partial
+        input with the cursor where it was."""
+        self.console.start_commands()
+        self.type(b"/msg bob hel\x1b[D\x1b[D")
+        self.console.show("message", user="bob", text="hi", private=False)
+        self.assertEqual(self.look(), ["bob: hi", "alice> /msg bob hel"])
+        self.assertEqual(self.cursor_after(), "alice>·/msg·bob·h")
+
+    def test_ctrl_l_clears_the_screen(self) -> None:
+        """Ctrl-L clears the screen and puts the prompt line back at the top."""
+        self.console.start_commands()
+        self.console.show("message", user="bob", text="hi", private=False)
+        self.type(b"/who\x0c")
+        self.assertEqual(self.look(), ["alice> /who"])
+        self.assertEqual(self.screen.cursor.y, 0)
 
     def test_typing_stops_at_the_longest_line(self) -> None:
         """Keys past the longest input line ring the bell and are not taken; the line still runs."""
@@ -356,27 +462,31 @@ class TerminalTests(ConsoleTestCase):
         self.type((command + "x" * (MAX_INPUT - len(command))).encode())
         self.output()
         self.type(b"yz")
-        self.assertEqual(self.output(), "\a\a")
+        self.assertEqual(self.output().count("\a"), 2)
         self.type(b"\r")
         self.assertEqual(self.messenger.calls, [("broadcast", ("x" * (MAX_INPUT - len(command)),))])
 
     def test_password_not_echoed(self) -> None:
-        """The password prompt does not echo what is typed."""
+        """The password prompt does not echo what is typed, nor take keys that move over what it does
+        not show or bring back lines entered before."""
+        self.console.start_commands()
+        self.type(b"/who\r")
         password = self.console.password(False)
-        self.type(b"sek\x7fkrit\r")
-        self.assertEqual(self.successResultOf(password), "sekrit")
-        self.assertNotIn("krit", self.output())
+        self.type(b"sek\x7fkrit\x1b[A\x1b[D\x01\x1b[3~!\r")
+        self.assertEqual(self.successResultOf(password), "sekrit!")
+        self.assertNotIn("krit", "\n".join(self.look()))
+        self.type(b"\x1b[A")
+        self.assertEqual(self.look()[-1], "alice> /who")  # the password is not among the lines recalled
 
     def test_password_confirmation_prompt(self) -> None:
         """Before registering, the password is asked once more, under a prompt that says so, not echoed."""
         first = self.console.password(False)
-        self.assertIn("password for alice: ", self.output())
+        self.assertEqual(self.look(), ["password for alice:"])
         self.type(b"sekrit\r")
         self.assertEqual(self.successResultOf(first), "sekrit")
-        self.assertEqual(self.output(), "\n")
         again = self.console.confirm_password()
         self.type(b"sekr")
-        self.assertEqual(self.output(), "\r\x1b[Kthe same password again, to confirm: ")
+        self.assertEqual(self.look(), ["password for alice:", "the same password again, to confirm:"])
         self.type(b"it\r")
         self.assertEqual(self.successResultOf(again), "sekrit")
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 import re
 import sqlite3
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -19,6 +21,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .lineedit import (
+    BACKSPACE,
+    DELETE,
+    ENTER,
+    EOF,
+    KILL_BEFORE,
+    KILL_WORD,
+    REDRAW,
+    KeyDecoder,
+    LineEditor,
+    width,
+)
 from .messenger import CommandError, FingerprintInfo, Messenger
 
 if TYPE_CHECKING:
@@ -308,6 +322,18 @@ def render_fingerprint(info: FingerprintInfo, me: str) -> str:
 # -- the terminal -----------------------------------------------------------------
 
 
+def terminal_columns() -> int:
+    """The width of the terminal on standard output, in columns."""
+    try:
+        return os.get_terminal_size(1).columns or 80
+    except OSError:
+        return 80
+
+
+# What a password prompt takes: typing and erasing, nothing that moves over what is not shown.
+_PASSWORD_KEYS = (BACKSPACE, KILL_BEFORE, KILL_WORD, EOF)
+
+
 def cbreak(fd: int) -> Callable[[], None]:
     """Character-at-a-time input without echo (signals still work); returns what restores it."""
     saved = termios.tcgetattr(fd)
@@ -325,17 +351,19 @@ class Console(Protocol):
     The user's side, over stdin/stdout (C{StandardIO}): implements the messenger's view and its
     password prompt, and runs command lines one after another, in order.
 
-    @param terminal: stdin is a terminal in cbreak mode (see L{cbreak}): edit lines, show a
-        prompt, redraw it around incoming lines. Otherwise read plain lines.
+    @param terminal: stdin is a terminal in cbreak mode (see L{cbreak}): edit lines (see
+        L{LineEditor}), show a prompt, redraw it around incoming lines. Otherwise read plain lines.
+    @param columns: the terminal's width now.
     """
 
-    def __init__(self, user: str, terminal: bool) -> None:
+    def __init__(self, user: str, terminal: bool, columns: Callable[[], int] = terminal_columns) -> None:
         self.user = user
         self._terminal = terminal
+        self._columns = columns
         self._messenger: Messenger | None = None
         self._prompt = f"{user}> "
-        self._typed = ""  # terminal: the line being edited
-        self._escape = 0  # terminal: inside an escape sequence (1: after ESC, 2: after ESC [)
+        self._editor = LineEditor(MAX_INPUT)  # terminal: the line being typed
+        self._key_decoder = KeyDecoder()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = b""  # pipe: an incomplete line
         self._discarding = False  # pipe: the rest of an overlong line
@@ -367,14 +395,25 @@ class Console(Protocol):
         self._redraw()
 
     def _redraw(self) -> None:
-        if not self._terminal or self._prompt_shown:
-            return
+        """Put the prompt and the line being typed back on the screen, if they belong there."""
+        if self._terminal and not self._prompt_shown and (
+            self._password_waiter is not None or self._commands_started or self._editor.text
+        ):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Write the prompt line anew: the prompt, what fits of the line being typed, the cursor in it."""
+        columns = self._columns()
         if self._password_waiter is not None:
-            self._write(self._password_prompt)
-        elif self._commands_started:
-            self._write(self._prompt + self._typed)
+            prompt, shown, cursor = self._password_prompt, "", 0
         else:
-            return
+            prompt = self._prompt if self._commands_started else ""
+            if width(prompt) > columns // 2:
+                prompt = "> "
+            start, end, cursor = self._editor.view(columns - width(prompt))
+            shown = self._editor.text[start:end]
+        back = width(shown) - cursor
+        self._write("\r" + prompt + shown + "\x1b[K" + (f"\x1b[{back}D" if back else ""))
         self._prompt_shown = True
 
     def show(self, event: str, **fields: Any) -> None:
@@ -422,42 +461,40 @@ class Console(Protocol):
         self._line_entered(line.removesuffix("\r"))
 
     def _keys(self, keys: str) -> None:
-        for key in keys:
-            if self._escape == 1:
-                self._escape = 2 if key in "[O" else 0
-            elif self._escape == 2:
-                if "@" <= key <= "~":
-                    self._escape = 0
-            elif key == "\x1b":
-                self._escape = 1
-            elif key in "\r\n":
-                line, self._typed = self._typed, ""
+        password = self._password_waiter is not None
+        changed = False
+        for key in self._key_decoder.feed(keys):
+            if key == ENTER:
+                self._enter()
+                password, changed = self._password_waiter is not None, False
+            elif key == EOF and not self._editor.text:  # ctrl-D on an empty line: end of input
                 self._write("\n")
                 self._prompt_shown = False
-                self._line_entered(line)
-            elif key in "\x7f\x08":
-                if self._typed:
-                    self._typed = self._typed[:-1]
-                    if self._password_waiter is None:
-                        self._write("\b \b")
-            elif key == "\x15":  # ctrl-U: forget the line
-                self._typed = ""
-                self._write("\r\x1b[K")
-                self._prompt_shown = False
-                self._redraw()
-            elif key == "\x04":  # ctrl-D on an empty line: end of input
-                if not self._typed:
-                    self._write("\n")
-                    self._prompt_shown = False
-                    self.readConnectionLost()
-            elif key.isprintable() or key == "\t":
-                if len(self._typed) >= MAX_INPUT:
-                    self._write("\a")
-                    continue
-                key = " " if key == "\t" else key
-                self._typed += key
-                if self._password_waiter is None:
-                    self._write(key)
+                self.readConnectionLost()
+                changed = False
+            elif key == REDRAW:
+                self._write("\x1b[H\x1b[2J")
+                changed = True
+            elif password and len(key) > 1 and key not in _PASSWORD_KEYS:
+                continue
+            elif self._editor.key(DELETE if key == EOF else key):
+                changed = True
+            else:
+                self._write("\a")  # the line is as long as a line may be
+        if changed:
+            self._refresh()
+
+    def _enter(self) -> None:
+        if self._password_waiter is not None:
+            line = self._editor.take(remember=False)
+            self._write("\n")
+        else:
+            line = self._editor.take()
+            # The whole line as entered stays on the screen, wrapped if it is long.
+            prompt = self._prompt if self._commands_started else ""
+            self._write("\r" + prompt + line + "\x1b[K\n")
+        self._prompt_shown = False
+        self._line_entered(line)
 
     def _line_entered(self, line: str | None) -> None:
         if self._password_waiter is not None:
@@ -508,7 +545,7 @@ class Console(Protocol):
     def _ask_password(self, prompt: str) -> Deferred[str | None]:
         self._password_waiter = waiter = Deferred()
         self._password_prompt = prompt
-        self._typed = ""
+        self._editor.take(remember=False)
         self._write("\r\x1b[K")
         self._prompt_shown = False
         self._redraw()

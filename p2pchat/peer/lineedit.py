@@ -1,0 +1,187 @@
+"""
+Editing one input line on a terminal: keys in (L{KeyDecoder}), the line and what of it fits on the
+screen out (L{LineEditor}). The line never wraps: one longer than the terminal scrolls sideways
+under the cursor, so the console can always erase and redraw it with a carriage return.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterator
+
+# Keys other than a character, as KeyDecoder names them.
+ENTER = "enter"
+BACKSPACE = "backspace"
+DELETE = "delete"
+LEFT = "left"
+RIGHT = "right"
+HOME = "home"
+END = "end"
+UP = "up"
+DOWN = "down"
+KILL_BEFORE = "kill-before"  # ctrl-U
+KILL_AFTER = "kill-after"  # ctrl-K
+KILL_WORD = "kill-word"  # ctrl-W
+EOF = "eof"  # ctrl-D
+REDRAW = "redraw"  # ctrl-L
+
+_CONTROL = {
+    "\r": ENTER, "\n": ENTER, "\x7f": BACKSPACE, "\x08": BACKSPACE, "\x01": HOME, "\x05": END,
+    "\x02": LEFT, "\x06": RIGHT, "\x10": UP, "\x0e": DOWN, "\x15": KILL_BEFORE, "\x0b": KILL_AFTER,
+    "\x17": KILL_WORD, "\x04": EOF, "\x0c": REDRAW,
+}
+# ESC [ X and ESC O X (what arrows and Home/End send, in either cursor mode); ESC [ n ~ (VT and rxvt).
+_FINAL = {"A": UP, "B": DOWN, "C": RIGHT, "D": LEFT, "H": HOME, "F": END}
+_NUMBERED = {"1": HOME, "7": HOME, "4": END, "8": END, "3": DELETE}
+_LONGEST_SEQUENCE = 16
+
+
+class KeyDecoder:
+    """Terminal input, already decoded from UTF-8, to keys: a printable character, or a name above.
+    Escape sequences of keys with no use here (F1, Alt-x...) and other control characters are dropped."""
+
+    def __init__(self) -> None:
+        self._sequence: str | None = None  # what followed an ESC so far (its first characters)
+
+    def feed(self, text: str) -> Iterator[str]:
+        for c in text:
+            if self._sequence is not None:
+                taken, key = self._in_sequence(c)
+                if key is not None:
+                    yield key
+                if taken:
+                    continue
+            if c == "\x1b":
+                self._sequence = ""
+            elif c in _CONTROL:
+                yield _CONTROL[c]
+            elif c == "\t":
+                yield " "
+            elif c.isprintable():
+                yield c
+
+    def _in_sequence(self, c: str) -> tuple[bool, str | None]:
+        """C{c} after an ESC: whether it belongs to the sequence, and the key the sequence ends with."""
+        sequence = self._sequence
+        assert sequence is not None
+        if sequence == "":
+            self._sequence = c if c in "[O" else None  # ESC [ and ESC O start the keys' sequences
+            return True, None
+        if sequence == "O" or "@" <= c <= "~":  # the final character
+            self._sequence = None
+            if c == "~" and sequence.startswith("["):
+                return True, _NUMBERED.get(sequence[1:].split(";")[0])
+            return True, _FINAL.get(c)
+        if " " <= c <= "?":  # parameters: kept up to a length, read to the end however long
+            if len(sequence) < _LONGEST_SEQUENCE:
+                self._sequence = sequence + c
+            return True, None
+        self._sequence = None  # not a sequence after all: the character is typed
+        return False, None
+
+
+def width(text: str) -> int:
+    """Columns C{text} takes on a terminal: two for wide (CJK, most emoji), none for combining marks."""
+    return sum(_char_width(c) for c in text)
+
+
+def _char_width(c: str) -> int:
+    if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+class LineEditor:
+    """
+    The line being typed, the cursor in it, and the lines entered before (up and down recall them).
+
+    @param limit: the longest line, in characters; keys past it are refused.
+    @param remembered: how many entered lines up and down go through.
+    """
+
+    def __init__(self, limit: int, remembered: int = 100) -> None:
+        self.text = ""
+        self.cursor = 0  # characters before the cursor
+        self._limit = limit
+        self._remembered = remembered
+        self._entered: list[str] = []
+        self._at = 0  # the entered line shown, or len(_entered) for the line being written
+        self._draft = ""  # the line being written, while an entered one is shown
+
+    def key(self, key: str) -> bool:
+        """Apply an editing key or type a character; C{False} when it cannot be (the line is full)."""
+        text, at = self.text, self.cursor
+        if len(key) == 1:
+            if len(text) >= self._limit:
+                return False
+            self.text, self.cursor = text[:at] + key + text[at:], at + 1
+        elif key == BACKSPACE:
+            if at:
+                self.text, self.cursor = text[: at - 1] + text[at:], at - 1
+        elif key == DELETE:
+            self.text = text[:at] + text[at + 1 :]
+        elif key == LEFT:
+            self.cursor = max(at - 1, 0)
+        elif key == RIGHT:
+            self.cursor = min(at + 1, len(text))
+        elif key == HOME:
+            self.cursor = 0
+        elif key == END:
+            self.cursor = len(text)
+        elif key == KILL_BEFORE:
+            self.text, self.cursor = text[at:], 0
+        elif key == KILL_AFTER:
+            self.text = text[:at]
+        elif key == KILL_WORD:
+            start = len(text[:at].rstrip(" "))
+            start = text.rfind(" ", 0, start) + 1
+            self.text, self.cursor = text[:start] + text[at:], start
+        elif key in (UP, DOWN):
+            self._recall(-1 if key == UP else 1)
+        return True
+
+    def _recall(self, step: int) -> None:
+        at = self._at + step
+        if not 0 <= at <= len(self._entered):
+            return
+        if self._at == len(self._entered):
+            self._draft = self.text
+        self._at = at
+        self.text = self._draft if at == len(self._entered) else self._entered[at]
+        self.cursor = len(self.text)
+
+    def take(self, remember: bool = True) -> str:
+        """The line, entered: the editor starts a new one. Remembered for recall unless told not to
+        (a password), blank, or the same as the line entered last."""
+        line = self.text
+        self.text, self.cursor, self._draft = "", 0, ""
+        if remember and line.strip() and (not self._entered or self._entered[-1] != line):
+            self._entered.append(line)
+            del self._entered[: -self._remembered]
+        self._at = len(self._entered)
+        return line
+
+    def view(self, columns: int) -> tuple[int, int, int]:
+        """
+        What to show of the line in C{columns} columns: C{text[start:end]}, with the cursor at the
+        returned column from its start. The last column is left free, for the cursor at the end of a
+        full line.
+
+        @return: C{(start, end, column)}
+        """
+        room = max(columns - 1, 1)
+        widths = [_char_width(c) for c in self.text]
+        start, before = 0, sum(widths[: self.cursor])
+        # Scroll until the cursor is in view: on its character, or on the free column past the end.
+        if self.cursor < len(widths):
+            need, fits = widths[self.cursor], room
+        else:
+            need, fits = 1, room + 1
+        while before + need > fits and start < self.cursor:
+            before -= widths[start]
+            start += 1
+        end, used = start, 0
+        while end < len(widths) and used + widths[end] <= room:
+            used += widths[end]
+            end += 1
+        return start, end, before

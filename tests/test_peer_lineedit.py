@@ -1,0 +1,70 @@
+"""Tests for p2pchat.peer.lineedit: keys from terminal input, and what of a long line is shown."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from p2pchat.peer.lineedit import (
+    DOWN,
+    END,
+    HOME,
+    LEFT,
+    RIGHT,
+    UP,
+    KeyDecoder,
+    LineEditor,
+    width,
+)
+
+
+class KeyDecoderTests(unittest.SynchronousTestCase):
+    def test_sequences_split_across_reads(self) -> None:
+        """An escape sequence may arrive over several reads: it is still one key."""
+        decoder = KeyDecoder()
+        keys = [k for part in ("a\x1b", "[", "1;5", "C", "\x1b", "O", "Hb") for k in decoder.feed(part)]
+        self.assertEqual(keys, ["a", RIGHT, HOME, "b"])
+
+    def test_unknown_and_overlong_sequences_dropped(self) -> None:
+        """A sequence of no use here, or one that never ends, is dropped and typing goes on."""
+        decoder = KeyDecoder()
+        self.assertEqual(list(decoder.feed("\x1b[15~x\x1b[" + "9" * 40 + "~y\x1b[A")), ["x", "y", UP])
+        self.assertEqual(list(decoder.feed("\x1b[1\u00e9\x1b[D")), ["\u00e9", LEFT])  # not a sequence after all
+        self.assertEqual(list(decoder.feed("\x1b[4~\x1b[8~\x1bOB\x07z")), [END, END, DOWN, "z"])
+
+
+class ViewTests(unittest.SynchronousTestCase):
+    @given(
+        st.text(st.sampled_from("ab 你👋\u0301é"), max_size=60),
+        st.integers(min_value=2, max_value=30),
+        st.data(),
+    )
+    def test_cursor_always_in_view(self, text: str, columns: int, data: st.DataObject) -> None:
+        """Whatever the line and the width, what is shown fits in all but the last column, starts
+        and ends on whole characters around the cursor, and the cursor's column is inside it."""
+        editor = LineEditor(100)
+        for c in text:
+            editor.key(c)
+        editor.cursor = data.draw(st.integers(min_value=0, max_value=len(text)))
+        start, end, column = editor.view(columns)
+        self.assertLessEqual(width(text[start:end]), columns - 1)
+        self.assertLessEqual(column, columns - 1)
+        self.assertTrue(0 <= start <= editor.cursor <= end <= len(text), (start, end, editor.cursor))
+        self.assertEqual(column, width(text[start:editor.cursor]))
+        if editor.cursor < len(text) and width(text[editor.cursor]) <= columns - 1:
+            self.assertGreater(end, editor.cursor)  # the character under the cursor shows
+        if end < len(text):
+            self.assertGreater(width(text[start:end + 1]), columns - 1)  # as much as fits is shown
+
+    def test_short_line_whole(self) -> None:
+        """A line that fits is shown whole, from its start, wherever the cursor is."""
+        editor = LineEditor(100)
+        for c in "hello":
+            editor.key(c)
+        editor.key(LEFT)
+        self.assertEqual(editor.view(10), (0, 5, 4))
+        editor.key(RIGHT)
+        editor.key(RIGHT)
+        self.assertEqual(editor.view(6), (0, 5, 5))
+        self.assertEqual(editor.view(5), (1, 5, 4))
