@@ -195,6 +195,12 @@ class Identity:
     def fingerprint(self) -> str:
         return spki_fingerprint(self.private_key)
 
+    @property
+    def name(self) -> str | None:
+        """The common name in its certificate (for a peer, its user), if any."""
+        names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else None
+
     def key_pem(self) -> bytes:
         return self.private_key.private_bytes(
             serialization.Encoding.PEM,

@@ -91,6 +91,17 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertIn("identity.key", str(caught.exception))
 
 
+    def test_data_dir_of_another_user(self) -> None:
+        """A data directory holds one user's keys, history and outbox: started as someone else on
+        it, the peer refuses, naming both, rather than send alice's messages as carol."""
+        data_dir = os.path.join(self.data, "shared")
+        tap.Options().parseOptions(["--user", "alice", "--data-dir", data_dir])
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(["--user", "carol", "--data-dir", data_dir])
+        self.assertIn(f"{data_dir} holds the keys and history of alice, not carol", str(caught.exception))
+        tap.Options().parseOptions(["--user", "alice", "--data-dir", data_dir])  # alice's own still works
+
+
 class PasswordFileTests(unittest.SynchronousTestCase):
     def test_first_line_once(self) -> None:
         """The password file gives its first line; when that is refused there is no other."""

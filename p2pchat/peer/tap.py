@@ -78,6 +78,14 @@ class Options(usage.Options):
             self["envelope_key"] = load_or_create_envelope_key(os.path.join(data_dir, "envelope.key"))
         except (OSError, CryptoError) as e:
             raise usage.UsageError(str(e)) from None
+        owner = self["identity"].name
+        if owner != user:
+            # Its history, outbox and pins are that user's too: used as another's, they would mix.
+            raise usage.UsageError(
+                f"{data_dir} holds the keys and history of {owner}, not {user}: start the peer with"
+                f" --user {owner}, or give {user} a data directory of their own (--data-dir; the"
+                " default is one per user)"
+            )
         password_file = self["password-file"]
         if password_file is not None and not os.access(password_file, os.R_OK):
             raise usage.UsageError(f"cannot read the password file {password_file}")
