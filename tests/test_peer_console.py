@@ -91,11 +91,12 @@ class ParseTests(unittest.SynchronousTestCase):
         self.assertLess(len(str(caught.exception)), 200)
 
     def test_help_lists_everything(self) -> None:
-        """/help names every command and alias."""
+        """/help names every command and alias, and the editing keys."""
         text = console.help_text()
         for spec in console.SPECS:
             for name in (spec.name, *spec.aliases):
                 self.assertIn("/" + name, text)
+        self.assertIn("up and down bring back lines entered before", text)
 
 
 class RenderTests(unittest.SynchronousTestCase):

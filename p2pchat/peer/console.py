@@ -157,6 +157,8 @@ def help_text() -> str:
     for spec in SPECS:
         aliases = f" (also {', '.join('/' + a for a in spec.aliases)})" if spec.aliases else ""
         lines.append(f"  {spec.usage():<{width}}  {spec.summary}{aliases}")
+    lines.append("on a terminal: arrows, Home, End, Ctrl-W/K/U edit the line; up and down bring back lines"
+                 " entered before; Ctrl-L clears the screen; Ctrl-D on an empty line logs out")
     return "\n".join(lines)
 
 
