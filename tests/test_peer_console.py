@@ -457,13 +457,17 @@ class TerminalTests(ConsoleTestCase):
         self.assertEqual(self.screen.cursor.y, 0)
 
     def test_typing_stops_at_the_longest_line(self) -> None:
-        """Keys past the longest input line ring the bell and are not taken; the line still runs."""
+        """Keys past the longest input line are not taken and ring the bell, once for a whole paste
+        of them (not once per key); the line still runs."""
         self.console.start_commands()
         command = "/broadcast "
         self.type((command + "x" * (MAX_INPUT - len(command))).encode())
         self.output()
-        self.type(b"yz")
-        self.assertEqual(self.output().count("\a"), 2)
+        for _ in range(3):
+            self.type(b"yz" * 1000)
+        self.assertEqual(self.output().count("\a"), 1)
+        self.type(b"\x7fx\x7fxy")  # taken, taken, refused: rings again
+        self.assertEqual(self.output().count("\a"), 1)
         self.type(b"\r")
         self.assertEqual(self.messenger.calls, [("broadcast", ("x" * (MAX_INPUT - len(command)),))])
 

@@ -366,6 +366,7 @@ class Console(Protocol):
         self._prompt = f"{user}> "
         self._editor = LineEditor(MAX_INPUT)  # terminal: the line being typed
         self._key_decoder = KeyDecoder()
+        self._rang = False  # terminal: the bell said the line is full; not again until a key is taken
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = b""  # pipe: an incomplete line
         self._discarding = False  # pipe: the rest of an overlong line
@@ -480,13 +481,15 @@ class Console(Protocol):
             elif password and len(key) > 1 and key not in _PASSWORD_KEYS:
                 continue
             elif self._editor.key(DELETE if key == EOF else key):
-                changed = True
-            else:
-                self._write("\a")  # the line is as long as a line may be
+                changed, self._rang = True, False
+            elif not self._rang:  # the line is as long as a line may be: once, not for each key of a paste
+                self._write("\a")
+                self._rang = True
         if changed:
             self._refresh()
 
     def _enter(self) -> None:
+        self._rang = False
         if self._password_waiter is not None:
             line = self._editor.take(remember=False)
             self._write("\n")
