@@ -131,10 +131,12 @@ class ProcessRunner(ProcessProtocol):
             pass  # already gone
 
 
-def start_process(testcase, argv: list[str], env=None, path=None) -> ProcessRunner:
-    """Spawn C{argv}; the test kills it (TERM, then KILL) and waits for its end on cleanup."""
-    runner = ProcessRunner()
-    reactor.spawnProcess(runner, argv[0], argv, env=env or subprocess_env(), path=path)
+def start_process(testcase, argv: list[str], env=None, path=None, runner: ProcessRunner | None = None,
+                  terminal: bool = False) -> ProcessRunner:
+    """Spawn C{argv} (on a pseudo-terminal of its own if C{terminal}); the test kills it (TERM,
+    then KILL) and waits for its end on cleanup."""
+    runner = runner or ProcessRunner()
+    reactor.spawnProcess(runner, argv[0], argv, env=env or subprocess_env(), path=path, usePTY=terminal)
 
     async def stop():
         if runner.running:

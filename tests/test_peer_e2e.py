@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
+import termios
+from collections.abc import Callable
 
-from twisted.internet import reactor
+import pyte
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
@@ -16,7 +20,9 @@ from twisted.trial import unittest
 from p2pchat import crypto
 from p2pchat.tls import ServerTrust, peer_connector_creator
 
-from .support import DiscoveryServer, LineClientFactory, start_process, subprocess_env, twistd_argv, with_timeout
+from .support import (
+    DiscoveryServer, LineClientFactory, ProcessRunner, start_process, subprocess_env, twistd_argv, with_timeout,
+)
 
 PASSWORD = "correct horse"
 
@@ -35,8 +41,10 @@ class Peer:
     def data_dir(self) -> str:
         return os.path.join(self.home, "data", "p2pchat", "peer", self.user)
 
-    def start(self, *options: str, password_file: bool = True, pin: bool = True, cwd: str | None = None) -> Peer:
-        """Start the peer (pinning the test server's certificate unless C{pin} is false)."""
+    def start(self, *options: str, password_file: bool = True, pin: bool = True, cwd: str | None = None,
+              terminal: TerminalRunner | None = None) -> Peer:
+        """Start the peer (pinning the test server's certificate unless C{pin} is false), on a
+        pseudo-terminal seen through C{terminal} if given."""
         argv = twistd_argv() + [
             "-n", "p2ppeer", "--user", self.user, "--server", f"127.0.0.1:{self.test.server_port}",
             "--interface", "127.0.0.1", *options,
@@ -46,7 +54,9 @@ class Peer:
         if password_file:
             argv += ["--password-file", self.test.password_file]
         env = subprocess_env(HOME=self.home, XDG_DATA_HOME=os.path.join(self.home, "data"))
-        self.process = start_process(self.test, argv, env=env, path=cwd or self.home)
+        self.process = start_process(
+            self.test, argv, env=env, path=cwd or self.home, runner=terminal, terminal=terminal is not None
+        )
         self.mark = 0
         return self
 
@@ -92,6 +102,52 @@ class Peer:
     async def kill(self) -> None:
         self.process.signal("KILL")
         await self.ended()
+
+
+class TerminalRunner(ProcessRunner):
+    """A process on a pseudo-terminal, whose screen is kept by a terminal emulator (pyte)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.screen = pyte.Screen(100, 30)
+        self._stream = pyte.ByteStream(self.screen)
+        self.received = 0  # bytes written to the terminal so far
+        self._waiting: list[tuple[Callable[[], bool], defer.Deferred]] = []
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self._stream.feed(data)
+        self.received += len(data)
+        for entry in list(self._waiting):
+            if entry[0]():
+                self._waiting.remove(entry)
+                entry[1].callback(None)
+
+    def rows(self) -> list[str]:
+        return [row.rstrip() for row in self.screen.display]
+
+    def shows(self, text: str) -> bool:
+        return any(text in row for row in self.rows())
+
+    def wait(self, condition: Callable[[], bool], what: str) -> defer.Deferred:
+        """Fire once C{condition()} holds, checked whenever the process writes."""
+        if condition():
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append((condition, d))
+        return with_timeout(d, 20, what)
+
+    def type(self, keys: bytes) -> None:
+        self.transport.write(keys)
+
+    def line_mode(self) -> bool:
+        """Whether the terminal is in line mode (canonical) or echoes, as a shell leaves it."""
+        flags = termios.tcgetattr(self.transport.fileno())[3]
+        return bool(flags & (termios.ICANON | termios.ECHO))
+
+    def set_line_mode(self) -> None:
+        attributes = termios.tcgetattr(self.transport.fileno())
+        attributes[3] |= termios.ICANON | termios.ECHO
+        termios.tcsetattr(self.transport.fileno(), termios.TCSANOW, attributes)
 
 
 class PeerTestCase(unittest.TestCase):
@@ -375,6 +431,43 @@ class LoginTests(PeerTestCase):
         self.assertEqual(await elsewhere.ended(), 1)
         await alice.command("/who", r"^online: bob$")
         self.assertTrue(os.path.exists(os.path.join(alice.data_dir, "p2ppeer.pid")))
+
+
+class TerminalTests(PeerTestCase):
+    async def test_on_a_terminal(self) -> None:
+        """
+        On a terminal, as a person uses it: the password asked twice at the first run and never
+        shown; the terminal in character mode without echo; a line edited with the keys before it
+        runs; stopped (ctrl-Z) and continued (fg) after the shell put the terminal back in line
+        mode, the peer takes it back and redraws its prompt; ctrl-D on an empty line logs out.
+        """
+        await self.start_server()
+        screen = TerminalRunner()
+        Peer(self, "alice").start(password_file=False, terminal=screen)
+        await screen.wait(lambda: screen.shows("password for alice:"), "the password prompt")
+        screen.type(PASSWORD.encode() + b"\r")
+        await screen.wait(lambda: screen.shows("the same password again, to confirm:"), "the confirmation")
+        screen.type(PASSWORD.encode() + b"\r")
+        await screen.wait(lambda: screen.shows("welcome, alice!") and screen.shows("alice>"), "the welcome")
+        self.assertFalse(screen.shows(PASSWORD))
+        self.assertFalse(screen.line_mode())
+        screen.type(b"/wx\x7fho\x1b[D\x1b[C\r")
+        await screen.wait(lambda: screen.shows("nobody else is online"), "the answer to /who")
+        screen.type(b"/wh")
+        await screen.wait(lambda: screen.rows()[screen.screen.cursor.y] == "alice> /wh", "the typed keys")
+
+        screen.signal("STOP")
+        screen.set_line_mode()  # what a shell does with the terminal meanwhile
+        screen.screen.reset()  # and its lines on the screen
+        written = screen.received
+        screen.transport.signalProcess(signal.SIGCONT)  # by number: Twisted knows a few signals by name
+        await screen.wait(lambda: screen.received > written and screen.shows("alice> /wh"), "the prompt again")
+        self.assertFalse(screen.line_mode())
+        screen.type(b"o\r")
+        await screen.wait(lambda: screen.shows("nobody else is online"), "the answer to /who after fg")
+
+        screen.type(b"\x04")
+        self.assertEqual(await with_timeout(screen.when_ended(), 20, "alice to exit"), 0)
 
 
 class SpoofTests(PeerTestCase):

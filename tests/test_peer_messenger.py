@@ -1388,6 +1388,17 @@ class OfflineTests(MessengerTestCase):
         self.command("go_online")
         self.assertEqual(self.directory.started, 2)
 
+    def test_bye_then_lost_told_once(self) -> None:
+        """The server's goodbye (shutting down, not hearing from this peer) says why the connection
+        ends: its end is not told a second time; a connection lost without one is told."""
+        self.start()
+        self.messenger.server_event(Event("bye", {"reason": "keepalive_timeout", "message": "silent"}))
+        self.messenger.server_lost()
+        self.assertEqual([e for e, _ in self.view.shown if e in ("bye", "server_lost")], ["bye"])
+        self.successResultOf(self.messenger.server_connected())
+        self.messenger.server_lost()
+        self.assertEqual([e for e, _ in self.view.shown if e in ("bye", "server_lost")], ["bye", "server_lost"])
+
     def test_malformed_answers_shown_as_nothing(self) -> None:
         """Names in the server's answers that are not usernames (text that could drive a terminal,
         numbers, lists), and counts that are not counts, are dropped, not shown or stored; the

@@ -419,6 +419,11 @@ class Console(Protocol):
         self._write("\r" + prompt + shown + "\x1b[K" + (f"\x1b[{back}D" if back else ""))
         self._prompt_shown = True
 
+    def redraw(self) -> None:
+        """Draw the prompt line again: the screen changed behind the console's back."""
+        self._prompt_shown = False
+        self._redraw()
+
     def show(self, event: str, **fields: Any) -> None:
         self._print(render(event, **fields))
 

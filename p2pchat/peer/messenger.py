@@ -161,6 +161,7 @@ class Messenger:
         self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
+        self._bye_told = False  # the server said why it closes the connection: its loss is not told again
         # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed
         # receipts; ("unreadable",) tells of the envelopes in _unreadable (sender -> msg_ids)
         self._retry_calls: dict[tuple[str, ...], Any] = {}
@@ -254,7 +255,8 @@ class Messenger:
     def server_lost(self) -> None:
         self._cancel_login_wait()  # the next connection logs in afresh
         was_logged_in, self.logged_in = self.logged_in, False
-        if was_logged_in and self._online_wanted:
+        told, self._bye_told = self._bye_told, False
+        if was_logged_in and self._online_wanted and not told:
             self._view.show("server_lost")
 
     def server_unreachable(self, reason: str) -> None:
@@ -473,6 +475,7 @@ class Messenger:
         if reason == "logout":
             return
         self._view.show("bye", reason=reason, message=fields.get("message"))
+        self._bye_told = True  # the connection's end that follows needs no line of its own
         if reason in ("replaced", "idle_timeout"):
             # Reconnecting would undo what the server did on purpose: stay offline until /online.
             self._online_wanted = False

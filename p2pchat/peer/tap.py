@@ -4,6 +4,7 @@ messenger, direct links, server link and history together."""
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from twisted.application.service import Service
@@ -146,6 +147,8 @@ class PeerService(Service):
         data_dir, user = config["data-dir"], config["user"]
         terminal = os.isatty(0)
         self._restore_terminal = cbreak(0) if terminal else None
+        if terminal:
+            signal.signal(signal.SIGCONT, lambda *_: reactor.callFromThread(self._continued))
         self.console = console = Console(user, terminal)
         StandardIO(console, reactor=reactor)
         self._runner = ThreadRunner(reactor)
@@ -182,6 +185,13 @@ class PeerService(Service):
         console.attach(messenger)
         Deferred.fromCoroutine(self._run())
 
+    def _continued(self) -> None:
+        # Stopped (ctrl-Z) and continued (fg): the shell had the terminal meanwhile, and may have
+        # left it in line mode with echo; and the prompt line is gone from the screen.
+        if self.running:
+            cbreak(0)
+            self.console.redraw()
+
     async def _run(self) -> None:
         status = 1
         try:
@@ -214,6 +224,7 @@ class PeerService(Service):
             self._runner.stop()
             self.console.close()
             if self._restore_terminal is not None:
+                signal.signal(signal.SIGCONT, signal.SIG_DFL)
                 self._restore_terminal()
 
 
