@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from p2pchat import crypto
-from p2pchat.peer.server_link import KnownServers, NotConnected, RequestError, ServerLink
+from p2pchat.peer.server_link import KnownServers, NotConnected, RequestError, ServerLink, UnusablePins
 from p2pchat.tls import ServerTrust, server_certificate_options
 from p2pchat.wire import Event
 
@@ -244,8 +244,9 @@ class KnownServersTests(unittest.SynchronousTestCase):
         self.assertEqual((known.get("h:1"), known.get("h:2"), known.get("h:3")), ("a" * 64, "b" * 64, None))
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         with open(path, "a") as f:
-            f.write("h:3 not-a-fingerprint\nh:3\n\n")  # damaged lines pin nothing
-        known.pin("h:3", "c" * 64)
+            f.write("h:3 not-a-fingerprint\nh:3\n\n")  # damaged lines pin nothing...
+        self.assertRaises(UnusablePins, known.get, "h:3")  # ...and trust nothing on first use either
+        known.pin("h:3", "c" * 64)  # a sound line for the server, kept beside them, is the pin
         self.assertEqual(known.get("h:3"), "c" * 64)
 
 

@@ -91,6 +91,39 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertIn("identity.key", str(caught.exception))
 
 
+    def test_known_servers_file(self) -> None:
+        """The pin for the server comes from known_servers; a file that is not text, or a damaged
+        line for this server, is a usage error naming the file (trusting the server on first use
+        again would let any server in); damaged lines for other servers are left alone."""
+        data_dir = os.path.join(self.data, "pins")
+        args = ["--user", "alice", "--data-dir", data_dir, "--server", "chat.test:5000"]
+        tap.Options().parseOptions(args)
+        known = os.path.join(data_dir, "known_servers")
+        good = "ab" * 32
+        cases = [
+            (b"other:1 nonsense\nchat.test:5000 " + good.encode() + b"\n", good),
+            (b"", None),
+            (b"chat.test:5000 " + good[:10].encode() + b"\n", f"{known} line 1: the pin for chat.test:5000 is damaged"),
+            (b"# mine\nchat.test:5000\n", f"{known} line 2: the pin for chat.test:5000 is damaged"),
+            (b"\xff\xfe binary", f"{known} is not text"),
+        ]
+        for content, expected in cases:
+            with open(known, "wb") as f:
+                f.write(content)
+            if expected is None or expected == good:
+                self.assertEqual(self._pinned(args), expected)
+                continue
+            with self.assertRaises(usage.UsageError, msg=content) as caught:
+                tap.Options().parseOptions(args)
+            self.assertIn(expected, str(caught.exception))
+        pinned = "cd" * 32  # a fingerprint given on the command line does not read the file
+        self.assertEqual(self._pinned([*args, "--server-fingerprint", pinned]), pinned)
+
+    def _pinned(self, args: list[str]) -> str | None:
+        config = tap.Options()
+        config.parseOptions(args)
+        return config["pinned"]
+
     def test_data_dir_of_another_user(self) -> None:
         """A data directory holds one user's keys, history and outbox: started as someone else on
         it, the peer refuses, naming both, rather than send alice's messages as carol."""

@@ -252,6 +252,10 @@ class _NotingFailures:
         return self._endpoint.connect(factory).addErrback(failed)
 
 
+class UnusablePins(Exception):
+    """The file of pinned server certificates cannot be read, or its line for a server is damaged."""
+
+
 class KnownServers:
     """Pinned discovery-server certificates, one "host:port fingerprint" line each (like known_hosts)."""
 
@@ -259,15 +263,36 @@ class KnownServers:
         self._path = path
 
     def get(self, server: str) -> str | None:
+        """
+        The fingerprint pinned for C{server}, or C{None} if there is none yet.
+
+        @raise UnusablePins: when the file cannot be read, or the lines naming C{server} hold no
+            fingerprint (damaged): trusting on first use again would let any server in.
+        """
         try:
-            with open(self._path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(self._path, "rb") as f:
+                text = f.read().decode("utf-8")
         except FileNotFoundError:
             return None
-        for line in lines:
+        except OSError as e:
+            raise UnusablePins(f"cannot read {self._path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UnusablePins(
+                f"{self._path} is not text: it should hold one line per server, \"HOST:PORT FINGERPRINT\";"
+                " mend it, or delete it to trust the servers again on first use"
+            ) from None
+        damaged = None
+        for number, line in enumerate(text.splitlines(), 1):
             parts = line.split()
-            if len(parts) == 2 and parts[0] == server and valid_fingerprint(parts[1]):
-                return parts[1]
+            if parts and parts[0] == server:
+                if len(parts) == 2 and valid_fingerprint(parts[1]):
+                    return parts[1]
+                damaged = damaged or number
+        if damaged is not None:
+            raise UnusablePins(
+                f"{self._path} line {damaged}: the pin for {server} is damaged; delete that line to"
+                " trust the server again on first use, or start the peer with --server-fingerprint"
+            )
         return None
 
     def pin(self, server: str, fingerprint: str) -> None:

@@ -21,7 +21,7 @@ from .console import Console, cbreak
 from .history import History, ThreadRunner
 from .links import Links
 from .messenger import Messenger, PasswordSource, valid_username
-from .server_link import KnownServers, ServerLink
+from .server_link import KnownServers, ServerLink, UnusablePins
 
 log = Logger()
 
@@ -87,6 +87,13 @@ class Options(usage.Options):
                 f" --user {owner}, or give {user} a data directory of their own (--data-dir; the"
                 " default is one per user)"
             )
+        self["known_servers"] = known = os.path.join(data_dir, "known_servers")
+        self["pinned"] = self["server-fingerprint"]
+        if self["pinned"] is None and "ca_pem" not in self:
+            try:
+                self["pinned"] = KnownServers(known).get(self["server_name"])
+            except UnusablePins as e:
+                raise usage.UsageError(str(e)) from None
         password_file = self["password-file"]
         if password_file is not None and not os.access(password_file, os.R_OK):
             raise usage.UsageError(f"cannot read the password file {password_file}")
@@ -146,16 +153,12 @@ class PeerService(Service):
         config, reactor = self._config, self._reactor
         data_dir, user = config["data-dir"], config["user"]
         terminal = os.isatty(0)
-        self._restore_terminal = cbreak(0) if terminal else None
-        if terminal:
-            signal.signal(signal.SIGCONT, lambda *_: reactor.callFromThread(self._continued))
         self.console = console = Console(user, terminal)
         StandardIO(console, reactor=reactor)
         self._runner = ThreadRunner(reactor)
-        self._runner.start()
         self._history = History(os.path.join(data_dir, "history.sqlite3"), self._runner)
         server_name = config["server_name"]
-        known_path = os.path.join(data_dir, "known_servers")
+        known_path = config["known_servers"]
         known = KnownServers(known_path)
 
         def first_use(fingerprint: str) -> None:
@@ -164,7 +167,7 @@ class PeerService(Service):
 
         trust = ServerTrust(
             config["host"],
-            pinned=config["server-fingerprint"] or (None if "ca_pem" in config else known.get(server_name)),
+            pinned=config["pinned"],
             ca_pem=config.get("ca_pem"),
             on_first_use=first_use,
             remedy="start the peer with --server-fingerprint set to the new one."
@@ -183,6 +186,12 @@ class PeerService(Service):
         links = Links(reactor, config["identity"], user, messenger, config["interface"], config["port"])
         messenger.attach(ServerLink(endpoint, reactor, messenger), links)
         console.attach(messenger)
+        # Last, so that nothing above can fail with the terminal left without echo, or with a
+        # thread that keeps the process from exiting.
+        self._restore_terminal = cbreak(0) if terminal else None
+        if terminal:
+            signal.signal(signal.SIGCONT, lambda *_: reactor.callFromThread(self._continued))
+        self._runner.start()
         Deferred.fromCoroutine(self._run())
 
     def _continued(self) -> None:
