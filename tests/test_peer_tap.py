@@ -63,6 +63,9 @@ class OptionsTests(unittest.SynchronousTestCase):
         ca = self.mktemp()
         with open(ca, "w") as f:
             f.write("x")
+        binary = self.mktemp()
+        with open(binary, "wb") as f:
+            f.write(b"\xff\xfe\n")
         cases = [
             ([], "--user is required"),
             (["--user", "no spaces"], "--user: 1 to 32 characters"),
@@ -73,7 +76,8 @@ class OptionsTests(unittest.SynchronousTestCase):
             (["--user", "alice", "--server-fingerprint", "abc"], "--server-fingerprint must be"),
             (["--user", "alice", "--server-fingerprint", "a" * 64, "--server-ca", ca], "not both"),
             (["--user", "alice", "--server-ca", ca], f"--server-ca {ca}: the CA file holds no valid PEM certificate"),
-            (["--user", "alice", "--password-file", "/nonexistent/pw"], "cannot read the password file"),
+            (["--user", "alice", "--password-file", "/nonexistent/pw"], "cannot read the password file /nonexistent/pw: No such file"),
+            (["--user", "alice", "--password-file", binary], f"the password file {binary} is not UTF-8 text"),
         ]
         for args, message in cases:
             with self.assertRaises(usage.UsageError, msg=args) as caught:

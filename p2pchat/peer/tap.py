@@ -95,8 +95,14 @@ class Options(usage.Options):
             except UnusablePins as e:
                 raise usage.UsageError(str(e)) from None
         password_file = self["password-file"]
-        if password_file is not None and not os.access(password_file, os.R_OK):
-            raise usage.UsageError(f"cannot read the password file {password_file}")
+        if password_file is not None:
+            try:
+                with open(password_file, encoding="utf-8") as f:
+                    f.readline()
+            except OSError as e:
+                raise usage.UsageError(f"cannot read the password file {password_file}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise usage.UsageError(f"the password file {password_file} is not UTF-8 text") from None
         self._adjust_twistd(data_dir)
 
     def _check_trust(self) -> None:
