@@ -385,9 +385,11 @@ class AccountTests(TestCase):
     async def test_credentials_import(self, h):
         """Imported accounts log in with their password once they send keys; the file lines are hashed."""
         imported, skipped = await h.directory.import_credentials(
-            ["hans falcon*solo", "", "# comment", "bad/name password", "yoda wise@!man"]
+            ["hans falcon*solo", "", "# comment", "bad/name password", "yoda wise@!man",
+             b"luke p\xe4ssw\xf6rd".decode("utf-8", "replace")]  # Latin-1, read as the server reads the file
         )
-        self.assertEqual((imported, skipped), (2, 1))
+        self.assertEqual((imported, skipped), (2, 2))
+        self.assertNotIn("luke", h.directory.accounts)
         self.assertNotIn("falcon*solo", h.directory.accounts["hans"].password_hash)
         c = h.connect()
         await c.ok("hello", protocol=1)

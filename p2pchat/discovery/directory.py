@@ -240,6 +240,10 @@ class Directory:
                 log.warn("credentials line {number}: expected 'username password'; skipped", number=number)
                 skipped += 1
                 continue
+            if "\ufffd" in line:  # the file is read with errors replaced: the password would not be the one meant
+                log.warn("credentials line {number}: not UTF-8 text; skipped", number=number)
+                skipped += 1
+                continue
             username, password = parts
             if username in self.accounts:
                 skipped += 1
