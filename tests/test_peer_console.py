@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import sqlite3
+import time
 from typing import Any
 
 import pyte
@@ -110,6 +111,13 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(render("welcome", user="bob", mailbox=0), "welcome, bob!")
         self.assertIn("2 messages arrived", render("welcome", user="bob", mailbox=2))
 
+    def test_late_message_says_when(self) -> None:
+        """A message shown long after it was written (kept while you were away) says when, in local time."""
+        sent_at = time.mktime((2026, 12, 3, 14, 2, 5, 0, 0, -1))
+        self.assertEqual(render("message", user="bob", text="coming?", private=False, sent_at=sent_at),
+                         "bob: coming? (sent 2026-12-03 14:02:05)")
+        self.assertEqual(render("message", user="bob", text="now", private=False), "bob: now")
+
     def test_history_time_out_of_range(self) -> None:
         """The time a message was sent is the sender's word: one the platform cannot show (a clock or a
         peer far off) is said to be out of range, and the rest of /history still shows."""
@@ -130,7 +138,7 @@ class RenderTests(unittest.SynchronousTestCase):
         """Every event the messenger can show has a template that accepts its fields."""
         samples = {"user": "bob", "text": "t", "private": False, "online": True, "mailbox": 1, "server": "h:1",
                    "message": "m", "code": "c", "reason": "r", "fingerprint": "f" * 64, "old": "a", "new": "b",
-                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False}
+                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False, "sent_at": 1e9}
         for event, template in console._EVENTS.items():
             names = inspect.signature(template).parameters
             line = render(event, **{name: samples[name] for name in names})
@@ -147,7 +155,7 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(clean("tab\there"), "tab here")
         samples = {"user": "bob", "text": evil, "private": False, "online": True, "mailbox": 1, "server": "h:1",
                    "message": evil, "code": evil, "reason": evil, "fingerprint": "f" * 64, "old": "a", "new": "b",
-                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False}
+                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False, "sent_at": 1e20}
         lines = {event: render(event, **{name: samples[name] for name in inspect.signature(template).parameters})
                  for event, template in console._EVENTS.items()}
         lines["send_failed rate_limited"] = render("send_failed", user="bob", code="rate_limited", message=evil, text=evil)

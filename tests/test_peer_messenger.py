@@ -891,6 +891,18 @@ class ReceiveTests(MessengerTestCase):
         payload, _ = crypto.open_sealed(item["envelope"], self.bob.envelope_key, "alice", "bob", item["msg_id"], self.me.fingerprint)
         self.assertEqual(json.loads(payload), {"kind": "receipt", "msg_ids": ["m1"]})
 
+    def test_late_message_says_when(self) -> None:
+        """A message shown more than a minute after it was written (kept by the server while this
+        peer was away) carries its time, for the console to say when; a fresh one does not."""
+        self.start()
+        now = self.clock.seconds()
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "old", "sent_at": now - 100})
+        self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "new", "sent_at": now - 10})
+        self.assertEqual(self.view.events("message"), [
+            {"user": "bob", "text": "old", "private": False, "sent_at": now - 100},
+            {"user": "bob", "text": "new", "private": False},
+        ])
+
     def test_ack_does_not_wait_for_receipt(self) -> None:
         """The server answers a receipt's send only when its recipient acks it: the envelope is
         acked meanwhile, and the next one is taken, so two peers never wait on each other."""

@@ -183,7 +183,8 @@ _BYE = {
 }
 
 _EVENTS: dict[str, Callable[..., str]] = {
-    "message": lambda user, text, private: f"{user}{' (private)' if private else ''}: {text}",
+    "message": lambda user, text, private, sent_at=None: f"{user}{' (private)' if private else ''}: {text}"
+    + ("" if sent_at is None else f" (sent {_time(sent_at)})"),
     "broadcast": lambda user, text: f"{user} (broadcast): {text}",
     "presence": lambda user, online: f"{user} logged {'in' if online else 'out'}",
     "welcome": lambda user, mailbox: f"welcome, {user}!"
@@ -294,11 +295,15 @@ def render_error(code: str, **fields: Any) -> str:
     return clean(f"{message} ({code})" if message else code)
 
 
-def render_entry(entry: Entry) -> str:
+def _time(seconds: float) -> str:
     try:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.sent_at))
-    except (OverflowError, OSError, ValueError):  # sent_at is the sender's word, its clock may be far off
-        when = "time out of range"
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):  # a message's time is its sender's word: it may be far off
+        return "time out of range"
+
+
+def render_entry(entry: Entry) -> str:
+    when = _time(entry.sent_at)
     private = " (private)" if entry.private else ""
     if entry.outgoing:
         return f"[{when}] you -> {entry.peer}{private}: {clean(entry.text)} ({entry.status})"

@@ -27,6 +27,7 @@ log = Logger()
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 MAX_TEXT = 16000
+LATE = 60.0  # seconds after it was written that a message shown says when it was written
 MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
 RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
@@ -589,6 +590,14 @@ class Messenger:
         if not new:
             log.info("dropped {msg_id} from {sender}: already stored", msg_id=msg_id, sender=sender)
         elif status == SHOWN:
+            self._show_message(sender, text, private, sent_at)
+
+    def _show_message(self, sender: str, text: str, private: bool, sent_at: float) -> None:
+        """Show a message; one written a while ago (kept by the server while this peer was away,
+        held for a changed key) says when."""
+        if self._clock.seconds() - sent_at > LATE:
+            self._view.show("message", user=sender, text=text, private=private, sent_at=sent_at)
+        else:
             self._view.show("message", user=sender, text=text, private=private)
 
     async def _delivered(self, user: str, msg_ids: list[str]) -> None:
@@ -1117,7 +1126,7 @@ class Messenger:
             )
         )
         for entry in await self._history.release_held(user):
-            self._view.show("message", user=user, text=entry.text, private=entry.private)
+            self._show_message(user, entry.text, entry.private, entry.sent_at)
         self._direct_retry.pop(user, None)
         self._kick(user)
         self._retry_receipts()  # those for what was held: no receipt goes to a key not accepted
