@@ -147,6 +147,9 @@ _PORT = _integer(0, 65535)
 MAX_ACK = 1000
 MAX_BROADCAST = 4096
 MAX_MSG_ID = 64
+MIN_PASSWORD = 8  # characters of a new account's password: refused outside, as weak_password
+MAX_PASSWORD = 1024
+PASSWORD_RULE = f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters"
 
 # op -> {argument: (check, required)}
 REQUEST_SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], str | None], bool]]] = {

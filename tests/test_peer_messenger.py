@@ -368,6 +368,17 @@ class LoginTests(MessengerTestCase):
         self.assertEqual([args["password"] for op, args in self.directory.requests if op == "register"], ["battery staple"])
         self.assertEqual(confirmations, [])
 
+    def test_short_password_refused_before_typed_twice(self) -> None:
+        """On a terminal a password outside the protocol's 8 to 1024 characters is refused at once,
+        as the server would, before it is asked a second time."""
+        confirmations = ["battery staple"]
+        self.passwords = ["short", "battery staple"]
+        self.messenger._confirm = lambda: succeed(confirmations.pop(0))
+        self.start()
+        self.assertEqual(self.view.events("weak_password"), [{"message": "a password has 8 to 1024 characters"}])
+        self.assertEqual([args["password"] for op, args in self.directory.requests if op == "register"], ["battery staple"])
+        self.assertEqual(confirmations, [])
+
     def test_new_server_certificate_registers_again(self) -> None:
         """A server certificate trusted on first use (a new server, or one that lost its data) is
         said, and the next login tries registering first: an account the server lost is made

@@ -22,13 +22,11 @@ from twisted.python.failure import Failure
 
 from p2pchat.crypto import valid_envelope_key, valid_fingerprint
 from p2pchat.discovery.store.base import Account, StoredEnvelope, UsernameTaken
-from p2pchat.wire import Code, dumps_line, encode_event
+from p2pchat.wire import MAX_PASSWORD, MIN_PASSWORD, PASSWORD_RULE, Code, dumps_line, encode_event
 
 log = Logger()
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
-MIN_PASSWORD = 8
-MAX_PASSWORD = 1024
 MAX_FAILURES = 3
 # A read of a user's stored mailbox: what its delivery holds in memory at most (beyond one envelope).
 MAILBOX_PAGE_ROWS = 1024
@@ -303,7 +301,7 @@ class Directory:
                 "a username is 1 to 32 characters from A-Z a-z 0-9 _ . - and starts with a letter or digit",
             )
         if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-            raise Refusal(Code.WEAK_PASSWORD, f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+            raise Refusal(Code.WEAK_PASSWORD, PASSWORD_RULE)
         self._check_keys(fingerprint, envelope_key)
         if username in self.accounts:
             raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken")

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from .. import crypto
 from ..crypto import CryptoError, EnvelopeError, EnvelopeKey, Identity, WrongEnvelopeKey
-from ..wire import MAX_ACK, MAX_BROADCAST, REQUEST_SCHEMAS, Code, Event
+from ..wire import MAX_ACK, MAX_BROADCAST, MAX_PASSWORD, MIN_PASSWORD, PASSWORD_RULE, REQUEST_SCHEMAS, Code, Event
 from .history import DELIVERED, FAILED, HELD, MUTED, PENDING, SENT, SHOWN, Contact, Entry, History
 from .server_link import NotConnected, RequestError
 
@@ -371,10 +371,15 @@ class Messenger:
         registration is closed, or the server gave no token).
         """
         while True:
-            if self._confirm is not None and await self._confirm() != self._password:
-                self._view.show("passwords_differ")
-                await self._next_password()
-                continue
+            if self._confirm is not None:  # a person at a terminal: checked before typed twice
+                if not MIN_PASSWORD <= len(self._password) <= MAX_PASSWORD:
+                    self._view.show("weak_password", message=PASSWORD_RULE)
+                    await self._next_password()
+                    continue
+                if await self._confirm() != self._password:
+                    self._view.show("passwords_differ")
+                    await self._next_password()
+                    continue
             try:
                 registered = await self._server.request(
                     "register",
