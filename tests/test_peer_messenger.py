@@ -889,6 +889,21 @@ class SendTests(MessengerTestCase):
         self.assertEqual(self.successResultOf(self.finished), 0)
         self.assertFalse(self.links.listening)
 
+    def test_logout_after_what_came_in_is_acked(self) -> None:
+        """A /logout while a message that came in is still being stored waits for its
+        acknowledgement to go first: sent after the logout, it was lost, and the server delivered
+        the message again at the next login (counted as new in the welcome, shown nowhere)."""
+        self.start()
+        stored: Deferred[None] = Deferred()
+        add_incoming = self.history.add_incoming
+        self.patch(self.history, "add_incoming", lambda *a: stored.addCallback(lambda _: add_incoming(*a)))
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "bye", "sent_at": 1.0})
+        logged_out = Deferred.fromCoroutine(self.messenger.logout())
+        self.assertNotIn("logout", self.directory.ops())
+        stored.callback(None)
+        self.assertEqual([op for op in self.directory.ops() if op in ("ack", "logout")], ["ack", "logout"])
+        self.assertIsNone(self.successResultOf(logged_out))
+
 
 class ReceiveTests(MessengerTestCase):
     def test_envelope_shown_stored_receipted_acked(self) -> None:

@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NoReturn, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -174,6 +174,7 @@ class Messenger:
         self._idle_waiters: list[Deferred[None]] = []
         self._incoming: list[dict[str, Any]] = []
         self._draining = False
+        self._drained_waiters: list[Deferred[None]] = []
         self._incoming_lock = DeferredLock()
         self._ready_waiters: list[Deferred[None]] | None = []
         self._finish_waiters: list[Deferred[int]] = []
@@ -524,6 +525,9 @@ class Messenger:
                         log.info("ack failed, the server will send them again: {e}", e=e)
         finally:
             self._draining = False
+            waiters, self._drained_waiters = self._drained_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     async def _accept_envelope(self, fields: dict[str, Any], receipts: dict[str, list[str]]) -> bool:
         """
@@ -957,6 +961,15 @@ class Messenger:
             d.callback(None)
         return d
 
+    def when_inbox_idle(self) -> Deferred[None]:
+        """Fires once what arrived from the server is stored and acknowledged."""
+        d: Deferred[None] = Deferred()
+        if self._draining:
+            self._drained_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
     # -- commands (called by the console) ----------------------------------------
 
     def _check_peer(self, user: str) -> None:
@@ -1157,8 +1170,11 @@ class Messenger:
         await self._go_online()
 
     async def logout(self) -> None:
-        """Let messages on their way out finish (briefly), log out, and finish."""
-        await self.when_outbox_idle().addTimeout(OUTBOX_WAIT, self._clock).addErrback(lambda _: None)
+        """Let messages on their way out finish, and those that came in be acknowledged (briefly),
+        log out, and finish: an acknowledgement sent after the logout is lost, and the server would
+        deliver the message again at the next login (shown once, but counted as new)."""
+        idle = gatherResults([self.when_outbox_idle(), self.when_inbox_idle()])
+        await idle.addTimeout(OUTBOX_WAIT, self._clock).addErrback(lambda _: None)
         if self.logged_in:
             try:
                 await self._server.request("logout")
