@@ -1134,6 +1134,18 @@ class MuteTests(MessengerTestCase):
         self.deliver(2, self.bob, "m2", {"kind": "msg", "text": "back", "sent_at": 1.0})
         self.assertEqual(self.view.messages(), [("bob", "back")])
 
+    def test_mute_of_nobody_refused(self) -> None:
+        """/mute of a name the server does not know says so (a typo would seem to work); one who
+        blocked you can still be muted (a mute is yours alone); offline, a mute is taken unchecked."""
+        self.directory.blocked_me.add("bob")
+        self.start()
+        self.assertEqual(self.command_error("mute", "bbo", None).code, "unknown_user")
+        self.assertFalse(self.messenger._is_muted("bbo"))
+        self.command("mute", "bob", None)
+        self.command("go_offline")
+        self.command("mute", "carol", None)
+        self.assertTrue(self.messenger._is_muted("bob") and self.messenger._is_muted("carol"))
+
 
 class KeyTests(MessengerTestCase):
     def change_bobs_key(self) -> Person:

@@ -1099,8 +1099,24 @@ class Messenger:
     async def mute(self, user: str, seconds: float | None) -> None:
         """Stored but not shown, until /unmute or for C{seconds}; survives a restart."""
         self._check_peer(user)
+        await self._check_exists(user)
         until = None if seconds is None else self._clock.seconds() + seconds
         await self._save(replace(self._contact(user), muted=True, mute_until=until))
+
+    async def _check_exists(self, user: str) -> None:
+        """
+        A setting of this peer's own (a mute) for a name it has never met is checked with the
+        server when it can be: a typo (/mute bbo) would seem to work, and bob stay unmuted.
+        """
+        if user in self._contacts or not self.logged_in:
+            return
+        try:
+            await self._server.request("keys", user=user)
+        except RequestError as e:
+            if e.code == Code.UNKNOWN_USER:
+                raise CommandError("unknown_user", user=user) from None
+        except NotConnected:
+            pass
 
     async def unmute(self, user: str) -> None:
         self._check_peer(user)
