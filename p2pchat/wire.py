@@ -73,6 +73,9 @@ class Request(NamedTuple):
     id: int | str
     op: str
     args: Mapping[str, Any]
+    # Made by the client on its own (a receipt, a key check for its outbox), not by its user: it
+    # does not count as the user's activity for the idle timeout.
+    background: bool = False
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,7 @@ def decode_request(line: bytes) -> Request:
         if problem is not None:
             raise WireError(Code.BAD_REQUEST, f"'{name}' {problem}", request_id)
         args[name] = value
-    return Request(request_id, op, args)
+    return Request(request_id, op, args, obj.get("background") is True)
 
 
 def encode_result(request_id: Any, result: Mapping[str, Any] | None = None) -> bytes:

@@ -75,6 +75,7 @@ class Directory:
             return answer  # never answered until the test fires it
         if answer is not None:
             return succeed(answer)
+        args = {name: value for name, value in args.items() if name != "background"}  # for the server alone
         try:
             return succeed(getattr(self, "_" + op)(**args))
         except (RequestError, NotConnected) as e:
@@ -927,6 +928,27 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.view.events("message"), [
             {"user": "bob", "text": "old", "private": False, "sent_at": now - 100},
             {"user": "bob", "text": "new", "private": False},
+        ])
+
+    def test_own_requests_marked_background(self) -> None:
+        """What the peer asks the server on its own (the block list after login, a receipt, key
+        checks and lookups for its outbox) is marked "background", so that it does not count as its
+        user's activity for the server's idle timeout; what a command asks is not marked."""
+        self.directory.online.add("bob")
+        self.start()
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "hi", "sent_at": 1.0})
+        self.command("send", "bob", "hello")
+        marked = [(op, args.get("background", False)) for op, args in self.directory.requests
+                  if op in ("blocks", "send", "keys", "lookup")]
+        self.assertEqual(marked, [
+            ("blocks", True),  # after the login
+            ("keys", True),  # m1 came signed with a key not pinned yet: checked with the directory
+            ("keys", True),  # the key its receipt is sealed to
+            ("send", True),  # the receipt for m1
+            ("lookup", False),  # /msg checks the recipient before storing the message
+            ("lookup", True),  # the outbox looks for a direct link
+            ("keys", True),  # none: sealed through the server, keys checked first
+            ("send", False),  # the message /msg wrote
         ])
 
     def test_ack_does_not_wait_for_receipt(self) -> None:

@@ -706,6 +706,28 @@ class TimerTests(TestCase):
         self.assertEqual((await bob.event("bye")).fields["reason"], "idle_timeout")
 
     @harness_test(idle_timeout=30, keepalive_timeout=45)
+    async def test_background_requests_are_not_activity(self, h):
+        """Requests the client marks as its own doing ("background": true: a receipt sealed as an
+        envelope, a key check or lookup for its outbox) do not keep its user from the idle timeout,
+        as the seed asks of a message's receipt; the same request without the mark does."""
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        h.clock.advance(20)
+        await bob.ok("keys", user="alice")
+        await alice.ok("keys", user="bob", background=True)
+        sent = alice.request("send", to="bob", msg_id="r-1", envelope="e", background=True)
+        await bob.ok("ack", seqs=[(await bob.event("envelope")).fields["seq"]])
+        self.assertTrue((await sent).ok)
+        h.clock.advance(9.9)
+        await alice.ok("lookup", user="bob", background=True)
+        self.assertFalse(alice.conn.closed)
+        h.clock.advance(0.1)
+        self.assertEqual((await alice.event("bye")).fields["reason"], "idle_timeout")
+        self.assertFalse(bob.conn.closed)
+        h.clock.advance(20)
+        self.assertEqual((await bob.event("bye")).fields["reason"], "idle_timeout")
+
+    @harness_test(idle_timeout=30, keepalive_timeout=45)
     async def test_one_timer_per_connection(self, h):
         """Logging in moves the connection's timer to the idle deadline instead of cancelling it
         for a new one: a cancelled call stays in the reactor's queue until its time comes."""

@@ -22,6 +22,12 @@ class DecodeRequestTests(SynchronousTestCase):
         r = decode_request(b'{"id":3,"op":"send","to":"bob","msg_id":"m","envelope":"e","extra":1}')
         self.assertEqual((r.id, r.op, dict(r.args)), (3, "send", {"to": "bob", "msg_id": "m", "envelope": "e"}))
 
+    def test_background(self):
+        """"background": true marks a request the client makes on its own; anything else is not."""
+        self.assertTrue(decode_request(b'{"id":1,"op":"who","background":true}').background)
+        for other in (b'', b',"background":false', b',"background":1', b',"background":"true"'):
+            self.assertFalse(decode_request(b'{"id":1,"op":"who"' + other + b'}').background, other)
+
     def test_crlf(self):
         """A trailing carriage return is ignored."""
         self.assertEqual(decode_request(b'{"id":"a","op":"who"}\r').op, "who")

@@ -206,7 +206,7 @@ class Session:
         """
         self._sends_pending += 1
         try:
-            me = self._caller("send")
+            me = self._caller("send", request.background)
             self._check_rate()
             args = request.args
             self.directory.send(me, args["to"], args["msg_id"], args["envelope"], partial(self._send_answered, request))
@@ -247,17 +247,17 @@ class Session:
                 raise Refusal(Code.UNSUPPORTED_VERSION, f"this server speaks protocol {PROTOCOL_VERSION} only")
             self._greeted = True
             return {"protocol": PROTOCOL_VERSION}
-        me = self._caller(op)
+        me = self._caller(op, request.background)
         if op == "ping":
             return {"time": self.clock.seconds()}
         handler = getattr(self, "_op_" + op)
         return handler(me, slot, **args)
 
-    def _caller(self, op: str) -> str | None:
+    def _caller(self, op: str, background: bool) -> str | None:
         """
         The user asking for C{op} (C{None} before login), if this connection may ask for it now;
-        a refusal otherwise. A logged-in user's request other than a ping or an ack counts as their
-        activity for the idle timeout.
+        a refusal otherwise. A logged-in user's request other than a ping, an ack or one the client
+        makes in the C{background} counts as their activity for the idle timeout.
         """
         if not self._greeted:
             raise Refusal(Code.HELLO_REQUIRED, 'send {"id":1,"op":"hello","protocol":1} first')
@@ -267,7 +267,7 @@ class Session:
                 raise Refusal(Code.NOT_AUTHENTICATED, "log in first")
         elif op in ("register", "login", "resume"):
             raise Refusal(Code.ALREADY_AUTHENTICATED, f"you are already logged in as {me}")
-        elif op not in _NOT_ACTIVITY:
+        elif not (background or op in _NOT_ACTIVITY):
             self._last_active = self.clock.seconds()
         return me
 

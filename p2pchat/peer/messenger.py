@@ -448,7 +448,7 @@ class Messenger:
         # Read before this login's mailbox is stored (the history runs its work in order): the
         # receipts for the mailbox go out as it is taken, and would otherwise go twice.
         owed = await self._history.owed_receipts()
-        blocked = set(_usernames(await self._server.request("blocks")))
+        blocked = set(_usernames(await self._server.request("blocks", background=True)))
         for user in blocked | {u for u, c in self._contacts.items() if c.blocked}:
             await self._save(replace(self._contact(user), blocked=user in blocked))
         for peer in sorted({entry.peer for entry in await self._history.outbox()}):
@@ -637,7 +637,7 @@ class Messenger:
         key = await self._recipient_key(user)
         payload = json.dumps({"kind": kind, "msg_ids": msg_ids}).encode()
         envelope = crypto.seal(self._identity, self.user, user, key, notice_id, payload)
-        await self._server.request("send", to=user, msg_id=notice_id, envelope=envelope)
+        await self._server.request("send", to=user, msg_id=notice_id, envelope=envelope, background=True)
 
     async def _send_unopened(self, user: str, msg_ids: list[str]) -> None:
         """
@@ -707,7 +707,7 @@ class Messenger:
         contact = self._contacts.get(user)
         if contact is not None and contact.fingerprint == fingerprint:
             return True
-        keys = await self._server.request("keys", user=user)
+        keys = await self._server.request("keys", user=user, background=True)
         if keys.get("fingerprint") != fingerprint:
             return False
         try:
@@ -727,14 +727,17 @@ class Messenger:
         contact = self._contacts.get(user)
         if not fresh and contact is not None and contact.envelope_key and not contact.new_fingerprint:
             return contact.envelope_key
-        keys = await self._server.request("keys", user=user)
+        keys = await self._server.request("keys", user=user, background=True)
         await self._check_keys(user, keys.get("fingerprint"), keys.get("envelope_key"))
         return keys["envelope_key"]
 
-    async def _lookup(self, user: str) -> Address | None:
-        """Where C{user} listens for direct links (keys checked), or None when offline or not listening."""
+    async def _lookup(self, user: str, background: bool) -> Address | None:
+        """
+        Where C{user} listens for direct links (keys checked), or None when offline or not listening.
+        C{background}: this peer's own doing (for its outbox), not its user's (a command).
+        """
         try:
-            found = await self._server.request("lookup", user=user)
+            found = await self._server.request("lookup", user=user, background=background)
         except RequestError as e:
             if e.code == Code.OFFLINE:
                 return None
@@ -916,7 +919,7 @@ class Messenger:
     async def _open_link(self, user: str) -> LinkLike | None:
         if not self.logged_in or self._direct_retry.get(user, 0) > self._clock.seconds():
             return None
-        address = await self._lookup(user)
+        address = await self._lookup(user, background=True)
         if address is None:
             return None
         try:
@@ -1007,7 +1010,7 @@ class Messenger:
             raise CommandError("key_changed", user=user)
         if self.logged_in:
             try:
-                await self._lookup(user)  # unknown user, blocked: refused before anything is stored
+                await self._lookup(user, False)  # unknown user, blocked: refused before anything is stored
             except RequestError as e:
                 raise CommandError(e.code, user=user, message=e.message) from None
             except NotConnected:
@@ -1023,7 +1026,7 @@ class Messenger:
         link = self._links.get(user)
         if link is None:
             try:
-                address = await self._lookup(user) if self.logged_in else None
+                address = await self._lookup(user, False) if self.logged_in else None
             except RequestError as e:
                 raise CommandError(e.code, user=user, message=e.message) from None
             except NotConnected:
