@@ -107,6 +107,11 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(render("message", user="alice", text="hi", private=True), "alice (private): hi")
         self.assertEqual(render("presence", user="bob", online=True), "bob logged in")
         self.assertEqual(render("presence", user="bob", online=False), "bob logged out")
+        many = [f"u{i:02d}" for i in range(12)]
+        self.assertEqual(render("presence_many", users=many, online=True),
+                         "12 users logged in: u00, u01, u02, u03, u04, u05, u06, u07, u08, u09 and 2 more")
+        self.assertEqual(render("presence_many", users=many[:6], online=False),
+                         "6 users logged out: u00, u01, u02, u03, u04, u05")
         self.assertEqual(render("broadcast", user="bob", text="all"), "bob (broadcast): all")
         self.assertEqual(render("welcome", user="bob", mailbox=0), "welcome, bob!")
         self.assertIn("2 messages arrived", render("welcome", user="bob", mailbox=2))
@@ -138,7 +143,8 @@ class RenderTests(unittest.SynchronousTestCase):
         """Every event the messenger can show has a template that accepts its fields."""
         samples = {"user": "bob", "text": "t", "private": False, "online": True, "mailbox": 1, "server": "h:1",
                    "message": "m", "code": "c", "reason": "r", "fingerprint": "f" * 64, "old": "a", "new": "b",
-                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False, "sent_at": 1e9}
+                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False, "sent_at": 1e9,
+                   "users": ["bob", "carol"]}
         for event, template in console._EVENTS.items():
             names = inspect.signature(template).parameters
             line = render(event, **{name: samples[name] for name in names})
@@ -155,7 +161,8 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(clean("tab\there"), "tab here")
         samples = {"user": "bob", "text": evil, "private": False, "online": True, "mailbox": 1, "server": "h:1",
                    "message": evil, "code": evil, "reason": evil, "fingerprint": "f" * 64, "old": "a", "new": "b",
-                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False, "sent_at": 1e20}
+                   "chosen": True, "by_peer": True, "seconds": 30.0, "count": 2, "trusted": False, "sent_at": 1e20,
+                   "users": ["bob"]}
         lines = {event: render(event, **{name: samples[name] for name in inspect.signature(template).parameters})
                  for event, template in console._EVENTS.items()}
         lines["send_failed rate_limited"] = render("send_failed", user="bob", code="rate_limited", message=evil, text=evil)

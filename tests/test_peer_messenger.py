@@ -18,6 +18,7 @@ from p2pchat.peer.history import DELIVERED, FAILED, PENDING, SENT, History
 from p2pchat.peer.messenger import (
     ACK_WAIT,
     DIRECT_RETRY,
+    PRESENCE_LINES,
     RETRY_DELAY,
     UNREADABLE_WAIT,
     CommandError,
@@ -1128,6 +1129,24 @@ class ReceiveTests(MessengerTestCase):
         self.messenger.server_event(Event("presence", {"online": ["bob", 7], "offline": {"carol": "logout", "": "x"}}))
         self.assertEqual(self.view.events("presence"), [{"user": "carol", "online": False}, {"user": "bob", "online": True}])
         self.assertEqual(self.statuses("bob"), [("hi", SENT)])
+
+    def test_many_at_once_share_a_line(self) -> None:
+        """Users coming (or going) together beyond a few, as after a server restart, share one line,
+        instead of a line each flooding the console; each one's messages still go."""
+        self.start()
+        self.command("go_offline")
+        self.command("send", "bob", "waited")
+        self.command("go_online")
+        self.successResultOf(self.messenger.server_connected())
+        many = [f"u{i}" for i in range(PRESENCE_LINES + 1)]
+        self.messenger.server_event(Event("presence", {"online": [*many, "bob"], "offline": {u: "logout" for u in many}}))
+        self.assertEqual(self.view.events("presence"), [])
+        self.assertEqual(self.view.events("presence_many"), [
+            {"users": many, "online": False}, {"users": [*many, "bob"], "online": True},
+        ])
+        self.assertEqual(self.statuses("bob"), [("waited", SENT)])
+        self.messenger.server_event(Event("presence", {"online": many[:PRESENCE_LINES], "offline": {}}))
+        self.assertEqual(len(self.view.events("presence")), PRESENCE_LINES)
 
 
 class MuteTests(MessengerTestCase):

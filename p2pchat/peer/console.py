@@ -42,6 +42,7 @@ log = Logger()
 
 MAX_INPUT = 64 * 1024  # bytes in one input line; longer lines are refused whole
 HISTORY_DEFAULT = 20
+PRESENCE_NAMES = 10  # names listed in a line about many users logging in or out
 HISTORY_MAX = 1000
 
 
@@ -187,6 +188,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     + ("" if sent_at is None else f" (sent {_time(sent_at)})"),
     "broadcast": lambda user, text: f"{user} (broadcast): {text}",
     "presence": lambda user, online: f"{user} logged {'in' if online else 'out'}",
+    "presence_many": lambda users, online: f"{len(users)} users logged {'in' if online else 'out'}: "
+    + ", ".join(users[:PRESENCE_NAMES]) + (f" and {len(users) - PRESENCE_NAMES} more" if len(users) > PRESENCE_NAMES else ""),
     "welcome": lambda user, mailbox: f"welcome, {user}!"
     + (f" {_plural(mailbox, 'message')} arrived while you were away:" if mailbox else ""),
     "reconnected": lambda user, mailbox: "reconnected to the server",

@@ -27,6 +27,7 @@ log = Logger()
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 MAX_TEXT = 16000
+PRESENCE_LINES = 5  # users logging in (or out) together shown a line each; more share one line
 LATE = 60.0  # seconds after it was written that a message shown says when it was written
 MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
@@ -461,13 +462,16 @@ class Messenger:
         online, offline = fields.get("online"), fields.get("offline")
         if not (isinstance(online, list) and isinstance(offline, dict)):
             return
-        for user in offline:
-            if valid_username(user):
-                self._view.show("presence", user=user, online=False)
-        for user in online:
-            if valid_username(user):
-                self._view.show("presence", user=user, online=True)
-                self._kick(user)
+        gone = [user for user in offline if valid_username(user)]
+        came = [user for user in online if valid_username(user)]
+        for users, is_online in ((gone, False), (came, True)):
+            if len(users) > PRESENCE_LINES:  # a server restart brings everyone back at once: one line
+                self._view.show("presence_many", users=users, online=is_online)
+            else:
+                for user in users:
+                    self._view.show("presence", user=user, online=is_online)
+        for user in came:
+            self._kick(user)
 
     def _event_broadcast(self, fields: dict[str, Any]) -> None:
         user, text = fields.get("from"), fields.get("text")
