@@ -18,6 +18,7 @@ from p2pchat.peer.history import DELIVERED, FAILED, PENDING, SENT, History
 from p2pchat.peer.messenger import (
     ACK_WAIT,
     DIRECT_RETRY,
+    PRESENCE_GRACE,
     PRESENCE_LINES,
     RETRY_DELAY,
     UNREADABLE_WAIT,
@@ -1145,8 +1146,31 @@ class ReceiveTests(MessengerTestCase):
             {"users": many, "online": False}, {"users": [*many, "bob"], "online": True},
         ])
         self.assertEqual(self.statuses("bob"), [("waited", SENT)])
-        self.messenger.server_event(Event("presence", {"online": many[:PRESENCE_LINES], "offline": {}}))
-        self.assertEqual(len(self.view.events("presence")), PRESENCE_LINES)
+        few = [f"v{i}" for i in range(PRESENCE_LINES)]
+        self.messenger.server_event(Event("presence", {"online": few, "offline": {}}))
+        self.assertEqual([e["user"] for e in self.view.events("presence")], few)
+
+    def test_server_restart_tells_only_changes(self) -> None:
+        """After a login the peer learns who is online (and says nothing of it); after the server
+        restarted, users who were online and come back are not news: those who came meanwhile are
+        told, and those not back within PRESENCE_GRACE as gone."""
+        self.directory.online.update({"bob", "carol"})
+        self.start()
+        self.messenger.server_event(Event("presence", {"online": ["dave"], "offline": {}}))
+        self.assertEqual(self.view.events("presence"), [{"user": "dave", "online": True}])
+        self.messenger.server_event(Event("bye", {"reason": "shutdown", "message": "restarting"}))
+        self.messenger.server_lost()
+        self.directory.online = {"bob", "dave", "erin"}  # carol not back yet: she may be reconnecting
+        self.successResultOf(self.messenger.server_connected())
+        self.messenger.server_event(Event("presence", {"online": ["bob", "erin", "dave"], "offline": {}}))
+        self.assertEqual(self.view.events("presence")[1:], [{"user": "erin", "online": True}])
+        self.clock.advance(PRESENCE_GRACE - 1)
+        self.messenger.server_event(Event("presence", {"online": ["fred"], "offline": {}}))
+        self.assertEqual(len(self.view.events("presence")), 3)
+        self.clock.advance(1)  # carol, online before, did not come back in time: gone
+        self.assertEqual(self.view.events("presence")[3:], [{"user": "carol", "online": False}])
+        self.messenger.server_event(Event("presence", {"online": ["carol"], "offline": {}}))
+        self.assertEqual(self.view.events("presence")[4:], [{"user": "carol", "online": True}])
 
 
 class MuteTests(MessengerTestCase):

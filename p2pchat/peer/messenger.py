@@ -27,6 +27,7 @@ log = Logger()
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 MAX_TEXT = 16000
+PRESENCE_GRACE = 30.0  # seconds users online before a reconnection have to come back before told gone
 PRESENCE_LINES = 5  # users logging in (or out) together shown a line each; more share one line
 LATE = 60.0  # seconds after it was written that a message shown says when it was written
 MAX_MSG_IDS = 256
@@ -163,7 +164,11 @@ class Messenger:
         self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
-        self._bye_told = False  # the server said why it closes the connection: its loss is not told again
+        self._bye_told = False
+        self._online_seen: set[str] = set()  # who this peer last heard is online (presence, who)
+        self._presence_known = False  # it has asked who is online once, after its first login
+        self._unconfirmed: set[str] = set()  # online before a reconnection, not heard of since
+        self._settle_call: Any = None  # when those are told as gone  # the server said why it closes the connection: its loss is not told again
         # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed
         # receipts; ("unreadable",) tells of the envelopes in _unreadable (sender -> msg_ids)
         self._retry_calls: dict[tuple[str, ...], Any] = {}
@@ -224,6 +229,9 @@ class Messenger:
             call.cancel()
         self._retry_calls.clear()
         self._ack_checks.clear()
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()
+        self._settle_call = None
 
     def _ready(self) -> None:
         waiters, self._ready_waiters = self._ready_waiters, None
@@ -450,6 +458,7 @@ class Messenger:
         # receipts for the mailbox go out as it is taken, and would otherwise go twice.
         owed = await self._history.owed_receipts()
         blocked = set(_usernames(await self._server.request("blocks", background=True)))
+        await self._sync_presence()
         for user in blocked | {u for u, c in self._contacts.items() if c.blocked}:
             await self._save(replace(self._contact(user), blocked=user in blocked))
         for peer in sorted({entry.peer for entry in await self._history.outbox()}):
@@ -464,14 +473,52 @@ class Messenger:
             return
         gone = [user for user in offline if valid_username(user)]
         came = [user for user in online if valid_username(user)]
-        for users, is_online in ((gone, False), (came, True)):
-            if len(users) > PRESENCE_LINES:  # a server restart brings everyone back at once: one line
-                self._view.show("presence_many", users=users, online=is_online)
-            else:
-                for user in users:
-                    self._view.show("presence", user=user, online=is_online)
+        seen = self._online_seen
+        self._show_presence(gone, False)
+        # Back after the server restarted, everyone who was online comes back: not news to the user.
+        self._show_presence([user for user in came if user not in seen], True)
+        seen.difference_update(gone)
+        seen.update(came)
+        self._unconfirmed.difference_update(gone, came)
         for user in came:
             self._kick(user)
+
+    async def _sync_presence(self) -> None:
+        """
+        After a login, learn who is online. After a reconnection (the server may have restarted,
+        and announced nothing of who came and went meanwhile), tell who came; those who were online
+        before and are not yet back get L{PRESENCE_GRACE} to reconnect too before they are told
+        as gone: after a restart everyone comes back over a few seconds, which is not news.
+        """
+        try:
+            users = set(_usernames(await self._server.request("who", background=True)))
+        except (RequestError, NotConnected) as e:
+            log.info("who is online stays unknown until the next presence: {e}", e=e)
+            return
+        seen = self._online_seen
+        if self._presence_known:
+            self._show_presence(sorted(users - seen), True)
+            self._unconfirmed = seen - users
+            if self._settle_call is not None and self._settle_call.active():
+                self._settle_call.cancel()
+            self._settle_call = self._clock.callLater(PRESENCE_GRACE, self._presence_settled)
+            seen.update(users)
+        else:
+            self._online_seen = users
+        self._presence_known = True
+
+    def _presence_settled(self) -> None:
+        self._settle_call = None
+        gone, self._unconfirmed = sorted(self._unconfirmed), set()
+        self._online_seen.difference_update(gone)
+        self._show_presence(gone, False)
+
+    def _show_presence(self, users: list[str], online: bool) -> None:
+        if len(users) > PRESENCE_LINES:  # many at once (a big server's morning): one line
+            self._view.show("presence_many", users=users, online=online)
+        else:
+            for user in users:
+                self._view.show("presence", user=user, online=online)
 
     def _event_broadcast(self, fields: dict[str, Any]) -> None:
         user, text = fields.get("from"), fields.get("text")
