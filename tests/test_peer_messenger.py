@@ -18,6 +18,7 @@ from p2pchat.peer.history import DELIVERED, FAILED, PENDING, SENT, History
 from p2pchat.peer.messenger import (
     ACK_WAIT,
     DIRECT_RETRY,
+    LATE,
     PRESENCE_GRACE,
     PRESENCE_LINES,
     RETRY_DELAY,
@@ -921,14 +922,15 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(json.loads(payload), {"kind": "receipt", "msg_ids": ["m1"]})
 
     def test_late_message_says_when(self) -> None:
-        """A message shown more than a minute after it was written (kept by the server while this
-        peer was away) carries its time, for the console to say when; a fresh one does not."""
+        """A message shown more than LATE seconds after it was written (kept by the server while
+        this peer was away) carries its time, for the console to say when; a fresh one does not,
+        nor one from a sender whose clock is a little behind."""
         self.start()
         now = self.clock.seconds()
-        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "old", "sent_at": now - 100})
-        self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "new", "sent_at": now - 10})
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "old", "sent_at": now - LATE - 1})
+        self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "new", "sent_at": now - LATE + 1})
         self.assertEqual(self.view.events("message"), [
-            {"user": "bob", "text": "old", "private": False, "sent_at": now - 100},
+            {"user": "bob", "text": "old", "private": False, "sent_at": now - LATE - 1},
             {"user": "bob", "text": "new", "private": False},
         ])
 

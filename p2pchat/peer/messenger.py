@@ -29,7 +29,9 @@ USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 MAX_TEXT = 16000
 PRESENCE_GRACE = 30.0  # seconds users online before a reconnection have to come back before told gone
 PRESENCE_LINES = 5  # users logging in (or out) together shown a line each; more share one line
-LATE = 60.0  # seconds after it was written that a message shown says when it was written
+# Seconds after it was written that a message shown says when it was written: beyond the skew of
+# clocks that are set by hand rather than kept by NTP (the time is the sender's word)
+LATE = 300.0
 MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
 RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
