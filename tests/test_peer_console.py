@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 import pyte
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
@@ -462,6 +464,23 @@ class TerminalTests(ConsoleTestCase):
         self.console.show("message", user="bob", text="hi", private=False)
         self.assertEqual(self.look(), ["bob: hi", "alice> /msg bob hel"])
         self.assertEqual(self.cursor_after(), "alice>·/msg·bob·h")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(max_size=40) | st.sampled_from(
+        [b"\x1b[A", b"\x1b[B", b"\x1b[C", b"\x1b[D", b"\x1b[3~", b"\x7f", b"\x01", b"\x05", b"\x0b",
+         b"\x15", b"\x17", "\u4f60\U0001f44be\u0301".encode(), b"abc def "]), max_size=30))
+    def test_any_keys(self, chunks: list[bytes]) -> None:
+        """Whatever bytes come from the keyboard, in whatever pieces: no error, the prompt line
+        never wraps and the cursor stays on it, inside the line being typed."""
+        self.setUp()
+        self.console.start_commands()
+        for chunk in chunks:
+            self.type(chunk.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x04", b""))
+            self.look()
+            editor = self.console._editor
+            self.assertTrue(0 <= editor.cursor <= len(editor.text))
+            self.assertLess(self.screen.cursor.x, self.columns)
+            self.assertEqual(self.screen.display[self.screen.cursor.y + 1].strip(), "")  # nothing wrapped below
 
     def test_ctrl_l_clears_the_screen(self) -> None:
         """Ctrl-L clears the screen and puts the prompt line back at the top."""
