@@ -11,6 +11,7 @@ import pyte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from p2pchat.peer import console
@@ -288,14 +289,21 @@ class PipeTests(ConsoleTestCase):
         self.flushLoggedErrors(ZeroDivisionError)
 
     def test_history_failure_named(self) -> None:
-        """A history that cannot be written (a full disk) is named, not a generic error."""
+        """A history that cannot be written (a full disk) is named, not a generic error; the log
+        names the command, not what the message said."""
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         self.messenger.errors["send"] = sqlite3.OperationalError("database or disk is full")
         self.console.start_commands()
-        self.type(b"/msg bob hi\n")
+        self.type(b"/msg bob my secret words\n")
         self.assertEqual(
             self.output(), "error: the history could not be read or written (database or disk is full)\n"
         )
         self.flushLoggedErrors(sqlite3.OperationalError)
+        lines = [formatEvent(event) for event in logged]
+        self.assertIn("command /msg", lines)
+        self.assertFalse([line for line in lines if "secret" in line], lines)
 
     def test_huge_line_refused(self) -> None:
         """A line over the limit (even arriving in pieces) is refused once, whole; the next line works."""

@@ -585,6 +585,7 @@ class Console(Protocol):
 
     async def execute(self, line: str) -> None:
         """Run one command line and print its outcome; never raises."""
+        command = None
         try:
             command = parse(line)
             if command is None:
@@ -595,10 +596,11 @@ class Console(Protocol):
         except CommandError as e:
             self._print("error: " + render_error(e.code, **e.fields))
         except sqlite3.Error as e:  # the history's file: a full disk, a damaged file
-            log.failure("command {line!r}", line=line[:100])
+            # The command's name only: its arguments may be a message, which has no place in a log.
+            log.failure("command /{name}", name=command and command.name)
             self._print(f"error: the history could not be read or written ({clean(e)})")
         except Exception:
-            log.failure("command {line!r}", line=line[:100])
+            log.failure("command /{name}", name=command and command.name)
             self._print("error: something went wrong; details are in the log")
 
     @property

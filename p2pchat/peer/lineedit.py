@@ -6,8 +6,9 @@ under the cursor, so the console can always erase and redraw it with a carriage 
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterator
+
+from wcwidth import wcwidth
 
 # Keys other than a character, as KeyDecoder names them.
 ENTER = "enter"
@@ -86,9 +87,9 @@ def width(text: str) -> int:
 
 
 def _char_width(c: str) -> int:
-    if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf"):
-        return 0
-    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+    # wcwidth follows the Unicode version terminals do (Python's own tables lag behind: U+4DC0..
+    # U+4DFF became wide in Unicode 16); -1 is for control characters, which are never typed in.
+    return max(wcwidth(c), 0)
 
 
 class LineEditor:
