@@ -211,6 +211,9 @@ class FakeMessenger:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.errors: dict[str, Exception] = {}
 
+    def known_users(self) -> list[str]:
+        return ["bob", "bobby", "carol"]
+
     def __getattr__(self, name: str) -> Any:
         async def command(*args: Any) -> Any:
             self.calls.append((name, args))
@@ -490,6 +493,27 @@ class TerminalTests(ConsoleTestCase):
             self.assertLess(self.screen.cursor.x, self.columns)
             self.assertEqual(self.screen.display[self.screen.cursor.y + 1].strip(), "")  # nothing wrapped below
 
+    def test_tab_completes(self) -> None:
+        """Tab completes a command's name, then a username where the command takes one (from the
+        users the peer knows), as far as the candidates agree; a second Tab lists them; none rings
+        the bell."""
+        self.console.start_commands()
+        self.type(b"/ms\t")
+        self.assertEqual(self.look(), ["alice> /msg"])
+        self.type(b"b\t")  # as far as the candidates agree
+        self.assertEqual(self.look(), ["alice> /msg bob"])
+        self.type(b"\t")  # then which they are
+        self.assertEqual(self.look(), ["bob  bobby", "alice> /msg bob"])
+        self.type(b"b\t")
+        self.assertEqual(self.look()[-1], "alice> /msg bobby")
+        self.type(b"hi\t")
+        self.assertIn("\a", self.output())
+        self.type(b"\r/m\t")
+        self.assertEqual(self.messenger.calls, [("send", ("bobby", "hi"))])
+        self.assertEqual(self.look()[-2:], ["/message  /msg  /mute", "alice> /m"])
+        self.type(b"\x15who \t")
+        self.assertEqual(self.look()[-1], "alice> who")  # /who takes no user: nothing to add
+
     def test_ctrl_l_clears_the_screen(self) -> None:
         """Ctrl-L clears the screen and puts the prompt line back at the top."""
         self.console.start_commands()
@@ -512,6 +536,12 @@ class TerminalTests(ConsoleTestCase):
         self.assertEqual(self.output().count("\a"), 1)
         self.type(b"\r")
         self.assertEqual(self.messenger.calls, [("broadcast", ("x" * (MAX_INPUT - len(command)),))])
+
+    def test_tab_in_a_password(self) -> None:
+        """In a password, Tab completes nothing: it is typed, as a space (as before editing came)."""
+        password = self.console.password(False)
+        self.type(b"two\twords\r")
+        self.assertEqual(self.successResultOf(password), "two words")
 
     def test_password_not_echoed(self) -> None:
         """The password prompt does not echo what is typed, nor take keys that move over what it does

@@ -1152,6 +1152,13 @@ class ReceiveTests(MessengerTestCase):
         self.messenger.server_event(Event("presence", {"online": few, "offline": {}}))
         self.assertEqual([e["user"] for e in self.view.events("presence")], few)
 
+    def test_known_users(self) -> None:
+        """The names the console completes: users online lately and users met before, not oneself."""
+        self.directory.online.update({"carol", "alice"})
+        self.start()
+        self.command("send", "bob", "hi")
+        self.assertEqual(self.messenger.known_users(), ["bob", "carol"])
+
     def test_server_restart_tells_only_changes(self) -> None:
         """After a login the peer learns who is online (and says nothing of it); after the server
         restarted, users who were online and come back are not news: those who came meanwhile are

@@ -10,7 +10,7 @@ import re
 import sqlite3
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from .lineedit import (
     KILL_BEFORE,
     KILL_WORD,
     REDRAW,
+    TAB,
     KeyDecoder,
     LineEditor,
     width,
@@ -86,12 +87,44 @@ SPECS = [
 ]
 _BY_NAME = {name: spec for spec in SPECS for name in (spec.name, *spec.aliases)}
 _WORD = re.compile(r"\s*(\S+)(.*)", re.DOTALL)
+_FIRST_WORD = re.compile(r"\s*(\S*)")
+_SECOND_WORD = re.compile(r"\s*(\S+)\s+(\S*)")
+
+
+def _takes_user(command: str) -> bool:
+    spec = _BY_NAME.get(command.removeprefix("/").lower())
+    return spec is not None and spec.params.lstrip("[").startswith("USER")
 
 
 @dataclass(frozen=True)
 class Command:
     name: str
     args: tuple[Any, ...]
+
+
+def complete(before: str, users: Iterable[str]) -> tuple[str, list[str]]:
+    """
+    What Tab adds to a line typed up to the cursor (C{before}): the rest of a command's name, or
+    of a username where a command takes one (among C{users}).
+
+    @return: the text to insert, and the candidates when there are several.
+    """
+    first = _FIRST_WORD.fullmatch(before)
+    second = _SECOND_WORD.fullmatch(before)
+    if first is not None:
+        typed, names = first.group(1).removeprefix("/"), set(_BY_NAME)
+        shown = "/{}".format
+    elif second is not None and _takes_user(second.group(1)):
+        typed, names, shown = second.group(2), set(users), str
+    else:
+        return "", []
+    candidates = sorted(name for name in names if name.startswith(typed))
+    if not candidates:
+        return "", []
+    rest = os.path.commonprefix(candidates)[len(typed):]
+    if len(candidates) == 1:
+        return rest + " ", []
+    return rest, [shown(name) for name in candidates]
 
 
 def parse(line: str) -> Command | None:
@@ -159,7 +192,8 @@ def help_text() -> str:
         aliases = f" (also {', '.join('/' + a for a in spec.aliases)})" if spec.aliases else ""
         lines.append(f"  {spec.usage():<{width}}  {spec.summary}{aliases}")
     lines.append("on a terminal: arrows, Home, End, Ctrl-W/K/U edit the line; up and down bring back lines"
-                 " entered before; Ctrl-L clears the screen; Ctrl-D on an empty line logs out")
+                 " entered before; Tab completes commands and usernames; Ctrl-L clears the screen;"
+                 " Ctrl-D on an empty line logs out")
     return "\n".join(lines)
 
 
@@ -341,7 +375,7 @@ def terminal_columns() -> int:
 
 
 # What a password prompt takes: typing and erasing, nothing that moves over what is not shown.
-_PASSWORD_KEYS = (BACKSPACE, KILL_BEFORE, KILL_WORD, EOF)
+_PASSWORD_KEYS = (BACKSPACE, KILL_BEFORE, KILL_WORD, EOF, TAB)
 
 
 def cbreak(fd: int) -> Callable[[], None]:
@@ -491,15 +525,30 @@ class Console(Protocol):
             elif key == REDRAW:
                 self._write("\x1b[H\x1b[2J")
                 changed = True
+            elif key == TAB and not password:
+                changed = self._complete() or changed
             elif password and len(key) > 1 and key not in _PASSWORD_KEYS:
                 continue
-            elif self._editor.key(DELETE if key == EOF else key):
+            elif self._editor.key({EOF: DELETE, TAB: " "}.get(key, key)):
                 changed, self._rang = True, False
             elif not self._rang:  # the line is as long as a line may be: once, not for each key of a paste
                 self._write("\a")
                 self._rang = True
         if changed:
             self._refresh()
+
+    def _complete(self) -> bool:
+        """Tab: complete the command or the username being typed; list the candidates if several."""
+        editor = self._editor
+        users = self._messenger.known_users() if self._messenger is not None else []
+        rest, candidates = complete(editor.text[: editor.cursor], users)
+        for c in rest:
+            editor.key(c)
+        if candidates and not rest:
+            self._print("  ".join(candidates))
+        elif not rest:
+            self._write("\a")
+        return bool(rest)
 
     def _enter(self) -> None:
         self._rang = False

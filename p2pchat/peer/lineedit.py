@@ -25,6 +25,7 @@ KILL_AFTER = "kill-after"  # ctrl-K
 KILL_WORD = "kill-word"  # ctrl-W
 EOF = "eof"  # ctrl-D
 REDRAW = "redraw"  # ctrl-L
+TAB = "tab"
 
 _CONTROL = {
     "\r": ENTER, "\n": ENTER, "\x7f": BACKSPACE, "\x08": BACKSPACE, "\x01": HOME, "\x05": END,
@@ -57,7 +58,7 @@ class KeyDecoder:
             elif c in _CONTROL:
                 yield _CONTROL[c]
             elif c == "\t":
-                yield " "
+                yield TAB
             elif c.isprintable():
                 yield c
 

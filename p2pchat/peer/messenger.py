@@ -1129,6 +1129,10 @@ class Messenger:
         result = await self._request("broadcast", text=text)
         return _count(result.get("delivered")), _count(result.get("skipped"))
 
+    def known_users(self) -> list[str]:
+        """Users this peer knows of (online lately, or met before), for completing a name."""
+        return sorted((self._online_seen | self._contacts.keys()) - {self.user})
+
     async def who(self) -> list[str]:
         return _usernames(await self._request("who"))
 
