@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import stat
 import sys
 
 from twisted.internet import defer, reactor, task
@@ -316,6 +317,18 @@ class ServerProcessTests(E2E):
             idle.append(socket.create_connection(("127.0.0.1", server.port)))
             self.addCleanup(idle[-1].close)
         await with_timeout(defer.Deferred.fromCoroutine(self.connect(server)), 20, "a TLS connection past the low limit")
+
+    @e2e
+    async def test_private_files_made_private(self):
+        """The key and the database (password hashes) are made readable by their owner only at each
+        start, even when they come back from a copy that made them readable to all."""
+        server = await self.server()
+        await server.kill("TERM")
+        private = [os.path.join(self.data_dir, name) for name in ("server.key", "discovery.sqlite3")]
+        for path in private:
+            os.chmod(path, 0o644)
+        await self.server()
+        self.assertEqual([stat.S_IMODE(os.stat(path).st_mode) for path in private], [0o600, 0o600])
 
     @e2e
     async def test_second_server_on_one_data_dir(self):

@@ -175,6 +175,7 @@ class DiscoveryService(Service):
         identity = None  # ours to serve: not with an ssl: port (it names its own), not in plaintext
         if not own_certificate and not config["insecure-plaintext"]:
             identity = load_or_create_identity(data_dir, "server", "p2pchat discovery server")
+            os.chmod(os.path.join(data_dir, "server.key"), 0o600)  # restored from a copy made readable to all
             fingerprint = cert_fingerprint(identity.certificate)
             log.info("certificate fingerprint sha256:{fp}", fp=fingerprint)
             log.info("(for people: {fp})", fp=format_fingerprint(fingerprint))
