@@ -1180,6 +1180,12 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.view.events("presence")[3:], [{"user": "carol", "online": False}])
         self.messenger.server_event(Event("presence", {"online": ["carol"], "offline": {}}))
         self.assertEqual(self.view.events("presence")[4:], [{"user": "carol", "online": True}])
+        self.messenger.server_lost()
+        self.directory.online.discard("carol")
+        self.successResultOf(self.messenger.server_connected())
+        self.command("go_offline")  # offline, nobody is told gone: /online asks again
+        self.clock.advance(PRESENCE_GRACE)
+        self.assertEqual(len(self.view.events("presence")), 5)
 
 
 class MuteTests(MessengerTestCase):

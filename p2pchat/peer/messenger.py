@@ -231,9 +231,6 @@ class Messenger:
             call.cancel()
         self._retry_calls.clear()
         self._ack_checks.clear()
-        if self._settle_call is not None and self._settle_call.active():
-            self._settle_call.cancel()
-        self._settle_call = None
 
     def _ready(self) -> None:
         waiters, self._ready_waiters = self._ready_waiters, None
@@ -1235,6 +1232,9 @@ class Messenger:
     async def _leave(self) -> None:
         self.logged_in = False
         self._cancel_login_wait()
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()  # offline, presence is not followed; /online asks anew
+        self._settle_call = None
         await self._server.stop()
         await self._links.stop_listening()
         self._links.close_all()
