@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NoReturn, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -1007,21 +1007,11 @@ class Messenger:
                 )
 
     def when_outbox_idle(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self._pumping:
-            self._idle_waiters.append(d)
-        else:
-            d.callback(None)
-        return d
+        return _wait_while(bool(self._pumping), self._idle_waiters)
 
     def when_inbox_idle(self) -> Deferred[None]:
         """Fires once what arrived from the server is stored and acknowledged."""
-        d: Deferred[None] = Deferred()
-        if self._draining:
-            self._drained_waiters.append(d)
-        else:
-            d.callback(None)
-        return d
+        return _wait_while(self._draining, self._drained_waiters)
 
     # -- commands (called by the console) ----------------------------------------
 
@@ -1258,6 +1248,15 @@ class Messenger:
                 pass
         await self.stop()
         self._finish(0)
+
+
+def _wait_while(busy: bool, waiters: list[Deferred[None]]) -> Deferred[None]:
+    """Fired now if not C{busy}, else with the C{waiters} (which whoever is busy fires when done)."""
+    if not busy:
+        return succeed(None)
+    d: Deferred[None] = Deferred()
+    waiters.append(d)
+    return d
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
