@@ -22,7 +22,14 @@ from twisted.python.failure import Failure
 
 from p2pchat.crypto import valid_envelope_key, valid_fingerprint
 from p2pchat.discovery.store.base import Account, StoredEnvelope, UsernameTaken
-from p2pchat.wire import MAX_PASSWORD, MIN_PASSWORD, PASSWORD_RULE, Code, dumps_line, encode_event
+from p2pchat.wire import (
+    MAX_PASSWORD,
+    MIN_PASSWORD,
+    PASSWORD_RULE,
+    Code,
+    dumps_line,
+    encode_event,
+)
 
 log = Logger()
 
@@ -239,7 +246,7 @@ class Directory:
                 skipped += 1
                 continue
             if "\ufffd" in line:  # the file is read with errors replaced: the password would not be the one meant
-                log.warn("credentials line {number}: not UTF-8 text; skipped", number=number)
+                log.warn("credentials line {number}: not UTF-8 text; skipped", number=number)  # noqa: G010 - twisted.logger
                 skipped += 1
                 continue
             username, password = parts
