@@ -166,11 +166,11 @@ class Messenger:
         self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
-        self._bye_told = False
+        self._bye_told = False  # the server said why it closes the connection: its loss is not told again
         self._online_seen: set[str] = set()  # who this peer last heard is online (presence, who)
         self._presence_known = False  # it has asked who is online once, after its first login
         self._unconfirmed: set[str] = set()  # online before a reconnection, not heard of since
-        self._settle_call: Any = None  # when those are told as gone  # the server said why it closes the connection: its loss is not told again
+        self._settle_call: Any = None  # when those are told as gone
         # after a transient refusal: ("outbox", user) sends the user's outbox again, ("receipts",) the owed
         # receipts; ("unreadable",) tells of the envelopes in _unreadable (sender -> msg_ids)
         self._retry_calls: dict[tuple[str, ...], Any] = {}
