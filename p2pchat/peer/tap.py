@@ -153,6 +153,7 @@ class PeerService(Service):
             from twisted.internet import reactor
         self._config = config
         self._reactor = reactor
+        self._restore_terminal: Any = None  # set once the terminal is in character mode
 
     def startService(self) -> None:
         super().startService()
