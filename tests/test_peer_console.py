@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pyte
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -115,6 +115,9 @@ class RenderTests(unittest.SynchronousTestCase):
                          "12 users logged in: u00, u01, u02, u03, u04, u05, u06, u07, u08, u09 and 2 more")
         self.assertEqual(render("presence_many", users=many[:6], online=False),
                          "6 users logged out: u00, u01, u02, u03, u04, u05")
+        self.assertEqual(render("online_now", users=["bob", "carol"]), "online now: bob, carol")
+        self.assertTrue(render("online_now", users=many).endswith("u08, u09 and 2 more"))
+        self.assertEqual(render("online_now", users=[]), "nobody else is online now")
         self.assertEqual(render("broadcast", user="bob", text="all"), "bob (broadcast): all")
         self.assertEqual(render("welcome", user="bob", mailbox=0), "welcome, bob!")
         self.assertIn("2 messages arrived", render("welcome", user="bob", mailbox=2))
@@ -477,6 +480,7 @@ class TerminalTests(ConsoleTestCase):
         self.assertEqual(self.cursor_after(), "alice>·/msg·bob·h")
 
     @settings(max_examples=200, deadline=None)
+    @example([b"\t"] * 20)  # Tab's candidates printed until the screen scrolls
     @given(st.lists(st.binary(max_size=40) | st.sampled_from(
         [b"\x1b[A", b"\x1b[B", b"\x1b[C", b"\x1b[D", b"\x1b[3~", b"\x7f", b"\x01", b"\x05", b"\x0b",
          b"\x15", b"\x17", "\u4f60\U0001f44be\u0301".encode(), b"abc def "]), max_size=30))
@@ -491,7 +495,10 @@ class TerminalTests(ConsoleTestCase):
             editor = self.console._editor
             self.assertTrue(0 <= editor.cursor <= len(editor.text))
             self.assertLess(self.screen.cursor.x, self.columns)
-            self.assertEqual(self.screen.display[self.screen.cursor.y + 1].strip(), "")  # nothing wrapped below
+            # The cursor's row is the prompt's (not a wrapped part of it), with nothing below it.
+            rows = self.screen.display
+            self.assertTrue(rows[self.screen.cursor.y].startswith("alice> "), rows)
+            self.assertEqual("".join(rows[self.screen.cursor.y + 1 :]).strip(), "")
 
     def test_tab_completes(self) -> None:
         """Tab completes a command's name, then a username where the command takes one (from the

@@ -205,6 +205,12 @@ def clean(text: Any) -> str:
     return "".join(c if c.isprintable() else " " if c == "\t" else "\ufffd" for c in str(text))
 
 
+def _names(users: list[str]) -> str:
+    """The first few of many names, and how many more."""
+    more = len(users) - PRESENCE_NAMES
+    return ", ".join(users[:PRESENCE_NAMES]) + (f" and {more} more" if more > 0 else "")
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -222,8 +228,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     + ("" if sent_at is None else f" (sent {_time(sent_at)})"),
     "broadcast": lambda user, text: f"{user} (broadcast): {text}",
     "presence": lambda user, online: f"{user} logged {'in' if online else 'out'}",
-    "presence_many": lambda users, online: f"{len(users)} users logged {'in' if online else 'out'}: "
-    + ", ".join(users[:PRESENCE_NAMES]) + (f" and {len(users) - PRESENCE_NAMES} more" if len(users) > PRESENCE_NAMES else ""),
+    "presence_many": lambda users, online: f"{len(users)} users logged {'in' if online else 'out'}: {_names(users)}",
+    "online_now": lambda users: f"online now: {_names(users)}" if users else "nobody else is online now",
     "welcome": lambda user, mailbox: f"welcome, {user}!"
     + (f" {_plural(mailbox, 'message')} arrived while you were away:" if mailbox else ""),
     "reconnected": lambda user, mailbox: "reconnected to the server",

@@ -504,6 +504,7 @@ class Messenger:
             seen.update(users)
         else:
             self._online_seen = users
+            self._view.show("online_now", users=sorted(users))  # a first login: who is around
         self._presence_known = True
 
     def _presence_settled(self) -> None:
