@@ -520,6 +520,12 @@ class TerminalTests(ConsoleTestCase):
         self.assertEqual(self.look()[-2:], ["/message  /msg  /mute", "alice> /m"])
         self.type(b"\x15who \t")
         self.assertEqual(self.look()[-1], "alice> who")  # /who takes no user: nothing to add
+        self.messenger.known_users = lambda: [f"u{i:03d}" for i in range(120)]
+        self.output()
+        self.type(b"\x15/msg u\t")  # a big server's users: a screenful at most
+        listed = self.output()
+        self.assertIn("u048  u049  ... and 70 more\n", listed)
+        self.assertNotIn("u050", listed)
 
     def test_ctrl_l_clears_the_screen(self) -> None:
         """Ctrl-L clears the screen and puts the prompt line back at the top."""

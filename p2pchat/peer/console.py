@@ -44,6 +44,7 @@ log = Logger()
 MAX_INPUT = 64 * 1024  # bytes in one input line; longer lines are refused whole
 HISTORY_DEFAULT = 20
 PRESENCE_NAMES = 10  # names listed in a line about many users logging in or out
+COMPLETIONS_SHOWN = 50  # candidates listed by Tab
 HISTORY_MAX = 1000
 
 
@@ -551,7 +552,8 @@ class Console(Protocol):
         for c in rest:
             editor.key(c)
         if candidates and not rest:
-            self._print("  ".join(candidates))
+            more = len(candidates) - COMPLETIONS_SHOWN  # a big server's users: a screenful at most
+            self._print("  ".join(candidates[:COMPLETIONS_SHOWN]) + (f"  ... and {more} more" if more > 0 else ""))
         elif not rest:
             self._write("\a")
         return bool(rest)
