@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 import sqlite3
 import time
 from typing import Any
@@ -29,6 +30,21 @@ from p2pchat.peer.console import (
 )
 from p2pchat.peer.history import Entry
 from p2pchat.peer.messenger import CommandError, FingerprintInfo
+
+
+class CompleteTests(unittest.SynchronousTestCase):
+    @given(st.text(max_size=40), st.lists(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,8}", fullmatch=True), max_size=8))
+    def test_any_line(self, before: str, users: list[str]) -> None:
+        """Whatever is typed, Tab adds to the word being typed the letters all candidates share,
+        and lists candidates only when there is nothing to add."""
+        rest, candidates = console.complete(before, users)
+        letters = rest.removesuffix(" ")
+        self.assertFalse(any(c.isspace() for c in letters), rest)
+        if rest.endswith(" "):  # the one candidate, completed
+            self.assertEqual(candidates, [])
+        word = re.search(r"(\S*)$", before + letters).group(1).removeprefix("/")
+        for candidate in candidates:
+            self.assertTrue(candidate.removeprefix("/").startswith(word), (before, rest, candidate))
 
 
 class ParseTests(unittest.SynchronousTestCase):
