@@ -1152,6 +1152,22 @@ class ReceiveTests(MessengerTestCase):
         self.messenger.server_event(Event("presence", {"online": few, "offline": {}}))
         self.assertEqual([e["user"] for e in self.view.events("presence")], few)
 
+    def test_online_now_after_the_mailbox(self) -> None:
+        """Who is online is said after the messages that waited at the server, which come first,
+        even while they are still being stored."""
+        self.directory.online.add("carol")
+        stored: Deferred[None] = Deferred()
+        add_incoming = self.history.add_incoming
+        self.patch(self.history, "add_incoming", lambda *a: stored.addCallback(lambda _: add_incoming(*a)))
+        self.directory.answers["blocks"] = blocks = Deferred()
+        self.start()
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "while you were away", "sent_at": 1.0})
+        blocks.callback({"users": []})  # its answer, and who's, come after the mailbox
+        self.assertEqual(self.view.events("online_now"), [])
+        stored.callback(None)
+        self.assertEqual([event for event, _ in self.view.shown if event in ("message", "online_now")],
+                         ["message", "online_now"])
+
     def test_known_users(self) -> None:
         """The names the console completes: users online lately and users met before, not oneself."""
         self.directory.online.update({"carol", "alice"})

@@ -504,7 +504,8 @@ class Messenger:
             seen.update(users)
         else:
             self._online_seen = users
-            self._view.show("online_now", users=sorted(users))  # a first login: who is around
+            # A first login: who is around, said after the messages that waited (they came first).
+            self.when_inbox_idle().addCallback(lambda _: self._view.show("online_now", users=sorted(users)))
         self._presence_known = True
 
     def _presence_settled(self) -> None:
