@@ -1138,6 +1138,19 @@ class RelayTests(TestCase):
         h.clock.advance(1)
         await alice.ok("send", to="bob", msg_id="y", envelope="e")
 
+    @harness_test(message_rate=1, message_burst=3)
+    async def test_lists_count_against_the_rate(self, h):
+        """Lists of users (who, whosince), which cost a big server ~0.1 ms and 22 KB of answer for
+        a 22-byte request, take from the same bucket: a client cannot ask for them at line speed."""
+        alice = await h.user("alice")
+        await alice.ok("who")
+        await alice.ok("whosince", seconds=60)
+        await alice.ok("who")
+        self.assertEqual(await alice.refused("who"), "rate_limited")
+        self.assertEqual(await alice.refused("whosince", seconds=60), "rate_limited")
+        h.clock.advance(1)
+        await alice.ok("who")
+
 
 class BroadcastTests(TestCase):
     @harness_test()
