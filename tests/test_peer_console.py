@@ -566,6 +566,20 @@ class TerminalTests(ConsoleTestCase):
         self.type(b"\r")
         self.assertEqual(self.messenger.calls, [("broadcast", ("x" * (MAX_INPUT - len(command)),))])
 
+    def test_password_prompt_sets_the_line_aside(self) -> None:
+        """A password prompt that comes while a line is being typed (a registration once the server
+        is back) puts the line aside and gives it back, cursor and all, once the password is in."""
+        self.console.start_commands()
+        self.type(b"/msg bob hello\x1b[D")
+        password = self.console.password(False)
+        self.assertEqual(self.look()[-1], "password for alice:")
+        self.type(b"sekrit\r")
+        self.assertEqual(self.successResultOf(password), "sekrit")
+        self.assertEqual(self.look()[-1], "alice> /msg bob hello")
+        self.assertEqual(self.cursor_after(), "alice>·/msg·bob·hell")
+        self.type(b"\r")
+        self.assertEqual(self.messenger.calls, [("send", ("bob", "hello"))])
+
     def test_tab_in_a_password(self) -> None:
         """In a password, Tab completes nothing: it is typed, as a space (as before editing came)."""
         password = self.console.password(False)

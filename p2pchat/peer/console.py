@@ -423,6 +423,7 @@ class Console(Protocol):
         self._line_waiter: Deferred[str | None] | None = None
         self._password_waiter: Deferred[str | None] | None = None
         self._password_prompt = ""
+        self._set_aside = ("", 0)  # terminal: the line being typed when a password prompt came, and its cursor
         self._commands_started = False
         self._leaving = False
         self._prompt_shown = False  # terminal: the prompt line is on screen
@@ -562,6 +563,8 @@ class Console(Protocol):
         self._rang = False
         if self._password_waiter is not None:
             line = self._editor.take(remember=False)
+            self._editor.text, self._editor.cursor = self._set_aside
+            self._set_aside = ("", 0)
             self._write("\n")
         else:
             line = self._editor.take()
@@ -569,7 +572,10 @@ class Console(Protocol):
             prompt = self._prompt if self._commands_started else ""
             self._write("\r" + prompt + line + "\x1b[K\n")
         self._prompt_shown = False
+        password = self._password_waiter is not None
         self._line_entered(line)
+        if password:
+            self._redraw()  # the prompt and the line set aside (unless another password prompt came)
 
     def _line_entered(self, line: str | None) -> None:
         if self._password_waiter is not None:
@@ -620,6 +626,9 @@ class Console(Protocol):
     def _ask_password(self, prompt: str) -> Deferred[str | None]:
         self._password_waiter = waiter = Deferred()
         self._password_prompt = prompt
+        # A prompt that comes in the middle of typing (a registration once the server is back)
+        # puts the line aside, and gives it back once the password is in.
+        self._set_aside = (self._editor.text, self._editor.cursor)
         self._editor.take(remember=False)
         self._write("\r\x1b[K")
         self._prompt_shown = False
