@@ -5,6 +5,7 @@ on before that."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -188,11 +189,11 @@ class Links:
 
     def listening_factory(self) -> TLSMemoryBIOFactory:
         options = peer_listener_options(self._identity, refuse=self.handler.refuse_fingerprint)
-        return TLSMemoryBIOFactory(options, False, Factory.forProtocol(lambda: Link(self, None)), self.clock)
+        return TLSMemoryBIOFactory(options, False, _links_to(lambda: Link(self, None)), self.clock)
 
     def connecting_factory(self, user: str, fingerprint: str) -> TLSMemoryBIOFactory:
         creator = peer_connector_creator(self._identity, fingerprint)
-        return TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: Link(self, user)), self.clock)
+        return TLSMemoryBIOFactory(creator, True, _links_to(lambda: Link(self, user)), self.clock)
 
     def listen(self) -> Deferred[int]:
         """Start listening; fires with the port number (the same one again after a restart)."""
@@ -245,3 +246,9 @@ class Links:
             links.remove(link)
         if not links:
             self._links.pop(link.user, None)
+
+
+def _links_to(make: Callable[[], Link]) -> Factory:
+    factory = Factory.forProtocol(make)
+    factory.noisy = False  # "Starting factory" in the log for every link is no news
+    return factory

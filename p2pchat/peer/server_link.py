@@ -155,9 +155,11 @@ class ServerLink:
         self.clock = clock
         self._handler = handler
         self._timeout = request_timeout
+        factory = Factory.forProtocol(lambda: ServerProtocol(self))
+        factory.noisy = False  # "Starting factory" in the log at every reconnection is no news
         self._service = ClientService(
             _NotingFailures(endpoint, self._attempt_failed),
-            Factory.forProtocol(lambda: ServerProtocol(self)),
+            factory,
             retryPolicy=retry_policy or backoffPolicy(maxDelay=30.0),
             clock=clock,
         )
