@@ -386,9 +386,10 @@ class AccountTests(TestCase):
         """Imported accounts log in with their password once they send keys; the file lines are hashed."""
         imported, skipped = await h.directory.import_credentials(
             ["hans falcon*solo", "", "# comment", "bad/name password", "yoda wise@!man",
-             b"luke p\xe4ssw\xf6rd".decode("utf-8", "replace")]  # Latin-1, read as the server reads the file
+             b"luke p\xe4ssw\xf6rd".decode("utf-8", "surrogateescape"),  # Latin-1, as the server reads it
+             "rey pass\ufffdword"]  # U+FFFD itself is text like any other
         )
-        self.assertEqual((imported, skipped), (2, 2))
+        self.assertEqual((imported, skipped), (3, 2))
         self.assertNotIn("luke", h.directory.accounts)
         self.assertNotIn("falcon*solo", h.directory.accounts["hans"].password_hash)
         c = h.connect()

@@ -34,6 +34,7 @@ from p2pchat.wire import (
 log = Logger()
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+_UNDECODED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 MAX_FAILURES = 3
 # A read of a user's stored mailbox: what its delivery holds in memory at most (beyond one envelope).
 MAILBOX_PAGE_ROWS = 1024
@@ -245,7 +246,7 @@ class Directory:
                 log.warn("credentials line {number}: expected 'username password'; skipped", number=number)
                 skipped += 1
                 continue
-            if "\ufffd" in line:  # the file is read with errors replaced: the password would not be the one meant
+            if _UNDECODED.search(line):  # bytes that are not UTF-8 (the file is read with surrogateescape)
                 log.warn("credentials line {number}: not UTF-8 text; skipped", number=number)  # noqa: G010 - twisted.logger
                 skipped += 1
                 continue

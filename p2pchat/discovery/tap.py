@@ -195,7 +195,7 @@ class DiscoveryService(Service):
         self.directory = Directory(self.store, self.reactor, config.limits(), self.hasher)
         self.directory.load(snapshot)
         if config["credentials"]:
-            with open(config["credentials"], encoding="utf-8", errors="replace") as f:
+            with open(config["credentials"], encoding="utf-8", errors="surrogateescape") as f:
                 lines = f.read().splitlines()
             imported, skipped = await self.directory.import_credentials(lines)
             log.info("credentials: {imported} accounts imported, {skipped} lines skipped",
