@@ -3,11 +3,13 @@ loopback, driven through their stdin and stdout as a person (or a script) would.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import termios
 from collections.abc import Callable
 
@@ -143,6 +145,11 @@ class TerminalRunner(ProcessRunner):
         """Whether the terminal is in line mode (canonical) or echoes, as a shell leaves it."""
         flags = termios.tcgetattr(self.transport.fileno())[3]
         return bool(flags & (termios.ICANON | termios.ECHO))
+
+    def resize(self, columns: int) -> None:
+        """Make the terminal C{columns} wide, as a person dragging its window would."""
+        self.screen.resize(self.screen.lines, columns)
+        fcntl.ioctl(self.transport.fileno(), termios.TIOCSWINSZ, struct.pack("HHHH", self.screen.lines, columns, 0, 0))
 
     def set_line_mode(self) -> None:
         attributes = termios.tcgetattr(self.transport.fileno())
@@ -465,6 +472,15 @@ class TerminalTests(PeerTestCase):
         self.assertFalse(screen.line_mode())
         screen.type(b"o\r")
         await screen.wait(lambda: screen.shows("nobody else is online"), "the answer to /who after fg")
+
+        screen.type(b"/msg bob " + b"x" * 80)  # wider than the terminal is about to be
+        await screen.wait(lambda: screen.rows()[screen.screen.cursor.y].endswith("x" * 20), "the long line")
+        written = screen.received
+        screen.resize(40)  # the kernel tells the peer (SIGWINCH): the line is drawn again to fit
+        await screen.wait(lambda: screen.received > written, "the line redrawn")
+        self.assertLess(screen.screen.cursor.x, 40)
+        self.assertEqual(len(screen.rows()[screen.screen.cursor.y]), 39)
+        screen.type(b"\x15")
 
         screen.type(b"\x04")
         self.assertEqual(await with_timeout(screen.when_ended(), 20, "alice to exit"), 0)

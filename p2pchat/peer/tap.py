@@ -198,6 +198,8 @@ class PeerService(Service):
         self._restore_terminal = cbreak(0) if terminal else None
         if terminal:
             signal.signal(signal.SIGCONT, lambda *_: reactor.callFromThread(self._continued))
+            # A resized terminal: the prompt line is drawn again to fit the new width at once.
+            signal.signal(signal.SIGWINCH, lambda *_: reactor.callFromThread(console.redraw))
         self._runner.start()
         Deferred.fromCoroutine(self._run())
 
@@ -241,6 +243,7 @@ class PeerService(Service):
             self.console.close()
             if self._restore_terminal is not None:
                 signal.signal(signal.SIGCONT, signal.SIG_DFL)
+                signal.signal(signal.SIGWINCH, signal.SIG_DFL)
                 self._restore_terminal()
 
 
