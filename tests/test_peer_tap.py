@@ -77,6 +77,7 @@ class OptionsTests(unittest.SynchronousTestCase):
             (["--user", "alice", "--server-fingerprint", "a" * 64, "--server-ca", ca], "not both"),
             (["--user", "alice", "--server-ca", ca], f"--server-ca {ca}: the CA file holds no valid PEM certificate"),
             (["--user", "alice", "--password-file", "/nonexistent/pw"], "cannot read the password file /nonexistent/pw: No such file"),
+            (["--user", "alice", "--data-dir", os.path.join(ca, "d")], f"--data-dir {os.path.join(os.path.abspath(ca), 'd')}: Not a directory"),
             (["--user", "alice", "--password-file", binary], f"the password file {binary} is not UTF-8 text"),
         ]
         for args, message in cases:

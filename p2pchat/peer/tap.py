@@ -75,6 +75,9 @@ class Options(usage.Options):
         try:
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
             os.chmod(data_dir, 0o700)
+        except OSError as e:
+            raise usage.UsageError(f"--data-dir {data_dir}: {e.strerror}") from None
+        try:
             self["identity"] = load_or_create_identity(data_dir, "identity", user)
             self["envelope_key"] = load_or_create_envelope_key(os.path.join(data_dir, "envelope.key"))
         except (OSError, CryptoError) as e:
