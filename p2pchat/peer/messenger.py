@@ -498,8 +498,7 @@ class Messenger:
         if self._presence_known:
             self._show_presence(sorted(users - seen), True)
             self._unconfirmed = seen - users
-            if self._settle_call is not None and self._settle_call.active():
-                self._settle_call.cancel()
+            self._stop_settling()
             self._settle_call = self._clock.callLater(PRESENCE_GRACE, self._presence_settled)
             seen.update(users)
         else:
@@ -507,6 +506,11 @@ class Messenger:
             # A first login: who is around, said after the messages that waited (they came first).
             self.when_inbox_idle().addCallback(lambda _: self._view.show("online_now", users=sorted(users)))
         self._presence_known = True
+
+    def _stop_settling(self) -> None:
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()
+        self._settle_call = None
 
     def _presence_settled(self) -> None:
         self._settle_call = None
@@ -1224,9 +1228,7 @@ class Messenger:
     async def _leave(self) -> None:
         self.logged_in = False
         self._cancel_login_wait()
-        if self._settle_call is not None and self._settle_call.active():
-            self._settle_call.cancel()  # offline, presence is not followed; /online asks anew
-        self._settle_call = None
+        self._stop_settling()  # offline, presence is not followed; /online asks anew
         await self._server.stop()
         await self._links.stop_listening()
         self._links.close_all()
