@@ -92,8 +92,13 @@ _FIRST_WORD = re.compile(r"\s*(\S*)")
 _SECOND_WORD = re.compile(r"\s*(\S+)\s+(\S*)")
 
 
+def _spec(word: str) -> Spec | None:
+    """The command a typed word names: slash optional, any case, aliases too."""
+    return _BY_NAME.get(word.removeprefix("/").lower())
+
+
 def _takes_user(command: str) -> bool:
-    spec = _BY_NAME.get(command.removeprefix("/").lower())
+    spec = _spec(command)
     return spec is not None and spec.params.lstrip("[").startswith("USER")
 
 
@@ -139,7 +144,7 @@ def parse(line: str) -> Command | None:
     if match is None:
         return None
     word, rest = match.groups()
-    spec = _BY_NAME.get(word.removeprefix("/").lower())
+    spec = _spec(word)
     if spec is None:
         shown = word if len(word) <= 32 else word[:32] + "…"
         if word.startswith("/"):
@@ -561,7 +566,8 @@ class Console(Protocol):
 
     def _enter(self) -> None:
         self._rang = False
-        if self._password_waiter is not None:
+        password = self._password_waiter is not None
+        if password:
             line = self._editor.take(remember=False)
             self._editor.text, self._editor.cursor = self._set_aside
             self._set_aside = ("", 0)
@@ -572,7 +578,6 @@ class Console(Protocol):
             prompt = self._prompt if self._commands_started else ""
             self._write("\r" + prompt + line + "\x1b[K\n")
         self._prompt_shown = False
-        password = self._password_waiter is not None
         self._line_entered(line)
         if password:
             self._redraw()  # the prompt and the line set aside (unless another password prompt came)
