@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from p2pchat.crypto import generate_envelope_key, generate_identity
+from p2pchat.crypto import generate_envelope_key, generate_identity, sign_broadcast
 
 
 def write_certificate(directory: Path, name: str) -> tuple[Path, Path]:
@@ -59,3 +60,12 @@ def user_keys() -> tuple[str, str]:
     @return: C{(fingerprint, envelope_key)} as the server's C{register} wants them.
     """
     return generate_identity("bench user").fingerprint, generate_envelope_key().public_b64
+
+
+def broadcast_signature() -> str:
+    """
+    A real broadcast signature (p2pchat.crypto.sign_broadcast), as long as a peer's: the load users
+    send it with every broadcast. The server passes it on without reading it, as a peer's.
+    """
+    return sign_broadcast(generate_identity("bench user"), "bench user", "x", time.time())
+

@@ -47,7 +47,7 @@ from bench.codecs import (
     payload,
     request,
 )
-from bench.certs import user_keys
+from bench.certs import broadcast_signature, user_keys
 from bench.ircd import CHANNEL
 from p2pchat.discovery.protocol import PromptWrites
 from p2pchat.discovery.tap import quiet_collector
@@ -55,6 +55,7 @@ from p2pchat.discovery.tap import quiet_collector
 log = Logger()
 
 MAX_ACK = 1000
+BROADCAST_SIGNATURE = broadcast_signature()
 
 # Writes of at most 2048 bytes. ngircd reads 2048 bytes at a time from GnuTLS and then waits for
 # the socket to turn readable again, so the rest of a larger record would sit in GnuTLS's buffer
@@ -306,7 +307,7 @@ class OursLink(Link):
         self.request("send", to=to, msg_id=f"{self.load.run_id}-{self.load.sent_ids}", envelope=text)
 
     def send_broadcast(self, text: str) -> None:
-        self.request("broadcast", text=text)
+        self.request("broadcast", text=text, signature=BROADCAST_SIGNATURE)
 
     def ping(self) -> None:
         self.request("ping")

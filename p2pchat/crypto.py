@@ -9,6 +9,7 @@ import base64
 import datetime
 import hashlib
 import hmac
+import math
 import os
 import re
 import struct
@@ -25,6 +26,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
+from .wire import MAX_BROADCAST_SIGNATURE
+
 MAX_PAYLOAD = 40 * 1024
 # In characters; a sealed MAX_PAYLOAD stays below it and fits a protocol line.
 MAX_ENVELOPE = 60 * 1024
@@ -38,6 +41,7 @@ _ENVELOPE_VERSION = 1
 _AAD_LABEL = b"p2pchat envelope v1 aad"
 _SIGNED_LABEL = b"p2pchat envelope v1 signature"
 _HKDF_LABEL = b"p2pchat envelope v1 key"
+_BROADCAST_LABEL = b"p2pchat broadcast v1 signature"
 _X25519_LENGTH = 32
 _ENVELOPE_KEY_LENGTH = 43  # unpadded base64 of 32 bytes
 _NONCE_LENGTH = 12
@@ -352,15 +356,15 @@ def _lp(*fields: bytes) -> bytes:
     return b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
 
-def _fields(blob: bytes, offset: int) -> list[bytes]:
+def _fields(blob: bytes, offset: int, what: str) -> list[bytes]:
     fields = []
     while offset < len(blob):
         if offset + 4 > len(blob):
-            raise EnvelopeError("the envelope is truncated")
+            raise EnvelopeError(f"the {what} is truncated")
         (length,) = struct.unpack_from(">I", blob, offset)
         offset += 4
         if offset + length > len(blob):
-            raise EnvelopeError("the envelope is truncated")
+            raise EnvelopeError(f"the {what} is truncated")
         fields.append(blob[offset : offset + length])
         offset += length
     return fields
@@ -432,19 +436,37 @@ def seal(
     return _b64encode(blob)
 
 
+def _unpack(token, what: str, max_length: int, count: int) -> list[bytes]:
+    """The C{count} fields of a version 1 C{what} (an envelope, a signature), or EnvelopeError."""
+    if not isinstance(token, str):
+        raise EnvelopeError(f"the {what} is not a string")
+    if len(token) > max_length:
+        raise EnvelopeError(f"the {what} is longer than {max_length} characters")
+    try:
+        blob = _b64decode(token)
+    except ValueError:
+        raise EnvelopeError(f"the {what} is not valid base64url") from None
+    if not blob or blob[0] != _ENVELOPE_VERSION:
+        raise EnvelopeError(f"the {what} has an unknown version")
+    fields = _fields(blob, 1, what)
+    if len(fields) != count:
+        raise EnvelopeError(f"the {what} does not have the expected structure")
+    return fields
+
+
 def _sender_key(spki: bytes) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_der_public_key(spki)
     except (ValueError, UnsupportedAlgorithm):
-        raise EnvelopeError("the envelope's sender key is malformed") from None
+        raise EnvelopeError("the signing key is malformed") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise EnvelopeError("the envelope's sender key is not an ECDSA P-256 key")
+        raise EnvelopeError("the signing key is not an ECDSA P-256 key")
     canonical = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     # Another encoding of the same key would give another fingerprint for it.
     if canonical != spki:
-        raise EnvelopeError("the envelope's sender key is not in canonical form")
+        raise EnvelopeError("the signing key is not in canonical form")
     return key
 
 
@@ -465,20 +487,7 @@ def open_sealed(
     @raise EnvelopeError: for anything that is not an untampered envelope from C{sender}
         to C{recipient} with id C{msg_id}, sealed to C{key}; never any other exception.
     """
-    if not isinstance(envelope, str):
-        raise EnvelopeError("the envelope is not a string")
-    if len(envelope) > MAX_ENVELOPE:
-        raise EnvelopeError(f"the envelope is longer than {MAX_ENVELOPE} characters")
-    try:
-        blob = _b64decode(envelope)
-    except ValueError:
-        raise EnvelopeError("the envelope is not valid base64url") from None
-    if not blob or blob[0] != _ENVELOPE_VERSION:
-        raise EnvelopeError("the envelope has an unknown version")
-    fields = _fields(blob, 1)
-    if len(fields) != 5:
-        raise EnvelopeError("the envelope does not have the expected structure")
-    spki, ephemeral, nonce, ciphertext, signature = fields
+    spki, ephemeral, nonce, ciphertext, signature = _unpack(envelope, "envelope", MAX_ENVELOPE, 5)
     if len(ephemeral) != _X25519_LENGTH or len(nonce) != _NONCE_LENGTH:
         raise EnvelopeError("the envelope does not have the expected structure")
     bound = _bound(sender, recipient, msg_id, EnvelopeError)
@@ -506,3 +515,49 @@ def open_sealed(
     except (ValueError, InvalidTag):
         raise WrongEnvelopeKey("the envelope was not sealed to this envelope key", fingerprint) from None
     return payload, fingerprint
+
+
+# -- signed broadcasts --------------------------------------------------------------
+#
+# A broadcast goes to everyone online in the clear (any account can read it), so it is signed
+# rather than sealed: the server relays its text and this signature, and cannot forge or alter
+# either. The signature is unpadded base64url of one version byte, then the length-prefixed fields
+# sender SPKI (DER), sent_at (IEEE 754 double, big-endian), signature (DER ECDSA) over the label,
+# then the length-prefixed sender, text, sent_at and SPKI.
+
+
+def _broadcast_signed(sender: str, text: str, when: bytes, spki: bytes) -> bytes:
+    return _BROADCAST_LABEL + _lp(
+        _utf8(sender, "sender", EnvelopeError), _utf8(text, "text", EnvelopeError), when, spki
+    )
+
+
+def sign_broadcast(identity: Identity, sender: str, text: str, sent_at: float) -> str:
+    """The signature of C{sender}'s broadcast of C{text}, written at C{sent_at} (seconds since the epoch)."""
+    spki = identity.private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    when = struct.pack(">d", sent_at)
+    signature = identity.private_key.sign(_broadcast_signed(sender, text, when, spki), ec.ECDSA(hashes.SHA256()))
+    return _b64encode(bytes([_ENVELOPE_VERSION]) + _lp(spki, when, signature))
+
+
+def open_broadcast(signature: str, sender: str, text: str) -> tuple[float, str]:
+    """
+    Check a signature from L{sign_broadcast}.
+
+    @return: C{(sent_at, fingerprint)}: when the sender wrote it, and the SPKI fingerprint of the
+        key that signed it (the caller checks it is the sender's).
+    @raise EnvelopeError: for anything but C{sender}'s untampered C{text}; never any other exception.
+    """
+    spki, when, signed = _unpack(signature, "broadcast signature", MAX_BROADCAST_SIGNATURE, 3)
+    if len(when) != 8:
+        raise EnvelopeError("the broadcast signature does not have the expected structure")
+    (sent_at,) = struct.unpack(">d", when)
+    if not math.isfinite(sent_at):
+        raise EnvelopeError("the broadcast signature's time is not a number")
+    try:
+        _sender_key(spki).verify(signed, _broadcast_signed(sender, text, when, spki), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise EnvelopeError(f"the broadcast's signature does not verify: it was altered, or it is not {sender!r}'s") from None
+    return sent_at, hashlib.sha256(spki).hexdigest()

@@ -149,6 +149,7 @@ _PORT = _integer(0, 65535)
 
 MAX_ACK = 1000
 MAX_BROADCAST = 4096
+MAX_BROADCAST_SIGNATURE = 512  # characters; a P-256 one (p2pchat.crypto.sign_broadcast) is about 250
 MAX_MSG_ID = 64
 MIN_PASSWORD = 8  # characters of a new account's password: refused outside, as weak_password
 MAX_PASSWORD = 1024
@@ -189,7 +190,10 @@ REQUEST_SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], str | None], bool]]] 
         "envelope": (_text(1, MAX_LINE), True),
     },
     "ack": {"seqs": (_int_list(MAX_ACK), True)},
-    "broadcast": {"text": (_text(1, MAX_BROADCAST), True)},
+    "broadcast": {
+        "text": (_text(1, MAX_BROADCAST), True),
+        "signature": (_text(1, MAX_BROADCAST_SIGNATURE), True),
+    },
     "logout": {},
 }
 

@@ -1,4 +1,5 @@
-"""Tests for p2pchat.crypto: fingerprints, identity and envelope key files, sealed envelopes."""
+"""Tests for p2pchat.crypto: fingerprints, identity and envelope key files, sealed envelopes,
+signed broadcasts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import json
 import os
 import stat
+import struct
 from types import SimpleNamespace
 
 from cryptography import x509
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pchat import crypto
+from p2pchat import crypto, wire
 from p2pchat.crypto import (
     MAX_ENVELOPE,
     MAX_PAYLOAD,
@@ -36,8 +38,10 @@ from p2pchat.crypto import (
     generate_identity,
     load_or_create_envelope_key,
     load_or_create_identity,
+    open_broadcast,
     open_sealed,
     seal,
+    sign_broadcast,
     spki_fingerprint,
     valid_envelope_key,
     valid_fingerprint,
@@ -538,3 +542,59 @@ class OpenRefusalTests(SynchronousTestCase):
         if (sender, recipient, msg_id) == ("alice", "bob", "m1"):
             return
         self._refused(sender=sender, recipient=recipient, msg_id=msg_id, expected=None)
+
+
+SIGNED = sign_broadcast(ALICE, "alice", "hello all", 1_700_000_000.25)
+
+
+class BroadcastSignatureTests(SynchronousTestCase):
+    """A broadcast is signed, not sealed: the server relays its text and cannot forge or alter it."""
+
+    def _refused(self, signature=SIGNED, sender="alice", text="hello all") -> str:
+        return str(self.assertRaises(EnvelopeError, open_broadcast, signature, sender, text))
+
+    def test_round_trip(self):
+        """The signature gives back when it was written and who signed it; it fits the protocol."""
+        self.assertEqual(open_broadcast(SIGNED, "alice", "hello all"), (1_700_000_000.25, ALICE.fingerprint))
+        self.assertEqual(open_broadcast(sign_broadcast(MALLORY, "bob", "é ✓\n", 0.0), "bob", "é ✓\n"),
+                         (0.0, MALLORY.fingerprint))  # whose key it is, the caller checks
+        self.assertLess(len(SIGNED), wire.MAX_BROADCAST_SIGNATURE)
+
+    def test_other_sender_or_text(self):
+        """The same signature under another name or over another text is refused."""
+        self.assertIn("does not verify", self._refused(sender="bob"))
+        self.assertIn("does not verify", self._refused(text="hello all!"))
+        self._refused(sender="\ud800")
+        self._refused(text=None)
+
+    def test_not_an_envelope(self):
+        """An envelope's signature is not a broadcast's, and the other way round."""
+        self._refused(SEALED)
+        self.assertRaises(EnvelopeError, open_sealed, SIGNED, BOB_KEY, "alice", "bob", "m1", None)
+
+    def test_time_bound(self):
+        """The time it was written is signed; one that is not a number is refused."""
+        offset, length = _fields(SIGNED)[1]
+        self.assertIn("does not verify", self._refused(_flip(SIGNED, offset + length - 1)))
+        blob = _decode(SIGNED)
+        spki, _, signature = crypto._fields(blob, 1, "test")
+        for when in (float("nan"), float("inf")):
+            forged = _encode(b"\x01" + crypto._lp(spki, struct.pack(">d", when), signature))
+            self.assertIn("not a number", self._refused(forged))
+
+    def test_malformed(self):
+        """Anything but a whole signature of version 1 is refused with EnvelopeError."""
+        blob = _decode(SIGNED)
+        for bad in [None, 7, "", "not base64!", "A" * (wire.MAX_BROADCAST_SIGNATURE + 1), _encode(b"\x02" + blob[1:]),
+                    _encode(blob[:-1]), _encode(blob + b"\x00"), _encode(blob[:1] + crypto._lp(b"x", b"y"))]:
+            self._refused(bad)
+        for offset, length in _fields(SIGNED):
+            for position in (offset, offset + length - 1):
+                self._refused(_flip(SIGNED, position))
+
+    @FUZZ
+    @given(st.binary(max_size=300))
+    def test_garbage(self, blob):
+        """Any bytes, with or without the version byte, are refused with EnvelopeError."""
+        self._refused(_encode(blob))
+        self._refused(_encode(b"\x01" + blob))

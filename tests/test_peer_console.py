@@ -144,6 +144,8 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(render("message", user="bob", text="coming?", private=False, sent_at=sent_at),
                          "bob: coming? (sent 2026-12-03 14:02:05)")
         self.assertEqual(render("message", user="bob", text="now", private=False), "bob: now")
+        self.assertEqual(render("broadcast", user="bob", text="all", sent_at=sent_at),
+                         "bob (broadcast): all (sent 2026-12-03 14:02:05)")
 
     def test_history_time_out_of_range(self) -> None:
         """The time a message was sent is the sender's word: one the platform cannot show (a clock or a

@@ -186,8 +186,9 @@ class PeerTestCase(unittest.TestCase):
 
 class ChatTests(PeerTestCase):
     async def test_first_chat(self) -> None:
-        """Two users chat: presence, a message each way, who, history with delivered, fingerprints; the
-        messages travel over the direct link, which carries on when the server is gone."""
+        """Two users chat: presence, a message each way, who, history with delivered, fingerprints, a
+        (signed) broadcast; the messages travel over the direct link, which carries on when the server
+        is gone."""
         await self.start_server()
         alice = Peer(self, "alice").start(pin=False)
         await alice.expect(r"^trusting the server at 127\.0\.0\.1:\d+ on first use: certificate sha256:" + self.server.fingerprint)
@@ -204,6 +205,8 @@ class ChatTests(PeerTestCase):
         fingerprint = (await bob.command("/fingerprint", r"^your fingerprint: ")).split(": ")[1]
         await alice.command("/fingerprint bob", rf"^bob: pinned {fingerprint}$")
         await alice.command("/whosince 60", r"^online during the last 60 s: bob$")
+        await alice.command("/broadcast hello everyone", r"^broadcast sent to 1 user$")
+        await bob.expect(r"^alice \(broadcast\): hello everyone$")
         await self.server.kill()
         await alice.expect(r"^lost the connection to the server; reconnecting$")
         alice.send("/msg bob the server is gone, the link is not")

@@ -1114,13 +1114,96 @@ class ReceiveTests(MessengerTestCase):
         self.assertFalse(self.messenger.refuse_fingerprint(self.bob.fingerprint))
         self.assertTrue(self.successResultOf(self.messenger.verify_peer("bob", self.bob.fingerprint)))
 
+    def broadcast_from(self, person: Person, text: str, sent_at: float | None = None, signer: Person | None = None,
+                       name: str | None = None) -> None:
+        """The server relays C{person}'s broadcast, signed by C{signer} (C{person}) as written by C{name}."""
+        when = self.clock.seconds() if sent_at is None else sent_at
+        signature = crypto.sign_broadcast((signer or person).identity, name or person.name, text, when)
+        self.broadcast_event(person.name, text, signature)
+
+    def broadcast_event(self, user: str, text: str, signature: Any) -> None:
+        self.messenger.server_event(
+            Event("broadcast", {"from": user, "text": text, "signature": signature, "sent_at": self.clock.seconds()})
+        )
+
     def test_broadcast_shown_unless_muted(self) -> None:
-        """Broadcasts are shown, except from muted users."""
+        """Broadcasts signed by their sender are shown, except from muted or blocked users; one
+        written a while ago says when."""
         self.start()
-        self.messenger.server_event(Event("broadcast", {"from": "bob", "text": "hello all", "sent_at": 1.0}))
+        self.broadcast_from(self.bob, "hello all")
         self.command("mute", "carol", None)
-        self.messenger.server_event(Event("broadcast", {"from": "carol", "text": "psst", "sent_at": 1.0}))
-        self.assertEqual(self.view.events("broadcast"), [{"user": "bob", "text": "hello all"}])
+        self.broadcast_from(self.carol, "psst")
+        self.broadcast_from(self.bob, "from before", sent_at=self.clock.seconds() - LATE - 1)
+        self.command("block", "bob")
+        self.broadcast_from(self.bob, "blocked")
+        self.assertEqual(self.view.events("broadcast"), [
+            {"user": "bob", "text": "hello all"},
+            {"user": "bob", "text": "from before", "sent_at": self.clock.seconds() - LATE - 1},
+        ])
+
+    def test_broadcast_signed(self) -> None:
+        """What alice broadcasts is signed by her key over her name, the text and when she wrote it."""
+        self.directory.answers["broadcast"] = {"delivered": 2, "skipped": 0}
+        self.start()
+        self.assertEqual(self.command("broadcast", "hello all"), (2, 0))
+        args = dict(self.directory.requests)["broadcast"]
+        self.assertEqual(args["text"], "hello all")
+        self.assertEqual(crypto.open_broadcast(args["signature"], "alice", "hello all"),
+                         (self.clock.seconds(), self.me.fingerprint))
+
+    def test_forged_broadcast_dropped(self) -> None:
+        """The server cannot make a broadcast from bob: one unsigned, altered, signed for another
+        name, or signed by another key than bob's (pinned, or the directory's on first sight), is
+        not shown; nor is bob's own sent again."""
+        self.start()
+        signature = crypto.sign_broadcast(self.bob.identity, "bob", "hi", self.clock.seconds())
+        self.broadcast_event("bob", "hi", None)
+        self.broadcast_event("bob", "hi", "not a signature")
+        self.broadcast_event("bob", "hi!", signature)
+        self.broadcast_from(self.bob, "hi", name="carol")
+        self.broadcast_from(self.bob, "hi", signer=self.carol)
+        self.assertEqual(self.view.events("broadcast"), [])
+        self.assertNotIn("bob", self.successResultOf(self.history.contacts()))
+        self.broadcast_event("bob", "hi", signature)
+        self.broadcast_event("bob", "hi", signature)
+        self.assertEqual(self.view.events("broadcast"), [{"user": "bob", "text": "hi"}])
+        self.assertEqual(self.successResultOf(self.history.contacts())["bob"].fingerprint, self.bob.fingerprint)
+
+    def test_broadcast_from_changed_key_dropped(self) -> None:
+        """A broadcast signed by bob's new key, which alice has not accepted, is not shown; the
+        change is told. After /trust his broadcasts are shown again."""
+        self.start()
+        self.broadcast_from(self.bob, "one")
+        self.bob = self.directory.people["bob"] = Person("bob")
+        self.clock.advance(1)
+        self.broadcast_from(self.bob, "two")
+        self.assertEqual([e["text"] for e in self.view.events("broadcast")], ["one"])
+        self.assertEqual(self.view.events("key_changed")[0]["new"], self.bob.fingerprint)
+        self.command("trust", "bob")
+        self.clock.advance(1)
+        self.broadcast_from(self.bob, "three")
+        self.assertEqual([e["text"] for e in self.view.events("broadcast")], ["one", "three"])
+
+    def test_broadcasts_in_order(self) -> None:
+        """Broadcasts are shown in the order they came, also while a sender's key is being asked for."""
+        self.start()
+        keys: Deferred[dict[str, Any]] = Deferred()
+        self.directory.answers["keys"] = [keys]
+        self.broadcast_from(self.bob, "first")
+        self.clock.advance(1)
+        self.broadcast_from(self.bob, "second")
+        self.assertEqual(self.view.events("broadcast"), [])
+        keys.callback({"user": "bob", "fingerprint": self.bob.fingerprint, "envelope_key": self.bob.public})
+        self.assertEqual([e["text"] for e in self.view.events("broadcast")], ["first", "second"])
+        self.assertEqual(self.directory.ops().count("keys"), 1)
+
+    def test_broadcast_unchecked_dropped(self) -> None:
+        """A broadcast whose sender's key cannot be checked now (the server is gone) is not shown."""
+        self.start()
+        self.directory.connected = False
+        self.broadcast_from(self.bob, "hi")
+        self.assertEqual(self.view.events("broadcast"), [])
+        self.assertNotIn("bob", self.successResultOf(self.history.contacts()))
 
     def test_presence_shown_and_flushes(self) -> None:
         """Presence events are shown, malformed ones ignored; a user coming online gets the messages

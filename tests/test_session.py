@@ -307,7 +307,8 @@ class AccountTests(TestCase):
         await h.user("bob")
         c = h.connect()
         await c.ok("hello", protocol=1)
-        valid = {"user": "bob", "to": "bob", "msg_id": "1", "envelope": "e", "seconds": 60, "seqs": [1], "text": "hi"}
+        valid = {"user": "bob", "to": "bob", "msg_id": "1", "envelope": "e", "seconds": 60, "seqs": [1], "text": "hi",
+                 "signature": "s"}
         for op, schema in REQUEST_SCHEMAS.items():
             if op not in ("hello", "register", "login", "resume", "ping"):
                 self.assertEqual(await c.refused(op, **{name: valid[name] for name in schema}), "not_authenticated", op)
@@ -1156,13 +1157,17 @@ class RelayTests(TestCase):
 class BroadcastTests(TestCase):
     @harness_test()
     async def test_broadcast(self, h):
-        """Broadcast reaches everyone online but the sender and those who blocked the sender."""
+        """Broadcast reaches everyone online but the sender and those who blocked the sender, with
+        the sender's signature (passed on unread); one without a signature is refused."""
         alice = await h.user("alice")
         bob = await h.user("bob")
         carol = await h.user("carol")
         await carol.ok("block", user="alice")
-        self.assertEqual(await alice.ok("broadcast", text="hi all"), {"delivered": 1, "skipped": 1})
-        self.assertEqual((await bob.event("broadcast")).fields["text"], "hi all")
+        self.assertEqual(await alice.ok("broadcast", text="hi all", signature="s1g"), {"delivered": 1, "skipped": 1})
+        event = (await bob.event("broadcast")).fields
+        self.assertEqual((event["from"], event["text"], event["signature"]), ("alice", "hi all", "s1g"))
+        self.assertEqual(await alice.refused("broadcast", text="unsigned"), "bad_request")
+        self.assertEqual(await alice.refused("broadcast", text="long", signature="s" * 513), "bad_request")
         self.assertEqual(carol.conn.events("broadcast"), [])
         self.assertEqual(alice.conn.events("broadcast"), [])
 
@@ -1267,7 +1272,8 @@ class RandomRequestTests(TestCase):
             "protocol": 1, "username": user, "user": user, "to": user, "password": PASSWORD,
             "port": r.randrange(65536), "fingerprint": r.randbytes(32).hex(), "envelope_key": "A" * 43,
             "token": "t" * 43, "seconds": r.uniform(0, 100), "msg_id": str(r.randrange(40)),
-            "envelope": "e" * r.randrange(1, 40), "text": "hi", "seqs": r.sample(seqs, min(3, len(seqs))) + seqs[-1:],
+            "envelope": "e" * r.randrange(1, 40), "text": "hi", "signature": "s" * r.randrange(1, 300),
+            "seqs": r.sample(seqs, min(3, len(seqs))) + seqs[-1:],
         }[name]
 
     def _request(self, r: random.Random, c: Client) -> tuple[str, dict]:

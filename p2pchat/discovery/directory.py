@@ -693,8 +693,11 @@ class Directory:
         self._uncount(me, deleted)
         return {"acked": taken + deleted}
 
-    def broadcast(self, me: str, text: str) -> dict:
-        frame = encode_event("broadcast", **{"from": me, "text": text, "sent_at": self.clock.seconds()})
+    def broadcast(self, me: str, text: str, signature: str) -> dict:
+        """To everyone online but C{me} and who blocked C{me}; C{signature} is the sender's, passed on unread."""
+        frame = encode_event(
+            "broadcast", **{"from": me, "text": text, "signature": signature, "sent_at": self.clock.seconds()}
+        )
         delivered = skipped = 0
         blockers = self._blocked_by.get(me, ())
         for name, member in self.online.items():

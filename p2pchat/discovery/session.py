@@ -339,9 +339,9 @@ class Session:
                 " slow down",
             )
 
-    def _op_broadcast(self, me, slot, text):
+    def _op_broadcast(self, me, slot, text, signature):
         self._check_rate()
-        return self.directory.broadcast(me, text)
+        return self.directory.broadcast(me, text, signature)
 
     def _op_ack(self, me, slot, seqs):
         unacked = self._mailbox_unacked

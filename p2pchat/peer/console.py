@@ -231,8 +231,8 @@ _BYE = {
 
 _EVENTS: dict[str, Callable[..., str]] = {
     "message": lambda user, text, private, sent_at=None: f"{user}{' (private)' if private else ''}: {text}"
-    + ("" if sent_at is None else f" (sent {_time(sent_at)})"),
-    "broadcast": lambda user, text: f"{user} (broadcast): {text}",
+    + _sent(sent_at),
+    "broadcast": lambda user, text, sent_at=None: f"{user} (broadcast): {text}" + _sent(sent_at),
     "presence": lambda user, online: f"{user} logged {'in' if online else 'out'}",
     "presence_many": lambda users, online: f"{len(users)} users logged {'in' if online else 'out'}: {_names(users)}",
     "online_now": lambda users: f"online now: {_names(users)}" if users else "nobody else is online now",
@@ -342,6 +342,10 @@ def render_error(code: str, **fields: Any) -> str:
             pass
     message = fields.get("message")
     return clean(f"{message} ({code})" if message else code)
+
+
+def _sent(sent_at: float | None) -> str:
+    return "" if sent_at is None else f" (sent {_time(sent_at)})"
 
 
 def _time(seconds: float) -> str:

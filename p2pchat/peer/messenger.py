@@ -37,6 +37,7 @@ DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server f
 RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
 ACK_WAIT = 15.0  # a direct link that leaves a message unacknowledged this long is dead or stuck: dropped
+BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: one sent again is not shown
 UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, this long after the first
 
 # Server refusals that no retry will change: the message is marked failed.
@@ -184,6 +185,8 @@ class Messenger:
         self._draining = False
         self._drained_waiters: list[Deferred[None]] = []
         self._incoming_lock = DeferredLock()
+        self._broadcast_lock = DeferredLock()
+        self._broadcasts_seen: dict[tuple[str, float], None] = {}  # (sender, sent_at), oldest first
         self._ready_waiters: list[Deferred[None]] | None = []
         self._finish_waiters: list[Deferred[int]] = []
         self._finished: int | None = None
@@ -530,8 +533,39 @@ class Messenger:
         if not valid_username(user) or not isinstance(text, str):
             return
         contact = self._contacts.get(user)
-        if not (contact and contact.blocked) and not self._is_muted(user):
-            self._view.show("broadcast", user=user, text=text)
+        if (contact and contact.blocked) or self._is_muted(user):
+            return
+        try:
+            sent_at, fingerprint = crypto.open_broadcast(fields.get("signature"), user, text)
+        except EnvelopeError as e:
+            log.warn("dropped a forged broadcast from {sender}: {e}", sender=user, e=e)  # noqa: G010 - twisted.logger
+            return
+        Deferred.fromCoroutine(self._show_broadcast(user, text, sent_at, fingerprint)).addErrback(
+            lambda f: log.failure("broadcast from {sender}", f, sender=user)
+        )
+
+    async def _show_broadcast(self, user: str, text: str, sent_at: float, fingerprint: str) -> None:
+        """Show a broadcast once its key is known to be its sender's (in the order they came)."""
+        async with self._broadcast_lock:
+            try:
+                verdict = await self._verify_key(user, fingerprint)
+            except (RequestError, NotConnected) as e:
+                log.info("dropped a broadcast from {sender}: their key could not be checked ({e})", sender=user, e=e)
+                return
+            if verdict is not True:  # not their key, or a changed key not accepted yet (the user was told)
+                log.warn(  # noqa: G010 - twisted.logger
+                    "dropped a broadcast from {sender} signed with sha256:{fingerprint}, not their accepted key",
+                    sender=user, fingerprint=fingerprint,
+                )
+                return
+            # The server cannot forge one, but it could send one again: each is shown once.
+            if (user, sent_at) in self._broadcasts_seen:
+                log.warn("dropped a broadcast from {sender} shown before", sender=user)  # noqa: G010 - twisted.logger
+                return
+            self._broadcasts_seen[user, sent_at] = None
+            if len(self._broadcasts_seen) > BROADCASTS_REMEMBERED:
+                del self._broadcasts_seen[next(iter(self._broadcasts_seen))]
+            self._view.show("broadcast", user=user, text=text, **self._when(sent_at))
 
     def _event_bye(self, fields: dict[str, Any]) -> None:
         reason = fields.get("reason")
@@ -658,12 +692,12 @@ class Messenger:
             self._show_message(sender, text, private, sent_at)
 
     def _show_message(self, sender: str, text: str, private: bool, sent_at: float) -> None:
-        """Show a message; one written a while ago (kept by the server while this peer was away,
-        held for a changed key) says when."""
-        if self._clock.seconds() - sent_at > LATE:
-            self._view.show("message", user=sender, text=text, private=private, sent_at=sent_at)
-        else:
-            self._view.show("message", user=sender, text=text, private=private)
+        self._view.show("message", user=sender, text=text, private=private, **self._when(sent_at))
+
+    def _when(self, sent_at: float) -> dict[str, float]:
+        """What is shown of when a message was written: only when that was a while ago (it was kept
+        by the server while this peer was away, held for a changed key, or sent again)."""
+        return {"sent_at": sent_at} if self._clock.seconds() - sent_at > LATE else {}
 
     async def _delivered(self, user: str, msg_ids: list[str]) -> None:
         for msg_id in msg_ids:
@@ -1119,7 +1153,8 @@ class Messenger:
             raise CommandError("empty_message")
         if len(text) > MAX_BROADCAST:
             raise CommandError("too_long", length=len(text), limit=MAX_BROADCAST)
-        result = await self._request("broadcast", text=text)
+        signature = crypto.sign_broadcast(self._identity, self.user, text, self._clock.seconds())
+        result = await self._request("broadcast", text=text, signature=signature)
         return _count(result.get("delivered")), _count(result.get("skipped"))
 
     def known_users(self) -> list[str]:
