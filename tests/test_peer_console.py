@@ -568,6 +568,25 @@ class TerminalTests(ConsoleTestCase):
         self.type(b"\r")
         self.assertEqual(self.messenger.calls, [("broadcast", ("x" * (MAX_INPUT - len(command)),))])
 
+    def test_paste_is_text_until_enter(self) -> None:
+        """Pasted lines (marked by the terminal) join the line being typed, their breaks as spaces:
+        none runs before Enter, even one that reads as a command (quit, trust bob)."""
+        self.console.start_commands()
+        self.type(b"/msg bob here:\x1b[200~ the log\r\nquit\rtrust bob\t!\r\x1b[201~")
+        self.assertEqual(self.messenger.calls, [])
+        self.assertEqual(self.look()[-1], "alice> b here: the log quit trust bob !")  # scrolled sideways
+        self.type(b"\r")
+        self.assertEqual(self.messenger.calls, [("send", ("bob", "here: the log quit trust bob !"))])
+
+    def test_pasted_password(self) -> None:
+        """A password pasted with the line break after it (copied from a file) is not entered with
+        it, nor does it get a space: Enter enters it as it is."""
+        password = self.console.password(False)
+        self.type(b"\x1b[200~correct horse\n\x1b[201~")
+        self.assertNoResult(password)
+        self.type(b"\r")
+        self.assertEqual(self.successResultOf(password), "correct horse")
+
     def test_password_prompt_sets_the_line_aside(self) -> None:
         """A password prompt that comes while a line is being typed (a registration once the server
         is back) puts the line aside and gives it back, cursor and all, once the password is in."""

@@ -146,6 +146,10 @@ class TerminalRunner(ProcessRunner):
         flags = termios.tcgetattr(self.transport.fileno())[3]
         return bool(flags & (termios.ICANON | termios.ECHO))
 
+    def pastes_marked(self) -> bool:
+        """Whether the terminal was asked to mark pastes (bracketed paste, private mode 2004)."""
+        return (2004 << 5) in self.screen.mode  # pyte keeps private modes shifted
+
     def resize(self, columns: int) -> None:
         """Make the terminal C{columns} wide, as a person dragging its window would."""
         self.screen.resize(self.screen.lines, columns)
@@ -447,9 +451,10 @@ class TerminalTests(PeerTestCase):
     async def test_on_a_terminal(self) -> None:
         """
         On a terminal, as a person uses it: the password asked twice at the first run and never
-        shown; the terminal in character mode without echo; a line edited with the keys before it
-        runs; stopped (ctrl-Z) and continued (fg) after the shell put the terminal back in line
-        mode, the peer takes it back and redraws its prompt; ctrl-D on an empty line logs out.
+        shown; the terminal in character mode without echo, asked to mark pastes; a paste stays on
+        the line; a line edited with the keys before it runs; stopped (ctrl-Z) and continued (fg)
+        after the shell put the terminal back in line mode, the peer takes it back and redraws its
+        prompt; ctrl-D on an empty line logs out, and the terminal no longer marks pastes.
         """
         await self.start_server()
         screen = TerminalRunner()
@@ -461,8 +466,13 @@ class TerminalTests(PeerTestCase):
         await screen.wait(lambda: screen.shows("welcome, alice!") and screen.shows("alice>"), "the welcome")
         self.assertFalse(screen.shows(PASSWORD))
         self.assertFalse(screen.line_mode())
+        self.assertTrue(screen.pastes_marked())
+        screen.type(b"\x1b[200~/who\rquit\r\x1b[201~")  # a paste: text on the line, nothing run
+        await screen.wait(lambda: screen.rows()[screen.screen.cursor.y] == "alice> /who quit", "the paste")
+        screen.type(b"\x15")
         screen.type(b"/wx\x7fho\x1b[D\x1b[C\r")
-        await screen.wait(lambda: screen.shows("nobody else is online"), "the answer to /who")
+        # The whole row: "nobody else is online now" came after the welcome.
+        await screen.wait(lambda: "nobody else is online" in screen.rows(), "the answer to /who")
         screen.type(b"/wh")
         await screen.wait(lambda: screen.rows()[screen.screen.cursor.y] == "alice> /wh", "the typed keys")
 
@@ -473,8 +483,9 @@ class TerminalTests(PeerTestCase):
         screen.transport.signalProcess(signal.SIGCONT)  # by number: Twisted knows a few signals by name
         await screen.wait(lambda: screen.received > written and screen.shows("alice> /wh"), "the prompt again")
         self.assertFalse(screen.line_mode())
+        self.assertTrue(screen.pastes_marked())
         screen.type(b"o\r")
-        await screen.wait(lambda: screen.shows("nobody else is online"), "the answer to /who after fg")
+        await screen.wait(lambda: "nobody else is online" in screen.rows(), "the answer to /who after fg")
 
         screen.type(b"/msg bob " + b"x" * 80)  # wider than the terminal is about to be
         await screen.wait(lambda: screen.rows()[screen.screen.cursor.y].endswith("x" * 20), "the long line")
@@ -487,6 +498,7 @@ class TerminalTests(PeerTestCase):
 
         screen.type(b"\x04")
         self.assertEqual(await with_timeout(screen.when_ended(), 20, "alice to exit"), 0)
+        self.assertFalse(screen.pastes_marked())  # the terminal as the shell had it
 
 
 class SpoofTests(PeerTestCase):

@@ -9,6 +9,7 @@ from twisted.trial import unittest
 from p2pchat.peer.lineedit import (
     DOWN,
     END,
+    ENTER,
     HOME,
     LEFT,
     RIGHT,
@@ -32,6 +33,16 @@ class KeyDecoderTests(unittest.SynchronousTestCase):
         self.assertEqual(list(decoder.feed("\x1b[15~x\x1b[" + "9" * 40 + "~y\x1b[A")), ["x", "y", UP])
         self.assertEqual(list(decoder.feed("\x1b[1\u00e9\x1b[D")), ["\u00e9", LEFT])  # not a sequence after all
         self.assertEqual(list(decoder.feed("\x1b[4~\x1b[8~\x1bOB\x07z")), [END, END, DOWN, "z"])
+
+    def test_paste_is_text(self) -> None:
+        """In a bracketed paste nothing is a key: line breaks and tabs are spaces (none for the break
+        that ends it, however it is spelled), control characters and escape sequences are dropped;
+        after it, keys are keys again. The markers may come split across reads."""
+        decoder = KeyDecoder()
+        parts = ("a\x1b[20", "0~b\r\n\nc\td\x1b[A\x04\x7f", "\r\n\x1b[201", "~\r\x1b[D")
+        keys = [k for part in parts for k in decoder.feed(part)]
+        self.assertEqual(keys, ["a", "b", " ", "c", " ", "d", ENTER, LEFT])
+        self.assertEqual(list(decoder.feed("\x1b[200~\nx\x1b[201~\x1b[200~\x1b[201~y")), [" ", "x", "y"])
 
 
 class ViewTests(unittest.SynchronousTestCase):

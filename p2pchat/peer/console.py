@@ -23,6 +23,8 @@ from zope.interface import implementer
 
 from .lineedit import (
     BACKSPACE,
+    BRACKETED_PASTE_OFF,
+    BRACKETED_PASTE_ON,
     DELETE,
     ENTER,
     EOF,
@@ -394,15 +396,27 @@ def terminal_columns() -> int:
 _PASSWORD_KEYS = (BACKSPACE, KILL_BEFORE, KILL_WORD, EOF, TAB)
 
 
-def cbreak(fd: int) -> Callable[[], None]:
-    """Character-at-a-time input without echo (signals still work); returns what restores it."""
+def cbreak(fd: int, out: int) -> Callable[[], None]:
+    """
+    Character-at-a-time input on C{fd} without echo (signals still work), and pastes marked as
+    such by the terminal on C{out} (bracketed paste, see L{KeyDecoder}); returns what restores both.
+    """
     saved = termios.tcgetattr(fd)
     mode = termios.tcgetattr(fd)
     mode[3] &= ~(termios.ICANON | termios.ECHO)
     mode[6][termios.VMIN] = 1
     mode[6][termios.VTIME] = 0
     termios.tcsetattr(fd, termios.TCSANOW, mode)
-    return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    marked = os.isatty(out)  # the request goes where the terminal reads it
+    if marked:
+        os.write(out, BRACKETED_PASTE_ON.encode())
+
+    def restore() -> None:
+        if marked:
+            os.write(out, BRACKETED_PASTE_OFF.encode())
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+    return restore
 
 
 @implementer(IHalfCloseableProtocol)

@@ -36,25 +36,45 @@ _CONTROL = {
 _FINAL = {"A": UP, "B": DOWN, "C": RIGHT, "D": LEFT, "H": HOME, "F": END}
 _NUMBERED = {"1": HOME, "7": HOME, "4": END, "8": END, "3": DELETE}
 _LONGEST_SEQUENCE = 16
+# Bracketed paste: what asks the terminal to mark pastes, and stops it; ESC [ 200 ~ and ESC [ 201 ~
+# around a paste.
+BRACKETED_PASTE_ON, BRACKETED_PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+_PASTE_START, _PASTE_END = "200", "201"
 
 
 class KeyDecoder:
-    """Terminal input, already decoded from UTF-8, to keys: a printable character, or a name above.
-    Escape sequences of keys with no use here (F1, Alt-x...) and other control characters are dropped."""
+    """
+    Terminal input, already decoded from UTF-8, to keys: a printable character, or a name above.
+    Escape sequences of keys with no use here (F1, Alt-x...) and other control characters are dropped.
+
+    A paste the terminal marks as such (bracketed paste, which L{BRACKETED_PASTE_ON} asks for) is
+    only text: its line breaks and tabs are spaces (none for a break at its end) and nothing in it
+    is a key, so pasted lines are never entered, let alone run as commands, before Enter.
+    """
 
     def __init__(self) -> None:
         self._sequence: str | None = None  # what followed an ESC so far (its first characters)
+        self._pasting = False
+        self._paste_break = False  # a line break pasted: a space, if more text follows in the paste
 
     def feed(self, text: str) -> Iterator[str]:
         for c in text:
             if self._sequence is not None:
                 taken, key = self._in_sequence(c)
-                if key is not None:
+                if key is not None and not self._pasting:
                     yield key
                 if taken:
                     continue
             if c == "\x1b":
                 self._sequence = ""
+            elif self._pasting:
+                if c in "\r\n":
+                    self._paste_break = True
+                elif c == "\t" or c.isprintable():
+                    if self._paste_break:
+                        self._paste_break = False
+                        yield " "
+                    yield " " if c == "\t" else c
             elif c in _CONTROL:
                 yield _CONTROL[c]
             elif c == "\t":
@@ -72,7 +92,11 @@ class KeyDecoder:
         if sequence == "O" or "@" <= c <= "~":  # the final character
             self._sequence = None
             if c == "~" and sequence.startswith("["):
-                return True, _NUMBERED.get(sequence[1:].split(";")[0])
+                number = sequence[1:].split(";")[0]
+                if number in (_PASTE_START, _PASTE_END):
+                    self._pasting, self._paste_break = number == _PASTE_START, False
+                    return True, None
+                return True, _NUMBERED.get(number)
             return True, _FINAL.get(c)
         if " " <= c <= "?":  # parameters: kept up to a length, read to the end however long
             if len(sequence) < _LONGEST_SEQUENCE:

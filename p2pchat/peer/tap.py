@@ -198,7 +198,7 @@ class PeerService(Service):
         console.attach(messenger)
         # Last, so that nothing above can fail with the terminal left without echo, or with a
         # thread that keeps the process from exiting.
-        self._restore_terminal = cbreak(0) if terminal else None
+        self._restore_terminal = cbreak(0, 1) if terminal else None
         if terminal:
             signal.signal(signal.SIGCONT, lambda *_: reactor.callFromThread(self._continued))
             # A resized terminal: the prompt line is drawn again to fit the new width at once.
@@ -210,7 +210,7 @@ class PeerService(Service):
         # Stopped (ctrl-Z) and continued (fg): the shell had the terminal meanwhile, and may have
         # left it in line mode with echo; and the prompt line is gone from the screen.
         if self.running:
-            cbreak(0)
+            cbreak(0, 1)
             self.console.redraw()
 
     async def _run(self) -> None:
