@@ -632,7 +632,10 @@ class TerminalTests(ConsoleTestCase):
         self.assertEqual(self.successResultOf(again), "sekrit")
 
     def test_ctrl_d_logs_out(self) -> None:
-        """Ctrl-D on an empty line ends the session like /logout."""
+        """Ctrl-D on an empty line ends the session like /logout; a line erased in the same read
+        is gone from the screen too."""
         self.console.start_commands()
-        self.type(b"\x04")
+        self.type(b"/who")
+        self.type(b"\x15\x04")
         self.assertEqual(self.messenger.calls, [("logout", ())])
+        self.assertEqual(self.look(), ["alice>", "logging out", "alice>"])

@@ -549,6 +549,8 @@ class Console(Protocol):
                 self._enter()
                 password, changed = self._password_waiter is not None, False
             elif key == EOF and not self._editor.text:  # ctrl-D on an empty line: end of input
+                if changed:  # erased in this same read: the screen shows it still
+                    self._refresh()
                 self._write("\n")
                 self._prompt_shown = False
                 self.readConnectionLost()
