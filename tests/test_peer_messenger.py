@@ -735,13 +735,18 @@ class SendTests(MessengerTestCase):
         self.assertEqual(self.view.events("stored"), [])
 
     def test_offline_recipient_stored(self) -> None:
-        """A message to an offline user is stored by the server (no direct attempt), and the user is told so."""
+        """A message to an offline user is stored by the server (no direct attempt), and the user is
+        told so once, not for every message, until the recipient has been back online."""
         self.start()
         self.command("send", "bob", "one")
         self.command("send", "bob", "two")
         self.assertEqual(self.links.connects, [])
         self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
-        self.assertEqual(len(self.view.events("stored")), 2)
+        self.assertEqual(self.view.events("stored"), [{"user": "bob"}])
+        self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
+        self.messenger.server_event(Event("presence", {"online": [], "offline": {"bob": "logout"}}))
+        self.command("send", "bob", "three")
+        self.assertEqual(self.view.events("stored"), [{"user": "bob"}, {"user": "bob"}])
 
     def test_receipt_marks_delivered(self) -> None:
         """A sealed receipt from the recipient marks the message delivered; one from someone else does not."""

@@ -167,6 +167,7 @@ class Messenger:
         self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
+        self._stored_told: set[str] = set()  # told that messages to them wait on the server, until they are back
         self._bye_told = False  # the server said why it closes the connection: its loss is not told again
         self._online_seen: set[str] = set()  # who this peer last heard is online (presence, who)
         self._presence_known = False  # it has asked who is online once, after its first login
@@ -482,6 +483,7 @@ class Messenger:
         seen.difference_update(gone)
         seen.update(came)
         self._unconfirmed.difference_update(gone, came)
+        self._stored_told.difference_update(came)
         for user in came:
             self._kick(user)
 
@@ -929,7 +931,6 @@ class Messenger:
                     d.callback(None)
 
     async def _pump(self, user: str) -> None:
-        stored = False
         # Once a message has gone through the server, the next ones follow it there until the
         # recipient's receipt says it arrived: a direct link opened meanwhile could overtake it
         # (the server may have stored it, or written it without waiting for the ack). Without the
@@ -980,8 +981,8 @@ class Messenger:
                 return
             self._delays_told.pop(user, None)
             await self._history.set_status(user, [entry.msg_id], SENT, (PENDING,))
-            if status == "stored" and not stored:
-                stored = True
+            if status == "stored" and user not in self._stored_told:
+                self._stored_told.add(user)
                 self._view.show("stored", user=user)
 
     def _carried(self, link: LinkLike) -> set[tuple[str, str]]:
