@@ -385,12 +385,12 @@ class AccountTests(TestCase):
     @harness_test()
     async def test_credentials_import(self, h):
         """Imported accounts log in with their password once they send keys; the file lines are hashed."""
-        imported, skipped = await h.directory.import_credentials(
+        imported, existing, skipped = await h.directory.import_credentials(
             ["hans falcon*solo", "", "# comment", "bad/name password", "yoda wise@!man",
              b"luke p\xe4ssw\xf6rd".decode("utf-8", "surrogateescape"),  # Latin-1, as the server reads it
              "rey pass\ufffdword"]  # U+FFFD itself is text like any other
         )
-        self.assertEqual((imported, skipped), (3, 2))
+        self.assertEqual((imported, existing, skipped), (3, 0, 2))
         self.assertNotIn("luke", h.directory.accounts)
         self.assertNotIn("falcon*solo", h.directory.accounts["hans"].password_hash)
         c = h.connect()
@@ -400,7 +400,7 @@ class AccountTests(TestCase):
         await c.ok("login", username="hans", password="falcon*solo", port=0, fingerprint=fp, envelope_key=ek)
         self.assertEqual(h.directory.accounts["hans"].fingerprint, fp)
         # A name that exists already is skipped: its password stays the one it had.
-        self.assertEqual(await h.directory.import_credentials(["hans other*password", "leia new*password"]), (1, 1))
+        self.assertEqual(await h.directory.import_credentials(["hans other*password", "leia new*password"]), (1, 1, 0))
         await c.ok("logout")
         c = h.connect()
         await c.ok("hello", protocol=1)

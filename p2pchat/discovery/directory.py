@@ -229,14 +229,15 @@ class Directory:
             self._blocking.setdefault(blocker, set()).add(blocked)
             self._blocked_by.setdefault(blocked, set()).add(blocker)
 
-    async def import_credentials(self, lines: Iterable[str]) -> tuple[int, int]:
+    async def import_credentials(self, lines: Iterable[str]) -> tuple[int, int, int]:
         """
         Create the accounts of a credentials file (C{username password} per line) that do not
         exist yet. Existing accounts are left alone: the file seeds the store, it is not the store.
 
-        @return: (imported, skipped)
+        @return: (imported, existing, skipped): accounts made, lines naming one that exists already,
+            lines that are not C{username password} in UTF-8 (each logged)
         """
-        imported = skipped = 0
+        imported = existing = skipped = 0
         for number, raw in enumerate(lines, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -252,13 +253,13 @@ class Directory:
                 continue
             username, password = parts
             if username in self.accounts:
-                skipped += 1
+                existing += 1
                 continue
             account = Account(username, await self.hasher.hash(password), None, None, self.clock.seconds())
             await self.store.create_account(account)
             self.accounts[username] = account
             imported += 1
-        return imported, skipped
+        return imported, existing, skipped
 
     # -- relationships -------------------------------------------------------------
 

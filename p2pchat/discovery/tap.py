@@ -197,9 +197,9 @@ class DiscoveryService(Service):
         if config["credentials"]:
             with open(config["credentials"], encoding="utf-8", errors="surrogateescape") as f:
                 lines = f.read().splitlines()
-            imported, skipped = await self.directory.import_credentials(lines)
-            log.info("credentials: {imported} accounts imported, {skipped} lines skipped",
-                     imported=imported, skipped=skipped)
+            imported, existing, skipped = await self.directory.import_credentials(lines)
+            log.info("credentials: {imported} accounts imported, {existing} there already (left as they are),"
+                     " {skipped} lines skipped", imported=imported, existing=existing, skipped=skipped)
 
         factory = DiscoveryFactory(self.directory, self.reactor, self.outbox)
         if identity is not None:
