@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from p2pchat.discovery import directory as directory_module
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
-from p2pchat.discovery.session import WRITE_BATCH, Session
+from p2pchat.discovery.session import MAX_UNANSWERED, WRITE_BATCH, Session
 from p2pchat.discovery.store.base import StoreError
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.wire import REQUEST_SCHEMAS, Event, Reply, decode_frame, encode_request
@@ -1153,6 +1153,21 @@ class RelayTests(TestCase):
         h.clock.advance(1)
         await alice.ok("who")
 
+    @harness_test(message_rate=1, message_burst=3)
+    async def test_blocks_count_against_the_rate(self, h):
+        """Blocks and unblocks, each written to the store, take from the same bucket: a client
+        cannot make the server write at line speed."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        await alice.ok("block", user="bob")
+        await alice.ok("unblock", user="bob")
+        await alice.ok("block", user="bob")
+        self.assertEqual(await alice.refused("unblock", user="bob"), "rate_limited")
+        self.assertEqual(await alice.refused("block", user="carol"), "rate_limited")
+        self.assertTrue(h.directory.blocks("alice", "bob"))
+        h.clock.advance(1)
+        await alice.ok("unblock", user="bob")
+
 
 class BroadcastTests(TestCase):
     @harness_test()
@@ -1239,6 +1254,44 @@ class BadInputTests(TestCase):
         self.assertFalse(c.conn.paused)
         ids = [f.id for f in c.conn.frames if not isinstance(f, Event)]
         self.assertEqual(ids, sorted(ids))
+
+    @harness_test()
+    async def test_requests_waiting_on_the_store_are_bounded(self, h):
+        """A client that writes requests waiting on the store (acks, blocks) faster than they are
+        answered is not read further while MAX_UNANSWERED wait: the server never holds more; all
+        are answered, in order, and the connection is read again."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        replies = [alice.request("ack", seqs=[n]) for n in range(1, 3 * MAX_UNANSWERED)]
+        replies += [alice.request("block" if n % 2 else "unblock", user="bob") for n in range(1, 2 * MAX_UNANSWERED)]
+        self.assertTrue(alice.conn.paused)
+        self.assertLessEqual(alice.session._unanswered, MAX_UNANSWERED)
+        for reply in replies:
+            self.assertIn((await reply).code if not (await reply).ok else "ok", ("ok", "already_blocked", "not_blocked"))
+        self.assertFalse(alice.conn.paused)
+        self.assertEqual(alice.session._unanswered, 0)
+        ids = [f.id for f in alice.conn.frames if not isinstance(f, Event)]
+        self.assertEqual(ids, sorted(ids))
+
+    @harness_test()
+    async def test_reading_resumes_as_replies_go_out(self, h):
+        """Reading stops while MAX_UNANSWERED requests wait, and starts again as soon as one is
+        answered, also when no line was left waiting by then (answers coming one at a time)."""
+        alice = await h.user("alice")
+        answers = []
+        h.directory.ack = lambda me, seqs: answers.append(Deferred()) or answers[-1]
+        replies = [alice.request("ack", seqs=[n]) for n in range(MAX_UNANSWERED + 1)]
+        self.assertEqual(len(answers), MAX_UNANSWERED)
+        self.assertTrue(alice.conn.paused)
+        answers[0].callback({"acked": 0})  # the line that waited is taken: MAX_UNANSWERED wait again
+        self.assertEqual(len(answers), MAX_UNANSWERED + 1)
+        self.assertTrue(alice.conn.paused)
+        answers[1].callback({"acked": 0})
+        self.assertFalse(alice.conn.paused)
+        for answer in answers[2:]:
+            answer.callback({"acked": 0})
+        for reply in replies:
+            self.assertTrue((await reply).ok)
 
 
 class RandomRequestTests(TestCase):
