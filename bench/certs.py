@@ -68,4 +68,3 @@ def broadcast_signature() -> str:
     send it with every broadcast. The server passes it on without reading it, as a peer's.
     """
     return sign_broadcast(generate_identity("bench user"), "bench user", "x", time.time())
-
