@@ -361,6 +361,23 @@ class PipeTests(ConsoleTestCase):
         self.assertEqual(self.messenger.calls, [("logout", ())])
         self.assertEqual(self.output(), "logging out\n")
 
+    def test_drained_once_output_has_gone_out(self) -> None:
+        """The console is the producer of stdout: while stdout's buffer is full, drained() waits for
+        it to empty (so messages are taken in no faster than they can be shown); otherwise at once."""
+        self.assertIs(self.transport.producer, self.console)
+        self.successResultOf(self.console.drained())
+        self.console.pauseProducing()
+        waiting = [self.console.drained(), self.console.drained()]
+        self.assertNoResult(waiting[0])
+        self.console.resumeProducing()
+        for d in waiting:
+            self.successResultOf(d)
+        self.console.pauseProducing()
+        gone = self.console.drained()
+        self.console.stopProducing()  # stdout closed: nothing waits for it
+        self.successResultOf(gone)
+        self.successResultOf(self.console.drained())
+
     def test_show_prints_lines(self) -> None:
         """Events from the messenger print as plain lines on a pipe."""
         self.console.show("message", user="bob", text="hi", private=False)

@@ -12,7 +12,7 @@ from twisted.test import iosim
 from twisted.trial import unittest
 
 from p2pchat import crypto
-from p2pchat.peer.links import HANDSHAKE_TIMEOUT, Link, Links
+from p2pchat.peer.links import HANDSHAKE_TIMEOUT, MAX_PENDING_FRAMES, Link, Links
 
 
 class Peer:
@@ -29,6 +29,7 @@ class Peer:
         self.up: list[Link] = []
         self.frames: list[tuple[str, dict[str, Any]]] = []
         self.down: list[str] = []
+        self.handling: list[Deferred[None]] = []  # what link_frame returns next (else: handled at once)
         self.links = Links(clock, self.identity, name, self)
 
     # the handler interface
@@ -42,8 +43,9 @@ class Peer:
     def link_up(self, link: Link) -> None:
         self.up.append(link)
 
-    def link_frame(self, link: Link, frame: dict[str, Any]) -> None:
+    def link_frame(self, link: Link, frame: dict[str, Any]) -> Deferred[None]:
         self.frames.append((link.user, frame))
+        return self.handling.pop(0) if self.handling else succeed(None)
 
     def link_down(self, link: Link) -> None:
         self.down.append(link.user)
@@ -93,6 +95,35 @@ class InMemoryTests(unittest.SynchronousTestCase):
         pump.flush()
         self.assertEqual((self.alice.down, self.bob.down), (["bob"], ["alice"]))
         self.assertIsNone(self.bob.links.get("alice"))
+
+    def test_not_read_while_many_frames_are_handled(self) -> None:
+        """A link whose frames wait to be handled (stored) stops being read at MAX_PENDING_FRAMES of
+        them, and is read again as soon as fewer wait: a contact writing at line speed cannot make
+        the peer hold everything it wrote in memory."""
+        opened, link, pump = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.successResultOf(opened)
+        at_bob = self.bob.links.get("alice")
+        calls: list[str] = []
+        tcp = at_bob.transport.transport  # under TLS
+        tcp.pauseProducing, tcp.resumeProducing = (lambda: calls.append("pause")), (lambda: calls.append("resume"))
+        self.bob.handling = [Deferred() for _ in range(MAX_PENDING_FRAMES + 1)]
+        waiting = list(self.bob.handling)
+        for n in range(MAX_PENDING_FRAMES - 1):
+            link.send({"type": "msg", "n": n})
+        pump.flush()
+        self.assertEqual(calls, [])
+        link.send({"type": "msg", "n": "last"})
+        link.send({"type": "msg", "n": "past it"})  # already read: handed on all the same
+        pump.flush()
+        self.assertEqual(calls, ["pause"])
+        self.assertEqual(len(self.bob.frames), MAX_PENDING_FRAMES + 1)
+        waiting[0].callback(None)
+        self.assertEqual(calls, ["pause"])
+        waiting[1].callback(None)
+        self.assertEqual(calls, ["pause", "resume"])
+        for d in waiting[2:]:
+            d.callback(None)
+        self.assertEqual(calls, ["pause", "resume"])
 
     def test_abort_drops_at_once(self) -> None:
         """abort() forgets the link and drops the connection without the closing handshake that an

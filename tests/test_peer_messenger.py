@@ -202,9 +202,17 @@ class FakeLinks:
 class View:
     def __init__(self) -> None:
         self.shown: list[tuple[str, dict[str, Any]]] = []
+        self.output: Deferred[None] | None = None  # while set, what was shown has not gone out yet
 
     def show(self, event: str, **fields: Any) -> None:
         self.shown.append((event, fields))
+
+    def drained(self) -> Deferred[None]:
+        if self.output is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.output.addCallback(lambda _: d.callback(None))
+        return d
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [fields for event, fields in self.shown if event == name]
@@ -925,6 +933,25 @@ class ReceiveTests(MessengerTestCase):
         item = self.directory.sent[0]
         payload, _ = crypto.open_sealed(item["envelope"], self.bob.envelope_key, "alice", "bob", item["msg_id"], self.me.fingerprint)
         self.assertEqual(json.loads(payload), {"kind": "receipt", "msg_ids": ["m1"]})
+
+    def test_taken_in_no_faster_than_shown(self) -> None:
+        """While what was shown has not gone out (a slow terminal, a script that does not read), no
+        further message is stored or acknowledged, from the server or over a link: the server keeps
+        them, the link stops being read; nothing piles up in the peer's memory."""
+        self.start()
+        self.view.output = Deferred()
+        self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "one", "sent_at": 1.0})
+        link = self.links.accept("carol")
+        handled = self.messenger.link_frame(link, {"type": "msg", "msg_id": "c1", "text": "two", "sent_at": 1.0})
+        self.assertEqual(self.view.messages(), [])
+        self.assertEqual((self.directory.acked, link.sent), ([], []))
+        self.assertNoResult(handled)
+        self.view.output.callback(None)
+        self.view.output = None
+        self.assertEqual(self.view.messages(), [("bob", "one"), ("carol", "two")])
+        self.assertEqual(self.directory.acked, [5])
+        self.assertEqual(link.sent, [{"type": "ack", "msg_ids": ["c1"]}])
+        self.successResultOf(handled)
 
     def test_late_message_says_when(self) -> None:
         """A message shown more than LATE seconds after it was written (kept by the server while

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -419,7 +419,7 @@ def cbreak(fd: int, out: int) -> Callable[[], None]:
     return restore
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class Console(Protocol):
     """
     The user's side, over stdin/stdout (C{StandardIO}): implements the messenger's view and its
@@ -451,9 +451,37 @@ class Console(Protocol):
         self._leaving = False
         self._prompt_shown = False  # terminal: the prompt line is on screen
         self._closed = False
+        self._drain_waiters: list[Deferred[None]] | None = None  # while stdout's buffer is full
 
     def attach(self, messenger: Messenger) -> None:
         self._messenger = messenger
+
+    def connectionMade(self) -> None:
+        # Told when what is printed piles up unread (a slow terminal, a script that does not read):
+        # the messenger then takes no more messages in until it has gone out (see drained).
+        self.transport.registerProducer(self, True)
+
+    # -- IPushProducer: stdout's buffer ---------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self._drain_waiters is None:
+            self._drain_waiters = []
+
+    def resumeProducing(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters or [], None
+        for d in waiters:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()  # stdout is gone: nothing will drain, nothing should wait
+
+    def drained(self) -> Deferred[None]:
+        """Fires once what was printed has gone out (at once when it has)."""
+        if self._drain_waiters is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
 
     # -- output -----------------------------------------------------------------
 

@@ -28,6 +28,10 @@ LINK_PROTOCOL = 1
 # A message of 16000 characters, each escaped as \uXXXX, plus framing.
 MAX_FRAME = 128 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+# Frames being handled (a message stored, then acknowledged) past which a link is not read until
+# fewer are: a contact writing messages at line speed would otherwise have every one held in memory
+# at once, waiting its turn to be stored.
+MAX_PENDING_FRAMES = 64
 
 
 class LinkHandler(Protocol):
@@ -36,7 +40,7 @@ class LinkHandler(Protocol):
     def refuse_fingerprint(self, fingerprint: str) -> bool: ...
     def verify_peer(self, user: str, fingerprint: str | None) -> Deferred[bool]: ...
     def link_up(self, link: Link) -> None: ...
-    def link_frame(self, link: Link, frame: dict[str, Any]) -> None: ...
+    def link_frame(self, link: Link, frame: dict[str, Any]) -> Deferred[None]: ...  # fires once handled
     def link_down(self, link: Link) -> None: ...
 
 
@@ -57,6 +61,8 @@ class Link(LineOnlyReceiver, TimeoutMixin):
         self._open = False
         self._hello_seen = False
         self._lost = False
+        self._pending = 0  # frames handed to the handler and not handled yet
+        self._paused = False
         self._opened: Deferred[Link] = Deferred()
         self.callLater = links.clock.callLater  # TimeoutMixin's clock
 
@@ -79,7 +85,11 @@ class Link(LineOnlyReceiver, TimeoutMixin):
             self.transport.abortConnection()
             return
         if self._open:
-            self._links.handler.link_frame(self, frame)
+            self._pending += 1
+            if self._pending >= MAX_PENDING_FRAMES and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            self._links.handler.link_frame(self, frame).addBoth(self._handled)
         elif self._outgoing:
             if frame.get("type") == "welcome" and frame.get("user") == self.user:
                 self._become_open()
@@ -92,6 +102,12 @@ class Link(LineOnlyReceiver, TimeoutMixin):
         else:
             # Nothing from an unverified peer is looked at, let alone shown.
             self.transport.abortConnection()
+
+    def _handled(self, result: object) -> None:
+        self._pending -= 1
+        if self._paused and self._pending < MAX_PENDING_FRAMES and not self._lost:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def _check_hello(self, frame: dict[str, Any]) -> None:
         user = frame.get("user")

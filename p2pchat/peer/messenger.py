@@ -62,6 +62,9 @@ class View(Protocol):
 
     def show(self, event: str, **fields: Any) -> None: ...
 
+    def drained(self) -> Deferred[None]:
+        """Fires once what was shown has gone out: messages are taken in no faster than they can be shown."""
+
 
 # The next password: retry is true after the previous one was refused. None: no (more) password.
 PasswordSource = Callable[[bool], "Deferred[str | None]"]
@@ -677,6 +680,10 @@ class Messenger:
         owe_receipt: bool = False,
     ) -> None:
         status = HELD if held else MUTED if self._is_muted(sender) else SHOWN
+        # Not faster than the terminal (or the script reading the output) takes them: a sender
+        # writing faster would otherwise have everything shown meanwhile held in memory. Waiting
+        # here holds back the acknowledgement, so the link, or the server, holds back the rest.
+        await self._view.drained()
         try:
             new = await self._history.add_incoming(
                 sender, msg_id, text, private, status, sent_at, self._clock.seconds(), owe_receipt
@@ -878,8 +885,8 @@ class Messenger:
         if lost:
             self._kick(link.user)
 
-    def link_frame(self, link: LinkLike, frame: dict[str, Any]) -> None:
-        Deferred.fromCoroutine(self._link_frame(link, frame)).addErrback(
+    def link_frame(self, link: LinkLike, frame: dict[str, Any]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._link_frame(link, frame)).addErrback(
             lambda f: log.failure("frame from {user}", f, user=link.user)
         )
 
