@@ -142,9 +142,9 @@ class TerminalRunner(ProcessRunner):
         self.transport.write(keys)
 
     def line_mode(self) -> bool:
-        """Whether the terminal is in line mode (canonical) or echoes, as a shell leaves it."""
-        flags = termios.tcgetattr(self.transport.fileno())[3]
-        return bool(flags & (termios.ICANON | termios.ECHO))
+        """Whether the terminal is in line mode (canonical), echoes or stops at Ctrl-S, as a shell leaves it."""
+        attributes = termios.tcgetattr(self.transport.fileno())
+        return bool(attributes[3] & (termios.ICANON | termios.ECHO) or attributes[0] & termios.IXON)
 
     def pastes_marked(self) -> bool:
         """Whether the terminal was asked to mark pastes (bracketed paste, private mode 2004)."""
@@ -157,6 +157,7 @@ class TerminalRunner(ProcessRunner):
 
     def set_line_mode(self) -> None:
         attributes = termios.tcgetattr(self.transport.fileno())
+        attributes[0] |= termios.IXON
         attributes[3] |= termios.ICANON | termios.ECHO
         termios.tcsetattr(self.transport.fileno(), termios.TCSANOW, attributes)
 

@@ -398,11 +398,13 @@ _PASSWORD_KEYS = (BACKSPACE, KILL_BEFORE, KILL_WORD, EOF, TAB)
 
 def cbreak(fd: int, out: int) -> Callable[[], None]:
     """
-    Character-at-a-time input on C{fd} without echo (signals still work), and pastes marked as
-    such by the terminal on C{out} (bracketed paste, see L{KeyDecoder}); returns what restores both.
+    Character-at-a-time input on C{fd} without echo or flow control (signals still work), and pastes
+    marked as such by the terminal on C{out} (bracketed paste, see L{KeyDecoder}); returns what
+    restores both.
     """
     saved = termios.tcgetattr(fd)
     mode = termios.tcgetattr(fd)
+    mode[0] &= ~termios.IXON  # Ctrl-S would freeze the chat until Ctrl-Q, which few people know
     mode[3] &= ~(termios.ICANON | termios.ECHO)
     mode[6][termios.VMIN] = 1
     mode[6][termios.VTIME] = 0
