@@ -149,7 +149,8 @@ class FakeLink:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.links.open.pop(self.user, None)
+            if self.links.open.get(self.user) is self:  # an older one going leaves the newest in use
+                del self.links.open[self.user]
             self.links.messenger.link_down(self)
 
     def abort(self) -> None:
@@ -682,6 +683,50 @@ class SendTests(MessengerTestCase):
         self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
         self.assertEqual(self.statuses("bob"), [("one", SENT), ("two", SENT)])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_slow_link_kept(self) -> None:
+        """A link whose receiver acknowledges slowly but steadily (busy with many messages) is not
+        taken for dead: only one that acknowledges none of what it carried in ACK_WAIT is dropped."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        for n in range(3):
+            self.command("send", "bob", f"m{n}")
+        link = self.links.open["bob"]
+        self.clock.advance(ACK_WAIT - 1)
+        self.messenger.link_frame(link, {"type": "ack", "msg_ids": [link.sent[0]["msg_id"]]})
+        self.clock.advance(1)
+        self.assertFalse(link.aborted)
+        self.clock.advance(ACK_WAIT - 1)
+        self.messenger.link_frame(link, {"type": "ack", "msg_ids": [link.sent[1]["msg_id"]]})
+        self.clock.advance(1)
+        self.assertFalse(link.aborted)
+        self.clock.advance(ACK_WAIT)  # then nothing more: dead after all
+        self.assertTrue(link.aborted)
+        self.assertEqual(self.statuses("bob")[:2], [("m0", DELIVERED), ("m1", DELIVERED)])
+        self.assertEqual([f["text"] for f in self.links.open["bob"].sent], ["m2"])  # again, on a new link
+
+    def test_no_overtaking_on_another_link(self) -> None:
+        """Messages to one user never travel over two links at once: with one on its way over a
+        link, the next ones wait rather than take a newer link (bob's own link to alice, say), which
+        could deliver them first; they go once it is acknowledged, or again in order once its link
+        is down."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.command("send", "bob", "one")
+        first = self.links.open["bob"]
+        second = self.links.accept("bob")  # bob connected to alice meanwhile: the newest link
+        self.command("send", "bob", "two")
+        self.assertEqual(([f["text"] for f in first.sent], second.sent), (["one"], []))
+        self.messenger.link_frame(first, {"type": "ack", "msg_ids": [first.sent[0]["msg_id"]]})
+        self.assertEqual([f["text"] for f in second.sent], ["two"])
+        self.command("send", "bob", "three")
+        third = self.links.accept("bob")
+        self.command("send", "bob", "four")
+        self.assertEqual(third.sent, [])
+        second.close()  # "two" and "three" were on it, unacknowledged: again, in order, then "four"
+        self.assertEqual([f["text"] for f in third.sent], ["two", "three", "four"])
 
     def test_stop_ends_the_ack_checks(self) -> None:
         """Stopping leaves no check of a link's acks behind."""

@@ -167,6 +167,7 @@ class Messenger:
         self._online_wanted = False
         self.logged_in = False
         self._in_flight: dict[tuple[str, str], LinkLike] = {}
+        self._behind_link: set[str] = set()  # their outbox waits for a message on its way over another link
         self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
@@ -712,6 +713,9 @@ class Messenger:
         for msg_id in msg_ids:
             self._in_flight.pop((user, msg_id), None)
         await self._history.set_status(user, msg_ids, DELIVERED, (PENDING, SENT))
+        if user in self._behind_link:
+            self._behind_link.discard(user)
+            self._kick(user)
 
     async def _send_receipt(self, user: str, msg_ids: list[str]) -> None:
         """Send a receipt; it stays owed (sent after the next login) unless the server took it."""
@@ -945,8 +949,15 @@ class Messenger:
         behind_server = await self._history.awaiting_receipt(user)
         keys_checked = False  # the first message sealed in this pass asks the directory for the keys
         for entry in await self._history.outbox(user):
-            if (user, entry.msg_id) in self._in_flight:
-                continue
+            on = self._in_flight.get((user, entry.msg_id))
+            if on is not None:
+                if on is self._links.get(user):
+                    continue  # on its way over the link in use, ahead of what follows there
+                # On its way over another link (an older one, or one the other side opened
+                # meanwhile): what follows could overtake it on this one. It waits until that one
+                # is acknowledged, or its link is down and it goes again.
+                self._behind_link.add(user)
+                return
             try:
                 link = self._links.get(user)
                 if link is None and entry.private:
@@ -1008,10 +1019,10 @@ class Messenger:
 
     def _check_acks(self, link: LinkLike, carried: set[tuple[str, str]]) -> None:
         del self._ack_checks[link]
-        if carried & self._carried(link):
+        if carried and carried <= self._carried(link):  # not one of them acknowledged
             log.warn("dropped the direct link to {user}: no acknowledgement in {s:g} s", user=link.user, s=ACK_WAIT)  # noqa: G010 - twisted.logger
             link.abort()
-        elif self._carried(link):
+        elif self._carried(link):  # slow, but going: a receiver busy with many messages
             self._watch_acks(link)
 
     async def _open_link(self, user: str) -> LinkLike | None:
