@@ -36,7 +36,7 @@ MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
 RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
-ACK_WAIT = 15.0  # a direct link that leaves a message unacknowledged this long is dead or stuck: dropped
+ACK_WAIT = 15.0  # a direct link that acknowledges none of what it carries this long is dead or stuck: dropped
 BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: one sent again is not shown
 UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, this long after the first
 
@@ -1009,7 +1009,7 @@ class Messenger:
 
     def _watch_acks(self, link: LinkLike) -> None:
         """
-        Check, L{ACK_WAIT} from now, that what C{link} carries now has been acknowledged. A link
+        Check, L{ACK_WAIT} from now, that some of what C{link} carries now has been acknowledged. A link
         whose other end vanished (a laptop closed, a network changed) takes TCP a quarter of an
         hour to notice, and it would hold this user's messages, and the next ones, all that time:
         it is dropped, and they go again another way (the recipient drops what it already has).
