@@ -1009,10 +1009,11 @@ class Messenger:
 
     def _watch_acks(self, link: LinkLike) -> None:
         """
-        Check, L{ACK_WAIT} from now, that some of what C{link} carries now has been acknowledged. A link
-        whose other end vanished (a laptop closed, a network changed) takes TCP a quarter of an
-        hour to notice, and it would hold this user's messages, and the next ones, all that time:
-        it is dropped, and they go again another way (the recipient drops what it already has).
+        Check, L{ACK_WAIT} from now, that some of what C{link} carries now has been acknowledged.
+        A link whose other end vanished (a laptop closed, a network changed) takes TCP a quarter of
+        an hour to notice, and it would hold this user's messages, and the next ones, all that
+        time: it is dropped, and they go again another way (the recipient drops what it already
+        has). One acknowledging slowly (its receiver busy with many messages) is kept.
         """
         if link not in self._ack_checks:
             self._ack_checks[link] = self._clock.callLater(ACK_WAIT, self._check_acks, link, self._carried(link))
