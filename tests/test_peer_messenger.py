@@ -647,6 +647,16 @@ class LoginTests(MessengerTestCase):
         self.assertTrue(self.successResultOf(self.history.contacts())["carol"].blocked)
 
 
+class AfterLoginTests(MessengerTestCase):
+    def test_logged_out_before_the_work_after_login_is_done(self) -> None:
+        """A connection that closes right after the login, before the work that follows it (the
+        block list, who is online, the outbox) is done, as when a script's input is empty and the
+        peer logs out at once, logs no error: the next login does that work again."""
+        self.directory.answers["blocks"] = NotConnected("Connection was closed cleanly.")
+        self.start()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 class SendTests(MessengerTestCase):
     def test_direct_when_reachable(self) -> None:
         """An online, reachable recipient gets the message over a direct link; delivered on its ack."""

@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gathe
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .. import crypto
 from ..crypto import CryptoError, EnvelopeError, EnvelopeKey, Identity, WrongEnvelopeKey
@@ -343,9 +344,13 @@ class Messenger:
         mailbox = _count(result.get("mailbox"))
         self._view.show("reconnected" if resumed else "welcome", user=self.user, mailbox=mailbox)
         self._ready()
-        Deferred.fromCoroutine(self._after_login()).addErrback(
-            lambda f: log.failure("after login", f)
-        )
+        Deferred.fromCoroutine(self._after_login()).addErrback(self._after_login_failed)
+
+    def _after_login_failed(self, failure: Failure) -> None:
+        if failure.check(NotConnected):  # logged out or disconnected meanwhile: the next login does it again
+            log.info("the work after login stopped: {e}", e=failure.value)
+        else:
+            log.failure("after login", failure)
 
     async def _resume(self) -> dict[str, Any] | None:
         """
