@@ -37,6 +37,15 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(again["identity"].fingerprint, config["identity"].fingerprint)
         self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
 
+    def test_not_in_the_background(self) -> None:
+        """Without -n twistd would run the peer in the background with no input, where it would log
+        in and out at once: refused, saying how to start it, before anything is made."""
+        options = ServerOptions()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["p2ppeer", "--user", "alice"])
+        self.assertIn("twistd -n p2ppeer", str(caught.exception))
+        self.assertFalse(os.path.exists(self.data))
+
     def test_pid_and_log_files_per_user(self) -> None:
         """twistd's pid file and log go into the user's data dir, so peers started in one directory coexist."""
         options = self.twistd("p2ppeer", "--user", "alice")

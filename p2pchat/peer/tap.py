@@ -58,6 +58,11 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("nodaemon", True):
+            # In the background it would have no input: it would log in, read the end of its
+            # input and log out at once, leaving nothing running.
+            raise usage.UsageError("the peer is a console program: start it in the foreground, twistd -n p2ppeer ...")
         user = self["user"]
         if user is None:
             raise usage.UsageError("--user is required")
