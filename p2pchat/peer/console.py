@@ -201,7 +201,7 @@ def help_text() -> str:
         lines.append(f"  {spec.usage():<{width}}  {spec.summary}{aliases}")
     lines.append("on a terminal: arrows, Home, End, Ctrl-W/K/U edit the line; up and down bring back lines"
                  " entered before; Tab completes commands and usernames; Ctrl-L clears the screen;"
-                 " Ctrl-D on an empty line logs out")
+                 " a paste stays on the line until Enter; Ctrl-D on an empty line logs out")
     return "\n".join(lines)
 
 
