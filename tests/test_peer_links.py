@@ -7,12 +7,14 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.test import iosim
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from p2pchat import crypto
-from p2pchat.peer.links import HANDSHAKE_TIMEOUT, MAX_PENDING_FRAMES, Link, Links
+from p2pchat.peer.links import HANDSHAKE_TIMEOUT, MAX_PENDING_FRAMES, MAX_UNVERIFIED, Link, Links
 
 
 class Peer:
@@ -124,6 +126,27 @@ class InMemoryTests(unittest.SynchronousTestCase):
         for d in waiting[2:]:
             d.callback(None)
         self.assertEqual(calls, ["pause", "resume"])
+
+    def test_unverified_connections_bounded(self) -> None:
+        """At most MAX_UNVERIFIED incoming connections wait for their handshake and hello: past it a
+        new one is closed at once, before any TLS work; one that is verified, or gone, makes room."""
+
+        def incoming() -> Any:
+            tls = self.bob.links.listening_factory().buildProtocol(None)
+            tls.makeConnection(iosim.makeFakeServer(tls))
+            return tls
+
+        waiting = [incoming() for _ in range(MAX_UNVERIFIED)]
+        self.assertFalse(any(t.transport.disconnecting for t in waiting))
+        self.assertTrue(incoming().transport.disconnecting)
+        opened, _, _ = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.failureResultOf(opened)  # alice too, while they wait
+        waiting.pop().connectionLost(Failure(ConnectionDone()))
+        opened, _, _ = self.connect(self.alice, self.bob, "bob", self.bob.fingerprint)
+        self.successResultOf(opened)  # room for one; verified, it no longer counts
+        waiting.append(incoming())
+        self.assertFalse(waiting[-1].transport.disconnecting)
+        self.assertTrue(incoming().transport.disconnecting)
 
     def test_abort_drops_at_once(self) -> None:
         """abort() forgets the link and drops the connection without the closing handshake that an

@@ -32,6 +32,11 @@ HANDSHAKE_TIMEOUT = 10.0
 # fewer are: a contact writing messages at line speed would otherwise have every one held in memory
 # at once, waiting its turn to be stored.
 MAX_PENDING_FRAMES = 64
+# Incoming connections not verified yet (no TLS handshake and hello done), at most: past it new
+# ones are closed at once. Each holds an open file for up to HANDSHAKE_TIMEOUT, and a peer has
+# about a thousand: a flood of connections that never finish would leave none for the server
+# connection, new links or the history.
+MAX_UNVERIFIED = 64
 
 
 class LinkHandler(Protocol):
@@ -63,10 +68,16 @@ class Link(LineOnlyReceiver, TimeoutMixin):
         self._lost = False
         self._pending = 0  # frames handed to the handler and not handled yet
         self._paused = False
+        self._unverified = False  # an incoming connection counted in Links' MAX_UNVERIFIED
         self._opened: Deferred[Link] = Deferred()
         self.callLater = links.clock.callLater  # TimeoutMixin's clock
 
     def connectionMade(self) -> None:
+        if not self._outgoing:
+            self._unverified = self._links._admit()
+            if not self._unverified:
+                self.transport.abortConnection()
+                return
         self.setTimeout(self._links.handshake_timeout)
         if self._outgoing:
             # Buffered by TLS until the handshake has checked the listener's key.
@@ -133,7 +144,13 @@ class Link(LineOnlyReceiver, TimeoutMixin):
 
         maybeDeferred(self._links.handler.verify_peer, user, fingerprint).addCallbacks(decided, failed)
 
+    def _verified_or_gone(self) -> None:
+        if self._unverified:
+            self._unverified = False
+            self._links._unverified -= 1
+
     def _become_open(self) -> None:
+        self._verified_or_gone()
         self._open = True
         self.setTimeout(None)
         self._links._add(self)
@@ -169,6 +186,7 @@ class Link(LineOnlyReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure) -> None:
         self._lost = True
+        self._verified_or_gone()
         self.setTimeout(None)
         if self._open:
             self._links._remove(self)
@@ -202,6 +220,8 @@ class Links:
         self._connect_timeout = connect_timeout
         self._listening: IListeningPort | None = None
         self._links: dict[str, list[Link]] = {}
+        self._unverified = 0  # incoming connections not verified yet
+        self._refusing = False  # told the log that MAX_UNVERIFIED was reached
 
     def listening_factory(self) -> TLSMemoryBIOFactory:
         options = peer_listener_options(self._identity, refuse=self.handler.refuse_fingerprint)
@@ -252,6 +272,17 @@ class Links:
     def close_all(self) -> None:
         for user in list(self._links):
             self.close(user)
+
+    def _admit(self) -> bool:
+        """Whether an incoming connection may go on to its handshake (counted until verified or gone)."""
+        if self._unverified >= MAX_UNVERIFIED:
+            if not self._refusing:
+                self._refusing = True
+                log.warn("closing new direct links at once: {n} are not verified yet", n=self._unverified)  # noqa: G010 - twisted.logger
+            return False
+        self._refusing = False
+        self._unverified += 1
+        return True
 
     def _add(self, link: Link) -> None:
         self._links.setdefault(link.user, []).append(link)
