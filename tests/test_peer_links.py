@@ -9,12 +9,18 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.test import iosim
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.trial import unittest
 
 from p2pchat import crypto
-from p2pchat.peer.links import HANDSHAKE_TIMEOUT, MAX_PENDING_FRAMES, MAX_UNVERIFIED, Link, Links
+from p2pchat.peer.links import (
+    HANDSHAKE_TIMEOUT,
+    MAX_PENDING_FRAMES,
+    MAX_UNVERIFIED,
+    Link,
+    Links,
+)
 
 
 class Peer:
