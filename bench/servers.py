@@ -70,6 +70,7 @@ def discovery_server(procs: Processes, workdir: Path, data_dir: Path, name: str,
         "--mailbox-limit", "1000000",
         "--message-rate", "0",
         "--login-rate", "0",
+        "--max-connections-per-address", "0",  # every load user comes from 127.0.0.1 (ngircd: MaxConnectionsIP = 0)
         *extra,
     ]
     return Server(procs, argv, port, workdir / f"{name}.log", workdir)

@@ -59,16 +59,19 @@ class OptionsTests(SynchronousTestCase):
     def test_limits(self):
         """The limits options reach the directory's Limits."""
         limits = parse("--block-duration", "5", "--timeout", "30", "--no-registration", "--mailbox-limit", "7",
-                       "--message-rate", "0", "--max-line", "2048", "--presence-batch", "0", "--hold", "0.5").limits()
+                       "--message-rate", "0", "--max-line", "2048", "--presence-batch", "0", "--hold", "0.5",
+                       "--max-connections-per-address", "0").limits()
         self.assertEqual((limits.block_duration, limits.idle_timeout, limits.open_registration, limits.mailbox_limit,
-                          limits.message_rate, limits.max_line, limits.presence_batch, limits.hold),
-                         (5.0, 30.0, False, 7, 0.0, 2048, 0.0, 0.5))
+                          limits.message_rate, limits.max_line, limits.presence_batch, limits.hold,
+                          limits.max_connections_per_address),
+                         (5.0, 30.0, False, 7, 0.0, 2048, 0.0, 0.5, 0))
+        self.assertEqual(parse().limits().max_connections_per_address, 1000)
 
     def test_bad_values(self):
         """Bad values are usage errors naming the option."""
         for argv in [("--block-duration", "soon"), ("--timeout", "-1"), ("--mailbox-limit", "0"),
                      ("--sync", "sometimes"), ("--credentials", "/nonexistent/file"), ("--max-line", "10"),
-                     ("--hold", "-1"), ("--hold", "11")]:
+                     ("--hold", "-1"), ("--hold", "11"), ("--max-connections-per-address", "-1")]:
             with self.assertRaises(usage.UsageError, msg=argv) as cm:
                 parse(*argv)
             self.assertIn(argv[0].lstrip("-").split("-")[0], str(cm.exception))

@@ -216,6 +216,15 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.clock.advance(2)
         self.assertEqual([c for c, _ in self.handler.calls], ["unreachable", "connected", "lost", "unreachable"])
 
+    def test_turned_away_before_hello(self) -> None:
+        """A server that says bye instead of hello (too many connections from this address) has
+        its reason reported as the outage's, rather than a closed connection."""
+        self.link.start()
+        message = "10.0.0.9 has 1000 connections to this server already; try again later"
+        self.receive({"event": "bye", "reason": "too_many_connections", "message": message})
+        self.endpoint.lose()
+        self.assertEqual(self.handler.calls, [("unreachable", message)])
+
     def test_no_hello_no_session(self) -> None:
         """A server that never says hello is dropped after the timeout."""
         self.link.start()

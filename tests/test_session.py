@@ -316,6 +316,22 @@ class AccountTests(TestCase):
         a = await h.user("alice")
         self.assertEqual(await a.refused("login", username="alice", password=PASSWORD, port=1), "already_authenticated")
 
+    @harness_test(max_connections_per_address=2)
+    async def test_connections_per_address(self, h):
+        """At most --max-connections-per-address connections from one address at once: the next gets
+        bye (too_many_connections) instead of hello and is closed; one closing makes room; other
+        addresses are not counted with it."""
+        first, second = h.connect("10.0.0.9"), h.connect("10.0.0.9")
+        third = h.connect("10.0.0.9")
+        self.assertEqual([e.name for e in third.conn.frames], ["bye"])
+        self.assertEqual(third.conn.frames[0].fields["reason"], "too_many_connections")
+        self.assertTrue(third.conn.closed)
+        await h.connect("10.0.0.8").ok("hello", protocol=1)
+        first.conn.close()
+        await h.connect("10.0.0.9").ok("hello", protocol=1)
+        await second.ok("hello", protocol=1)
+        self.assertEqual(h.connect("10.0.0.9").conn.events("bye")[0].fields["reason"], "too_many_connections")
+
     @harness_test()
     async def test_second_login_denied(self, h):
         """A password login of a user who is online is denied; the first session is untouched."""

@@ -72,6 +72,7 @@ class Limits:
     message_rate: float = 50.0
     message_burst: int = 200
     login_rate: float = 30.0  # password attempts per address per minute
+    max_connections_per_address: int = 1000  # 0 = no limit
     max_line: int = 65536
     max_queued_bytes: int = 1 << 20
     mailbox_window: int = 1 << 20  # envelope characters written to a user and not yet acked
@@ -158,12 +159,31 @@ class Lockouts:
 
 
 class AddressLimits:
-    """Password attempts per source address, so one host cannot guess across many accounts."""
+    """
+    Per source address: password attempts, so one host cannot guess across many accounts, and
+    connections at once, so one host cannot hold the server's memory with connections that
+    never log in.
+    """
 
-    def __init__(self, clock, per_minute: float) -> None:
+    def __init__(self, clock, per_minute: float, max_connections: int = 0) -> None:
         self._clock = clock
         self._per_minute = per_minute
         self._buckets: dict[str, TokenBucket] = {}
+        self.max_connections = max_connections
+        self._connections: dict[str, int] = {}
+
+    def connect(self, host: str) -> bool:
+        """Count a new connection from C{host}; False (not counted) when it has as many as allowed."""
+        count = self._connections.get(host, 0)
+        if 0 < self.max_connections <= count:
+            return False
+        self._connections[host] = count + 1
+        return True
+
+    def disconnect(self, host: str) -> None:
+        count = self._connections.pop(host, 0) - 1
+        if count > 0:
+            self._connections[host] = count
 
     def allow(self, host: str) -> bool:
         if self._per_minute <= 0:
@@ -213,7 +233,7 @@ class Directory:
         self._hold_call = None
         self._storing: dict[str, int] = {}  # recipient -> puts under way
         self.lockouts = Lockouts(clock, limits.block_duration)
-        self.address_limits = AddressLimits(clock, limits.login_rate)
+        self.address_limits = AddressLimits(clock, limits.login_rate, limits.max_connections_per_address)
 
     # -- start-up ----------------------------------------------------------------
 

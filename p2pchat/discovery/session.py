@@ -87,6 +87,7 @@ class Session:
         self.username: str | None = None
         self.live = False
         self.closed = False
+        self._counted = False  # in the directory's connections from this host
         self._greeted = False
         # Replies in request order: the oldest slot not yet written, and the newest.
         self._first_slot: _Slot | None = None
@@ -114,6 +115,15 @@ class Session:
     # -- connection events ------------------------------------------------------------------
 
     def connected(self) -> None:
+        self._counted = self.directory.address_limits.connect(self.host)
+        if not self._counted:
+            limit = self.directory.address_limits.max_connections
+            self.connection.write(encode_event(
+                "bye", reason="too_many_connections",
+                message=f"{self.host} has {limit} connections to this server already; try again later",
+            ))
+            self._close(None)
+            return
         self.connection.write(
             encode_event(
                 "hello", protocol=PROTOCOL_VERSION, server="p2pdiscovery", max_line=self.limits.max_line,
@@ -144,6 +154,9 @@ class Session:
         self._pump_mailbox()
 
     def connection_lost(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.directory.address_limits.disconnect(self.host)
         if self._watch_call is not None and self._watch_call.active():
             self._watch_call.cancel()
         self._watch_call = None

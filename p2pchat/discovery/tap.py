@@ -79,6 +79,7 @@ class Options(usage.Options):
         ["message-rate", None, 50.0, "Messages (send, broadcast) per second per user; 0 = no limit.", _number(float, 0, "message-rate")],
         ["message-burst", None, 200, "Messages a user may send at once before --message-rate applies.", _number(int, 1, "message-burst")],
         ["login-rate", None, 30.0, "Password attempts (login, register) per minute per address; 0 = no limit.", _number(float, 0, "login-rate")],
+        ["max-connections-per-address", None, 1000, "Connections at once from one address (a class behind one router needs one per user); past it new ones are told so and closed; 0 = no limit.", _number(int, 0, "max-connections-per-address")],
         ["max-line", None, 65536, "Longest request line in bytes.", _number(int, 1024, "max-line")],
         ["max-queued-bytes", None, 1 << 20, "Bytes queued for a client that does not read before it is cut off.", _number(int, 65536, "max-queued-bytes")],
         ["presence-batch", None, 0.05, "Seconds presence changes are gathered before they go out together; one flush to everyone follows another after at least 0.3 ms per user online; 0 = at once.", _number(float, 0, "presence-batch")],
@@ -114,7 +115,8 @@ class Options(usage.Options):
             block_duration=self["block-duration"], idle_timeout=self["timeout"],
             keepalive_timeout=self["keepalive-timeout"], mailbox_limit=self["mailbox-limit"],
             open_registration=not self["no-registration"], message_rate=self["message-rate"],
-            message_burst=self["message-burst"], login_rate=self["login-rate"], max_line=self["max-line"],
+            message_burst=self["message-burst"], login_rate=self["login-rate"],
+            max_connections_per_address=self["max-connections-per-address"], max_line=self["max-line"],
             max_queued_bytes=self["max-queued-bytes"], presence_batch=self["presence-batch"],
             hold=self["hold"],
         )

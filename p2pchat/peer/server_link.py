@@ -62,6 +62,7 @@ class ServerProtocol(LineOnlyReceiver):
         self._next_id = 1
         self._hello: Deferred[dict[str, Any]] = Deferred()
         self._pinger: LoopingCall | None = None
+        self.refusal: str | None = None  # why the server said bye before hello, if it did
 
     def connectionMade(self) -> None:
         self._link._connection_made(self)
@@ -225,6 +226,8 @@ class ServerLink:
     def _event(self, protocol: ServerProtocol, event: Event) -> None:
         if protocol is self._protocol:
             self._handler.server_event(event)
+        elif event.name == "bye" and isinstance(event.fields.get("message"), str):
+            protocol.refusal = event.fields["message"]  # turned away before hello: the outage's reason
 
     def _connection_lost(self, protocol: ServerProtocol, reason: Failure) -> None:
         if reason.check(ServerPinError):
@@ -235,7 +238,7 @@ class ServerLink:
             self._protocol = None
             self._handler.server_lost()
         elif self._service.running:
-            self._report_outage(reason.getErrorMessage())
+            self._report_outage(protocol.refusal or reason.getErrorMessage())
 
 
 @implementer(IStreamClientEndpoint)
