@@ -80,10 +80,12 @@ def spki_fingerprint(key_or_cert) -> str:
         key_or_cert = key_or_cert.public_key()
     if not hasattr(key_or_cert, "public_bytes"):
         raise TypeError(f"cannot take the fingerprint of {type(key_or_cert).__name__}")
-    der = key_or_cert.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(_spki(key_or_cert)).hexdigest()
+
+
+def _spki(public_key) -> bytes:
+    """A public key's DER SubjectPublicKeyInfo: what a fingerprint hashes, and envelopes carry."""
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def cert_fingerprint(cert: x509.Certificate) -> str:
@@ -417,9 +419,7 @@ def seal(
         raise CryptoError(f"a sealed message may hold at most {MAX_PAYLOAD} bytes")
     recipient_key = _decode_envelope_key(recipient_key_b64)
     bound = _bound(sender, recipient, msg_id, CryptoError)
-    spki = identity.private_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = _spki(identity.private_key.public_key())
     ephemeral_key = X25519PrivateKey.generate()
     ephemeral = _raw(ephemeral_key.public_key())
     try:
@@ -461,11 +461,8 @@ def _sender_key(spki: bytes) -> ec.EllipticCurvePublicKey:
         raise EnvelopeError("the signing key is malformed") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise EnvelopeError("the signing key is not an ECDSA P-256 key")
-    canonical = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     # Another encoding of the same key would give another fingerprint for it.
-    if canonical != spki:
+    if _spki(key) != spki:
         raise EnvelopeError("the signing key is not in canonical form")
     return key
 
@@ -534,9 +531,7 @@ def _broadcast_signed(sender: str, text: str, when: bytes, spki: bytes) -> bytes
 
 def sign_broadcast(identity: Identity, sender: str, text: str, sent_at: float) -> str:
     """The signature of C{sender}'s broadcast of C{text}, written at C{sent_at} (seconds since the epoch)."""
-    spki = identity.private_key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = _spki(identity.private_key.public_key())
     when = struct.pack(">d", sent_at)
     signature = identity.private_key.sign(_broadcast_signed(sender, text, when, spki), ec.ECDSA(hashes.SHA256()))
     return _b64encode(bytes([_ENVELOPE_VERSION]) + _lp(spki, when, signature))
