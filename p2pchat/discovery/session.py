@@ -411,7 +411,7 @@ class Session:
             self.connection.write(done.frame)
             if done.after is not None:
                 done.after()
-        if self._waiting is not None and not self._barrier and self._unanswered < MAX_UNANSWERED:
+        if self._waiting is not None:  # lines, or reading, held back: maybe no longer
             self._go_on()
 
     # -- mailbox ------------------------------------------------------------------------
