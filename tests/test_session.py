@@ -1145,6 +1145,60 @@ class RelayTests(TestCase):
             seen.append(await bob.event("envelope"))
         self.assertEqual([e.fields["msg_id"] for e in seen], [f"s{i}" for i in range(10)] + ["live"])
 
+    async def _live_window(self, h, wait_for_hold: bool) -> None:
+        alice = await h.user("alice")
+        bob = await h.user("bob")
+        sends = [alice.request("send", to="bob", msg_id=f"m{i}", envelope="e") for i in range(10)]
+        await h.settled()
+        first = [await bob.event("envelope") for _ in range(4)]
+        self.assertEqual([e.fields["msg_id"] for e in bob.conn.events("envelope")], ["m0", "m1", "m2", "m3"])
+        self.assertFalse(bob.session.live)
+        if wait_for_hold:  # the four written are stored too, and the senders answered
+            h.clock.advance(h.directory.limits.hold)
+        answered = sends[:4] if wait_for_hold else sends[4:]
+        for reply in answered:
+            self.assertEqual((await reply).result["status"], "delivered")
+        await h.settled()
+        self.assertEqual(len(bob.conn.events("envelope")), 4)
+        seen = list(first)
+        while len(seen) < 10:
+            await bob.ok("ack", seqs=[e.fields["seq"] for e in seen])
+            seen.append(await bob.event("envelope"))
+        await bob.ok("ack", seqs=[e.fields["seq"] for e in seen])
+        self.assertEqual([e.fields["msg_id"] for e in bob.conn.events("envelope")], [f"m{i}" for i in range(10)])
+        for reply in sends:
+            if reply not in answered:
+                self.assertEqual((await reply).result["status"], "delivered")
+        await h.settled()
+        self.assertTrue(bob.session.live)
+        self.assertEqual(await h.store.fetch_envelopes("bob", 0, 100, 1 << 20), [])
+        # Live again: the next one goes out without waiting for older ones to be acked.
+        reply = alice.request("send", to="bob", msg_id="m10", envelope="e")
+        last = (await bob.event("envelope")).fields
+        self.assertEqual(last["msg_id"], "m10")
+        await bob.ok("ack", seqs=[last["seq"]])
+        self.assertEqual((await reply).result["status"], "delivered")
+
+    @harness_test(mailbox_window=4)
+    async def test_live_window(self, h):
+        """Live envelopes too go out at most a window of characters unacked at a time (here four
+        of one character): a recipient who takes them in and does not ack (its user's output is
+        not read) is not sent more to hold in memory. The ones sent meanwhile are stored (their
+        senders hear delivered: the recipient is online) and come in order, each once, as acks
+        make room; once none is left the recipient is live again."""
+        await self._live_window(h, wait_for_hold=False)
+
+    @harness_test(mailbox_window=4)
+    async def test_live_window_past_hold(self, h):
+        """The envelopes written and not acked within the hold are stored and stay in the window:
+        what follows them comes only once they are acked, and none comes twice."""
+        await self._live_window(h, wait_for_hold=True)
+
+    @harness_test(mailbox_window=4, hold=0)
+    async def test_live_window_stored_first(self, h):
+        """With C{hold} 0 every envelope is stored before it goes out live: the window holds the same."""
+        await self._live_window(h, wait_for_hold=False)
+
     @harness_test(message_rate=1, message_burst=3)
     async def test_message_rate(self, h):
         """Past the burst, sends are refused with rate_limited until the bucket refills."""

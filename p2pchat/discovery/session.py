@@ -73,8 +73,9 @@ class _Slot:
 class Session:
     """
     @ivar username: set once logged in.
-    @ivar live: C{False} while the stored mailbox is being delivered; live envelopes wait in the
-        store behind the older ones until then.
+    @ivar live: C{False} while stored envelopes are being delivered (the mailbox after login, or
+        what was stored while the window of unacked envelopes was full); live envelopes wait in
+        the store behind the older ones until then.
     """
 
     def __init__(self, directory: Directory, clock, connection: Connection, host: str) -> None:
@@ -103,11 +104,11 @@ class Session:
         self._last_active = now
         self._watch_call = None
         self._rate: TokenBucket | None = None
-        # mailbox delivery
+        # envelope delivery: what was written and not acked, live or stored, stays under a window
+        self._unacked: dict[int, int] = {}  # seq: characters
+        self._unacked_bytes = 0
         self._mailbox_after = 0
         self._mailbox_pending: list[StoredEnvelope] = []  # the fetched page, newest first
-        self._mailbox_unacked: dict[int, int] = {}  # seq: characters
-        self._mailbox_unacked_bytes = 0
         self._mailbox_fetching = False
         self._sends_pending = 0
         self._sends_answered: Deferred[dict] | None = None
@@ -169,6 +170,25 @@ class Session:
     def write(self, frame: bytes) -> None:
         if not self.closed:
             self.connection.write(frame)
+
+    def deliver(self, envelope: StoredEnvelope) -> bool:
+        """
+        Write a live envelope, unless the window (C{mailbox_window} characters unacked) is full:
+        then this connection stops being live, and this envelope and the ones after it come from
+        the store as acks make room. A client that takes envelopes in but does not ack them (it
+        acks once it has shown them, and nobody reads its output) would otherwise have every
+        one sent to it pile up in its memory.
+        """
+        if self._unacked_bytes >= self.limits.mailbox_window:
+            self.live = False
+            # Envelopes to one user go out in seq order: all before this one have been written.
+            self._mailbox_after = envelope.seq - 1
+            return False
+        if not self.closed:
+            self.connection.write(envelope_frame(envelope))
+        self._unacked[envelope.seq] = size = len(envelope.envelope)
+        self._unacked_bytes += size
+        return True
 
     def kick(self, reason: str, message: str) -> None:
         """Tell the client why, then close. The directory has already let the user go."""
@@ -377,9 +397,9 @@ class Session:
         return self.directory.broadcast(me, text, signature)
 
     def _op_ack(self, me, slot, seqs):
-        unacked = self._mailbox_unacked
+        unacked = self._unacked
         for seq in seqs:
-            self._mailbox_unacked_bytes -= unacked.pop(seq, 0)
+            self._unacked_bytes -= unacked.pop(seq, 0)
         d = self.directory.ack(me, seqs)
         self._pump_mailbox()
         return d
@@ -423,20 +443,20 @@ class Session:
         """
         if self.live or self.closed or self.username is None:
             return
-        pending, unacked, window = self._mailbox_pending, self._mailbox_unacked, self.limits.mailbox_window
-        while pending and self._mailbox_unacked_bytes < window and not self.connection.full:
+        pending, unacked, window = self._mailbox_pending, self._unacked, self.limits.mailbox_window
+        while pending and self._unacked_bytes < window and not self.connection.full:
             # The connection can only fill up on a write.
             frames, batch = [], 0
-            while pending and batch < WRITE_BATCH and self._mailbox_unacked_bytes < window:
+            while pending and batch < WRITE_BATCH and self._unacked_bytes < window:
                 envelope = pending.pop()
                 frames.append(envelope_frame(envelope))
                 unacked[envelope.seq] = size = len(envelope.envelope)
-                self._mailbox_unacked_bytes += size
+                self._unacked_bytes += size
                 batch += size
             self.connection.write(b"".join(frames))
         if pending or self._mailbox_fetching or self.connection.full:
             return
-        room = window - self._mailbox_unacked_bytes
+        room = window - self._unacked_bytes
         if room < window // 2 and unacked:
             return
         self._mailbox_fetching = True
