@@ -1199,6 +1199,62 @@ class RelayTests(TestCase):
         """With C{hold} 0 every envelope is stored before it goes out live: the window holds the same."""
         await self._live_window(h, wait_for_hold=False)
 
+    def test_random_relay_order(self):
+        """
+        Seeded random schedules of sends from two users to a third (envelopes of 1 to 3
+        characters against a window of 6), acks of random parts of what arrived, and holds
+        running out: within the recipient's connection every envelope comes once, in the order
+        sent (by seq), whether it went out live or from the store; once everything is acked all
+        have come and none is left stored.
+        """
+
+        async def run(seed: int) -> None:
+            r = random.Random(seed)
+            h = await Harness(self, mailbox_window=6, mailbox_limit=1000).start()
+            senders = [await h.user("alice"), await h.user("carol")]
+            bob = await h.user("bob")
+            sent, replies, acked = [], [], set()
+            for step in range(150):
+                action = r.random()
+                if action < 0.6:
+                    msg_id = f"m{step}"
+                    sent.append(msg_id)
+                    envelope = "e" * r.randint(1, 3)
+                    replies.append(r.choice(senders).request("send", to="bob", msg_id=msg_id, envelope=envelope))
+                elif action < 0.9:
+                    arrived = [e.fields["seq"] for e in bob.conn.events("envelope")]
+                    unacked = [seq for seq in arrived if seq not in acked]
+                    chosen = r.sample(unacked, r.randint(0, len(unacked)))
+                    if chosen:
+                        acked.update(chosen)
+                        await bob.ok("ack", seqs=chosen)
+                else:
+                    h.clock.advance(r.choice([0.3, h.limits.hold]))
+                if r.random() < 0.3:
+                    await h.settled()
+            while True:  # ack everything until nothing more comes
+                await h.settled()
+                arrived = [e.fields["seq"] for e in bob.conn.events("envelope")]
+                unacked = [seq for seq in arrived if seq not in acked]
+                if not unacked:
+                    break
+                acked.update(unacked)
+                await bob.ok("ack", seqs=unacked)
+            events = [e.fields for e in bob.conn.events("envelope")]
+            seqs = [e["seq"] for e in events]
+            self.assertEqual(seqs, sorted(set(seqs)), f"seed {seed}")
+            self.assertEqual(sorted(e["msg_id"] for e in events), sorted(sent), f"seed {seed}")
+            for reply in replies:
+                self.assertEqual((await reply).result["status"], "delivered")
+            self.assertTrue(bob.session.live)
+            self.assertEqual(await h.store.fetch_envelopes("bob", 0, 1000, 1 << 20), [])
+
+        async def seeds() -> None:
+            for seed in range(10):
+                await run(seed)
+
+        return Deferred.fromCoroutine(seeds())
+
     @harness_test(message_rate=1, message_burst=3)
     async def test_message_rate(self, h):
         """Past the burst, sends are refused with rate_limited until the bucket refills."""
