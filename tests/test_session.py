@@ -332,6 +332,17 @@ class AccountTests(TestCase):
         await second.ok("hello", protocol=1)
         self.assertEqual(h.connect("10.0.0.9").conn.events("bye")[0].fields["reason"], "too_many_connections")
 
+    @harness_test(max_connections_per_address=2)
+    async def test_connections_per_ipv6_network(self, h):
+        """IPv6 connections count by /64: a client cannot get around the limit by taking a new
+        address in its network for each connection; the bye names the network."""
+        for host in ("2001:db8::1", "2001:db8::2"):
+            await h.connect(host).ok("hello", protocol=1)
+        bye = h.connect("2001:db8::abcd:3").conn.events("bye")[0].fields
+        self.assertEqual(bye["reason"], "too_many_connections")
+        self.assertEqual(bye["message"], "2001:db8::/64 has 2 connections to this server already; try again later")
+        await h.connect("2001:db8:0:1::1").ok("hello", protocol=1)
+
     @harness_test()
     async def test_second_login_denied(self, h):
         """A password login of a user who is online is denied; the first session is untouched."""
@@ -507,6 +518,42 @@ class LockoutTests(TestCase):
         other = h.connect("10.1.1.2")
         await other.ok("hello", protocol=1)
         self.assertEqual(await other.refused("login", username="ghost", password="x", port=0), "bad_credentials")
+
+    async def _attempt(self, h, host: str) -> str:
+        """One password attempt from C{host} (a new connection, an unknown user): its error code."""
+        c = h.connect(host)
+        await c.ok("hello", protocol=1)
+        self._attempts = getattr(self, "_attempts", 0) + 1
+        return await c.refused("login", username=f"ghost{self._attempts}", password="whatever", port=0)
+
+    @harness_test(login_rate=2)
+    async def test_login_rate_per_ipv6_network(self, h):
+        """An IPv6 client counts by its /64, which it can pick any address in: attempts from
+        three addresses of one /64 share one rate, another /64 has its own; an IPv4 address
+        mapped into IPv6 (a dual-stack listener) counts as itself."""
+        self.assertEqual(await self._attempt(h, "2001:db8::1"), "bad_credentials")
+        self.assertEqual(await self._attempt(h, "2001:db8::ffff:2"), "bad_credentials")
+        self.assertEqual(await self._attempt(h, "2001:db8::3"), "rate_limited")
+        self.assertEqual(await self._attempt(h, "2001:db8:0:1::1"), "bad_credentials")
+        self.assertEqual(await self._attempt(h, "10.1.1.1"), "bad_credentials")
+        self.assertEqual(await self._attempt(h, "::ffff:10.1.1.1"), "bad_credentials")
+        self.assertEqual(await self._attempt(h, "10.1.1.1"), "rate_limited")
+
+    @harness_test(login_rate=2)
+    async def test_login_rates_forgotten_only_when_refilled(self, h):
+        """Past the number of addresses kept, the ones whose rate has refilled are forgotten, not
+        an address still held back (forgetting everyone would let many addresses wipe the
+        limit of the one guessing)."""
+        self.patch(directory_module, "MAX_RATE_BUCKETS", 3)
+        for _ in range(2):
+            await self._attempt(h, "10.1.1.1")
+        self.assertEqual(await self._attempt(h, "10.1.1.1"), "rate_limited")
+        await self._attempt(h, "10.1.1.2")
+        await self._attempt(h, "10.1.1.3")
+        h.clock.advance(40)  # 10.1.1.2 and .3 are refilled (one attempt back every 30 s), .1 not yet
+        await self._attempt(h, "10.1.1.4")
+        self.assertEqual(await self._attempt(h, "10.1.1.1"), "bad_credentials")
+        self.assertEqual(await self._attempt(h, "10.1.1.1"), "rate_limited")
 
 
 class ResumeTests(TestCase):

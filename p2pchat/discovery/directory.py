@@ -8,6 +8,7 @@ through the store.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import secrets
 from collections import deque
@@ -126,6 +127,10 @@ class TokenBucket:
             return True
         return False
 
+    def full(self) -> bool:
+        """Whether the bucket has refilled: the same as a new one."""
+        return self._tokens + (self._clock.seconds() - self._stamp) * self.rate >= self.burst
+
 
 class Lockouts:
     """Consecutive failed logins per username, and the blocks they cause."""
@@ -161,11 +166,33 @@ class Lockouts:
         self._failures.pop(username, None)
 
 
+# Addresses (or IPv6 networks) whose password attempts are counted at most; past it, those not
+# counting against anyone any more (their bucket refilled) are forgotten.
+MAX_RATE_BUCKETS = 10000
+
+
+def address_key(host: str) -> str:
+    """
+    What the per-address limits count: an IPv4 address (also one mapped into IPv6, as a dual-stack
+    listener reports it), or the /64 network of an IPv6 address (one machine, or one customer's
+    line, gets a whole /64 and can pick any address in it).
+    """
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+
+
 class AddressLimits:
     """
-    Per source address: password attempts, so one host cannot guess across many accounts, and
-    connections at once, so one host cannot hold the server's memory with connections that
-    never log in.
+    Per source address (per /64 for IPv6, see L{address_key}): password attempts, so one host
+    cannot guess across many accounts, and connections at once, so one host cannot hold the
+    server's memory with connections that never log in.
     """
 
     def __init__(self, clock, per_minute: float, max_connections: int = 0) -> None:
@@ -177,28 +204,41 @@ class AddressLimits:
 
     def connect(self, host: str) -> bool:
         """Count a new connection from C{host}; False (not counted) when it has as many as allowed."""
-        count = self._connections.get(host, 0)
+        key = address_key(host)
+        count = self._connections.get(key, 0)
         if 0 < self.max_connections <= count:
             return False
-        self._connections[host] = count + 1
+        self._connections[key] = count + 1
         return True
 
     def disconnect(self, host: str) -> None:
-        count = self._connections.pop(host, 0) - 1
+        key = address_key(host)
+        count = self._connections.pop(key, 0) - 1
         if count > 0:
-            self._connections[host] = count
+            self._connections[key] = count
 
     def allow(self, host: str) -> bool:
         if self._per_minute <= 0:
             return True
-        bucket = self._buckets.get(host)
+        key = address_key(host)
+        bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) > 10000:
-                self._buckets.clear()
-            bucket = self._buckets[host] = TokenBucket(
+            if len(self._buckets) >= MAX_RATE_BUCKETS:
+                self._forget_idle()
+            bucket = self._buckets[key] = TokenBucket(
                 self._clock, self._per_minute / 60.0, self._per_minute
             )
         return bucket.take()
+
+    def _forget_idle(self) -> None:
+        """Forget the buckets that have refilled (as good as new); all of them if none has."""
+        idle = [key for key, bucket in self._buckets.items() if bucket.full()]
+        if not idle:
+            # As many addresses all guessing within the last minute or two: forgetting them all
+            # lets them start again, but memory stays bounded.
+            self._buckets.clear()
+        for key in idle:
+            del self._buckets[key]
 
 
 class Directory:

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from p2pchat.discovery.directory import Directory, Refusal, TokenBucket, envelope_frame
+from p2pchat.discovery.directory import Directory, Refusal, TokenBucket, address_key, envelope_frame
 from p2pchat.discovery.store.base import StoredEnvelope
 from p2pchat.wire import (
     PROTOCOL_VERSION, Code, Request, WireError, decode_request, encode_error, encode_event, encode_result,
@@ -121,7 +121,8 @@ class Session:
             limit = self.directory.address_limits.max_connections
             self.connection.write(encode_event(
                 "bye", reason="too_many_connections",
-                message=f"{self.host} has {limit} connections to this server already; try again later",
+                message=f"{address_key(self.host)} has {limit} connection{'s' * (limit != 1)} to this server already; "
+                "try again later",
             ))
             self._close(None)
             return
