@@ -135,6 +135,8 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertTrue(render("online_now", users=many).endswith("u08, u09 and 2 more"))
         self.assertEqual(render("online_now", users=[]), "nobody else is online now")
         self.assertEqual(render("broadcast", user="bob", text="all"), "bob (broadcast): all")
+        self.assertTrue(render("broadcasts_dropped", count=1).startswith("1 broadcast not shown: "))
+        self.assertTrue(render("broadcasts_dropped", count=3).startswith("3 broadcasts not shown: "))
         self.assertEqual(render("welcome", user="bob", mailbox=0), "welcome, bob!")
         self.assertIn("2 messages arrived", render("welcome", user="bob", mailbox=2))
 

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from p2pchat import crypto
+from p2pchat.peer import messenger as messenger_module
 from p2pchat.peer.history import DELIVERED, FAILED, PENDING, SENT, History
 from p2pchat.peer.messenger import (
     ACK_WAIT,
@@ -1283,6 +1284,47 @@ class ReceiveTests(MessengerTestCase):
         keys.callback({"user": "bob", "fingerprint": self.bob.fingerprint, "envelope_key": self.bob.public})
         self.assertEqual([e["text"] for e in self.view.events("broadcast")], ["first", "second"])
         self.assertEqual(self.directory.ops().count("keys"), 1)
+
+    def shown_broadcasts(self) -> list[str]:
+        return [f.get("text", f"dropped {f.get('count')}") for e, f in self.view.shown if e.startswith("broadcast")]
+
+    def test_broadcasts_wait_for_the_output(self) -> None:
+        """Broadcasts are shown once what was shown before has gone out (a script reads its peer's
+        output), in order; past the number that may wait, the next ones are dropped, and how many
+        is said after those that waited."""
+        self.patch(messenger_module, "MAX_BROADCASTS_WAITING", 3)
+        self.start()
+        self.view.output = Deferred()
+        for i in range(5):
+            self.clock.advance(1)
+            self.broadcast_from(self.bob, f"b{i}")
+        self.assertEqual(self.shown_broadcasts(), [])
+        self.view.output.callback(None)
+        self.view.output = None
+        self.assertEqual(self.shown_broadcasts(), ["b0", "b1", "b2", "dropped 2"])
+        self.assertEqual(self.view.events("broadcasts_dropped"), [{"count": 2}])
+        self.clock.advance(1)
+        self.broadcast_from(self.bob, "b5")
+        self.assertEqual(self.shown_broadcasts()[-1], "b5")
+
+    def test_broadcasts_dropped_told_in_order(self) -> None:
+        """Broadcasts dropped while too many waited are told of before the first one taken after
+        them, even while others still wait."""
+        self.patch(messenger_module, "MAX_BROADCASTS_WAITING", 2)
+        self.start()
+        bob_keys: Deferred[dict[str, Any]] = Deferred()
+        carol_keys: Deferred[dict[str, Any]] = Deferred()
+        self.directory.answers["keys"] = [bob_keys, carol_keys]
+        self.broadcast_from(self.bob, "b0")
+        self.broadcast_from(self.carol, "c0")
+        self.clock.advance(1)
+        self.broadcast_from(self.bob, "b1")  # dropped: two wait
+        bob_keys.callback({"user": "bob", "fingerprint": self.bob.fingerprint, "envelope_key": self.bob.public})
+        self.assertEqual(self.shown_broadcasts(), ["b0"])
+        self.clock.advance(1)
+        self.broadcast_from(self.bob, "b2")
+        carol_keys.callback({"user": "carol", "fingerprint": self.carol.fingerprint, "envelope_key": self.carol.public})
+        self.assertEqual(self.shown_broadcasts(), ["b0", "c0", "dropped 1", "b2"])
 
     def test_broadcast_unchecked_dropped(self) -> None:
         """A broadcast whose sender's key cannot be checked now (the server is gone) is not shown."""

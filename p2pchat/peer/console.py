@@ -235,6 +235,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "message": lambda user, text, private, sent_at=None: f"{user}{' (private)' if private else ''}: {text}"
     + _sent(sent_at),
     "broadcast": lambda user, text, sent_at=None: f"{user} (broadcast): {text}" + _sent(sent_at),
+    "broadcasts_dropped": lambda count: f"{_plural(count, 'broadcast')} not shown: this peer's output was not "
+    "being read, and broadcasts are kept nowhere to come again",
     "presence": lambda user, online: f"{user} logged {'in' if online else 'out'}",
     "presence_many": lambda users, online: f"{len(users)} users logged {'in' if online else 'out'}: {_names(users)}",
     "online_now": lambda users: f"online now: {_names(users)}" if users else "nobody else is online now",

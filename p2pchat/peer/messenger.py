@@ -39,6 +39,10 @@ RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
 ACK_WAIT = 15.0  # a direct link that acknowledges none of what it carries this long is dead or stuck: dropped
 BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: one sent again is not shown
+# Broadcasts waiting for the output to go out (a script that does not read its peer's output), at
+# most: past it they are dropped and counted. Unlike a message, nobody keeps a broadcast to send
+# again, and keeping all of them would let anyone broadcasting fill this peer's memory.
+MAX_BROADCASTS_WAITING = 256
 UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, this long after the first
 
 # Server refusals that no retry will change: the message is marked failed.
@@ -193,6 +197,8 @@ class Messenger:
         self._incoming_lock = DeferredLock()
         self._broadcast_lock = DeferredLock()
         self._broadcasts_seen: dict[tuple[str, float], None] = {}  # (sender, sent_at), oldest first
+        self._broadcasts_waiting = 0
+        self._broadcasts_dropped = 0  # since the last told of
         self._ready_waiters: list[Deferred[None]] | None = []
         self._finish_waiters: list[Deferred[int]] = []
         self._finished: int | None = None
@@ -546,37 +552,61 @@ class Messenger:
         contact = self._contacts.get(user)
         if (contact and contact.blocked) or self._is_muted(user):
             return
+        if self._broadcasts_waiting >= MAX_BROADCASTS_WAITING:
+            if not self._broadcasts_dropped:
+                log.warn("the output is not being read: broadcasts dropped until it is")  # noqa: G010 - twisted.logger
+            self._broadcasts_dropped += 1
+            return
         try:
             sent_at, fingerprint = crypto.open_broadcast(fields.get("signature"), user, text)
         except EnvelopeError as e:
             log.warn("dropped a forged broadcast from {sender}: {e}", sender=user, e=e)  # noqa: G010 - twisted.logger
             return
-        Deferred.fromCoroutine(self._show_broadcast(user, text, sent_at, fingerprint)).addErrback(
+        # Those dropped came before this one: told of just before it is shown.
+        dropped, self._broadcasts_dropped = self._broadcasts_dropped, 0
+        self._broadcasts_waiting += 1
+        Deferred.fromCoroutine(self._show_broadcast(user, text, sent_at, fingerprint, dropped)).addErrback(
             lambda f: log.failure("broadcast from {sender}", f, sender=user)
         )
 
-    async def _show_broadcast(self, user: str, text: str, sent_at: float, fingerprint: str) -> None:
-        """Show a broadcast once its key is known to be its sender's (in the order they came)."""
-        async with self._broadcast_lock:
-            try:
-                verdict = await self._verify_key(user, fingerprint)
-            except (RequestError, NotConnected) as e:
-                log.info("dropped a broadcast from {sender}: their key could not be checked ({e})", sender=user, e=e)
-                return
-            if verdict is not True:  # not their key, or a changed key not accepted yet (the user was told)
-                log.warn(  # noqa: G010 - twisted.logger
-                    "dropped a broadcast from {sender} signed with sha256:{fingerprint}, not their accepted key",
-                    sender=user, fingerprint=fingerprint,
-                )
-                return
-            # The server cannot forge one, but it could send one again: each is shown once.
-            if (user, sent_at) in self._broadcasts_seen:
-                log.warn("dropped a broadcast from {sender} shown before", sender=user)  # noqa: G010 - twisted.logger
-                return
-            self._broadcasts_seen[user, sent_at] = None
-            if len(self._broadcasts_seen) > BROADCASTS_REMEMBERED:
-                del self._broadcasts_seen[next(iter(self._broadcasts_seen))]
-            self._view.show("broadcast", user=user, text=text, **self._when(sent_at))
+    async def _show_broadcast(self, user: str, text: str, sent_at: float, fingerprint: str, dropped: int) -> None:
+        """
+        Show a broadcast once its key is known to be its sender's and what was shown before has
+        gone out, in the order they came; first say how many were C{dropped} before it came.
+        """
+        try:
+            async with self._broadcast_lock:
+                await self._view.drained()
+                if dropped:
+                    self._view.show("broadcasts_dropped", count=dropped)
+                await self._check_and_show_broadcast(user, text, sent_at, fingerprint)
+        finally:
+            self._broadcasts_waiting -= 1
+            if not self._broadcasts_waiting and self._broadcasts_dropped:
+                # None came after them to tell it before.
+                dropped, self._broadcasts_dropped = self._broadcasts_dropped, 0
+                self._view.show("broadcasts_dropped", count=dropped)
+
+    async def _check_and_show_broadcast(self, user: str, text: str, sent_at: float, fingerprint: str) -> None:
+        try:
+            verdict = await self._verify_key(user, fingerprint)
+        except (RequestError, NotConnected) as e:
+            log.info("dropped a broadcast from {sender}: their key could not be checked ({e})", sender=user, e=e)
+            return
+        if verdict is not True:  # not their key, or a changed key not accepted yet (the user was told)
+            log.warn(  # noqa: G010 - twisted.logger
+                "dropped a broadcast from {sender} signed with sha256:{fingerprint}, not their accepted key",
+                sender=user, fingerprint=fingerprint,
+            )
+            return
+        # The server cannot forge one, but it could send one again: each is shown once.
+        if (user, sent_at) in self._broadcasts_seen:
+            log.warn("dropped a broadcast from {sender} shown before", sender=user)  # noqa: G010 - twisted.logger
+            return
+        self._broadcasts_seen[user, sent_at] = None
+        if len(self._broadcasts_seen) > BROADCASTS_REMEMBERED:
+            del self._broadcasts_seen[next(iter(self._broadcasts_seen))]
+        self._view.show("broadcast", user=user, text=text, **self._when(sent_at))
 
     def _event_bye(self, fields: dict[str, Any]) -> None:
         reason = fields.get("reason")
