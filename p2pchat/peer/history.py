@@ -23,7 +23,7 @@ log = Logger()
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], "Deferred[T]"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Outgoing statuses: pending (in the outbox), sent (a server holds it), delivered (the recipient
 # acknowledged it), failed (refused for good). Incoming: shown, muted (stored, not displayed),
@@ -61,6 +61,8 @@ _MIGRATIONS = [
     # Receipts owed to senders, kept until the server has taken them: a receipt that could not be
     # sent left the sender's message at "sent" for good.
     ["""CREATE TABLE receipts (peer TEXT NOT NULL, msg_id TEXT NOT NULL, UNIQUE (peer, msg_id))"""],
+    # /history USER read all of USER's messages to sort them: 0.23 s for a million.
+    ["CREATE INDEX messages_by_peer ON messages (peer, id)"],
 ]
 
 
