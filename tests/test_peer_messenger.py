@@ -22,6 +22,7 @@ from p2pchat.peer.messenger import (
     LATE,
     PRESENCE_GRACE,
     PRESENCE_LINES,
+    RATE_RETRY,
     RETRY_DELAY,
     UNREADABLE_WAIT,
     CommandError,
@@ -860,34 +861,41 @@ class SendTests(MessengerTestCase):
         self.start()
         self.assertEqual(self.open_sent(0, self.bob)["text"], "before the crash")
 
-    def test_transient_refusal_retried(self) -> None:
-        """A rate-limited send stays pending and is retried after a delay, keeping the order."""
+    def test_rate_limited_retried_soon(self) -> None:
+        """A send the server's rate limit refused stays pending and is retried after a moment,
+        keeping the order, with nothing to tell (the peer paces itself by the server's rate; the
+        user's own lists and blocks take from it too)."""
         self.start()
         self.directory.answers["send"] = [RequestError("rate_limited", "slow down")] * 2
         self.command("send", "bob", "one")
         self.command("send", "bob", "two")
         self.assertEqual(self.statuses("bob"), [("one", PENDING), ("two", PENDING)])
-        self.clock.advance(RETRY_DELAY)
+        self.clock.advance(RATE_RETRY)
         self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
-        self.assertEqual(self.view.events("send_delayed"),
-                         [{"user": "bob", "code": "rate_limited", "message": "slow down", "seconds": RETRY_DELAY}])
+        self.assertEqual(self.view.events("send_delayed"), [])
 
     def test_full_mailbox_said_once(self) -> None:
-        """A recipient's full mailbox is said once while the messages wait, not at every try; said
-        again when it happens again after a message went through."""
+        """A recipient's full mailbox is said once while messages wait, not at every try, nor each
+        time one of them goes through and the next finds it full again; said again when it
+        happens again after all had gone."""
         self.start()
         full = RequestError("mailbox_full", "bob's mailbox is full")
-        self.directory.answers["send"] = [full, full]
-        self.command("send", "bob", "one")
+        self.directory.answers["send"] = [full, full, None, full]
+        for text in ("one", "two", "three"):
+            self.command("send", "bob", text)
         self.clock.advance(RETRY_DELAY)
         self.assertEqual([e["code"] for e in self.view.events("send_delayed")], ["mailbox_full"])
+        self.assertEqual(self.view.events("send_delayed")[0]["seconds"], RETRY_DELAY)
         self.clock.advance(RETRY_DELAY)
         self.assertEqual(self.open_sent(0, self.bob)["text"], "one")
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(3)], ["one", "two", "three"])
+        self.assertEqual(len(self.view.events("send_delayed")), 1)
         self.directory.answers["send"] = [full]
-        self.command("send", "bob", "two")
+        self.command("send", "bob", "four")
         self.assertEqual(len(self.view.events("send_delayed")), 2)
         self.clock.advance(RETRY_DELAY)
-        self.assertEqual(self.open_sent(1, self.bob)["text"], "two")
+        self.assertEqual(self.open_sent(3, self.bob)["text"], "four")
 
     def test_permanent_refusal_fails(self) -> None:
         """A queued message to someone who blocked you meanwhile is marked failed, with a notice."""
@@ -1096,17 +1104,24 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.view.messages(), [])  # only the receipt went out, nothing was shown again
 
     def test_receipt_retried_after_a_transient_refusal(self) -> None:
-        """A receipt refused for now (rate limit) is sent again RETRY_DELAY later; one refused for
-        good (no such user any more) is no longer owed."""
+        """A receipt refused for now is sent again later: RATE_RETRY after the rate limit,
+        RETRY_DELAY after the server failed; one refused for good (no such user any more) is no
+        longer owed."""
         self.start()
         self.directory.answers["send"] = [RequestError("rate_limited", "slow down")]
         self.deliver(5, self.bob, "m1", {"kind": "msg", "text": "hello", "sent_at": 1.0})
         self.assertEqual(self.directory.sent, [])
-        self.clock.advance(RETRY_DELAY)
+        self.clock.advance(RATE_RETRY)
         self.assertEqual(self.open_receipt(0), {"kind": "receipt", "msg_ids": ["m1"]})
         self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
+        self.directory.answers["send"] = [RequestError("internal_error", "the server failed")]
+        self.deliver(6, self.bob, "m3", {"kind": "msg", "text": "later", "sent_at": 2.0})
+        self.clock.advance(RETRY_DELAY - 0.1)
+        self.assertEqual(len(self.directory.sent), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(self.open_receipt(1), {"kind": "receipt", "msg_ids": ["m3"]})
         self.directory.answers["send"] = [RequestError("unknown_user", "gone")]
-        self.deliver(6, self.bob, "m2", {"kind": "msg", "text": "again", "sent_at": 2.0})
+        self.deliver(7, self.bob, "m2", {"kind": "msg", "text": "again", "sent_at": 2.0})
         self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
 
     def test_not_stored_not_acked(self) -> None:

@@ -9,7 +9,11 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -19,7 +23,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from p2pchat import crypto
-from p2pchat.peer.server_link import KnownServers, NotConnected, RequestError, ServerLink, UnusablePins
+from p2pchat.peer.server_link import (
+    PACE_MARGIN,
+    KnownServers,
+    NotConnected,
+    RequestError,
+    ServerLink,
+    UnusablePins,
+)
 from p2pchat.tls import ServerTrust, server_certificate_options
 from p2pchat.wire import Event
 
@@ -89,9 +100,9 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         for frame in frames:
             self.endpoint.protocol.dataReceived(json.dumps(frame).encode() + b"\n")
 
-    def connect(self) -> None:
+    def connect(self, **hello: Any) -> None:
         self.link.start()
-        self.receive(HELLO)
+        self.receive({**HELLO, **hello})
         [hello] = self.sent()
         self.assertEqual(hello, {"id": 1, "op": "hello", "protocol": 1})
         self.receive({"id": 1, "ok": True, "result": {"protocol": 1}})
@@ -105,6 +116,67 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(self.handler.calls, [])
         self.receive({"id": 1, "ok": True, "result": {"protocol": 1}})
         self.assertEqual(self.handler.calls, [("connected", None)])
+
+    def reconnect(self, **hello: Any) -> None:
+        """The connection drops; the next one (after the retry delay) says C{hello}."""
+        self.endpoint.lose()
+        self.clock.advance(2.0)
+        self.receive({**HELLO, **hello}, {"id": 1, "ok": True, "result": {"protocol": 1}})
+        self.sent()
+
+    def ask(self, op: str, **args: Any) -> None:
+        """A request whose reply does not matter (it fails as not connected once the test drops the connection)."""
+        self.link.request(op, **args).addErrback(lambda f: f.trap(NotConnected))
+
+    def test_paced_by_the_servers_rate(self) -> None:
+        """Requests the server's rate limit counts go out within the rate and burst its hello
+        announces, in order, each in its turn; others go at once; a new connection starts afresh."""
+        self.connect(message_rate=4, message_burst=3)
+        for i in range(5):
+            self.ask("send", to="bob", msg_id=str(i), envelope="e")
+        self.ask("lookup", user="bob")
+        self.assertEqual([(f["op"], f.get("msg_id")) for f in self.sent()],
+                         [("send", "0"), ("send", "1"), ("send", "2"), ("lookup", None)])
+        self.clock.advance(0.25)
+        self.assertEqual(self.sent(), [])  # a margin after its time: the server may have got the first one late
+        self.clock.advance(PACE_MARGIN + 0.001)
+        self.assertEqual([f["msg_id"] for f in self.sent()], ["3"])
+        self.ask("who")
+        self.clock.advance(0.25)
+        self.assertEqual([f.get("msg_id") for f in self.sent()], ["4"])
+        self.clock.advance(0.25)
+        self.assertEqual([f["op"] for f in self.sent()], ["who"])
+        self.reconnect(message_rate=4, message_burst=3)
+        for i in range(3):
+            self.ask("send", to="bob", msg_id=f"again{i}", envelope="e")
+        self.assertEqual(len(self.sent()), 3)
+
+    def test_waiting_request_after_the_connection_is_lost(self) -> None:
+        """A request waiting for its turn when the connection goes fails as not connected."""
+        self.connect(message_rate=1, message_burst=1)
+        first = self.link.request("who")
+        waiting = self.link.request("who")
+        self.endpoint.lose()
+        self.failureResultOf(first, NotConnected)
+        self.clock.advance(1 + PACE_MARGIN)
+        self.failureResultOf(waiting, NotConnected)
+
+    def test_no_pace_without_a_usable_rate(self) -> None:
+        """A hello without a rate, or with one that is not a positive finite number, paces nothing."""
+        self.connect()
+        cases = [{}, {"message_rate": 0, "message_burst": 10}, {"message_rate": -1, "message_burst": 10},
+                 {"message_rate": "10", "message_burst": 10}, {"message_rate": True, "message_burst": 10},
+                 {"message_rate": 10, "message_burst": 0}, {"message_rate": 10, "message_burst": "x"},
+                 {"message_rate": 10}]
+        for hello in cases:
+            self.reconnect(**hello)
+            for i in range(20):
+                self.ask("send", to="bob", msg_id=str(i), envelope="e")
+            self.assertEqual(len(self.sent()), 20, hello)
+        self.reconnect(message_rate=1e300, message_burst=1e300)  # the largest a JSON number gets here
+        for i in range(20):
+            self.ask("send", to="bob", msg_id=str(i), envelope="e")
+        self.assertEqual(len(self.sent()), 20)
 
     def test_replies_matched_by_id(self) -> None:
         """Each request's Deferred gets its own reply; errors carry the stable code and the sentence."""

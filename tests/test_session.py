@@ -24,7 +24,14 @@ from p2pchat.discovery.passwords import PasswordHasher
 from p2pchat.discovery.session import MAX_UNANSWERED, WRITE_BATCH, Session
 from p2pchat.discovery.store.base import StoreError
 from p2pchat.discovery.store.sqlite import SQLiteStore
-from p2pchat.wire import REQUEST_SCHEMAS, Event, Reply, decode_frame, encode_request
+from p2pchat.wire import (
+    RATE_LIMITED_OPS,
+    REQUEST_SCHEMAS,
+    Event,
+    Reply,
+    decode_frame,
+    encode_request,
+)
 
 from .support import TIMEOUT, changes, fake_keys, with_timeout
 
@@ -214,6 +221,7 @@ class FirstExchangeTests(TestCase):
         self.assertEqual(hello.name, "hello")
         self.assertEqual(hello.fields["protocol"], 1)
         self.assertEqual(hello.fields["keepalive_timeout"], 45.0)
+        self.assertEqual((hello.fields["message_rate"], hello.fields["message_burst"]), (50.0, 200))
 
     @harness_test()
     async def test_hello_required(self, h):
@@ -1325,6 +1333,24 @@ class RelayTests(TestCase):
         self.assertEqual(await alice.refused("whosince", seconds=60), "rate_limited")
         h.clock.advance(1)
         await alice.ok("who")
+
+    @harness_test(message_rate=1, message_burst=1)
+    async def test_rate_limited_ops(self, h):
+        """The requests wire.RATE_LIMITED_OPS names (what peers pace themselves by) take from the
+        rate, and no other does."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")  # sends are stored and answered at once
+        valid = {"to": "bob", "msg_id": "1", "envelope": "e", "text": "hi", "signature": "s", "seconds": 60,
+                 "user": "bob", "seqs": [1]}
+        for op, schema in REQUEST_SCHEMAS.items():
+            if op in ("hello", "register", "login", "resume", "logout"):
+                continue
+            args = {name: valid[name] for name in schema}
+            h.clock.advance(1)
+            first = await alice.request(op, **args)
+            second = await alice.request(op, **args)
+            limited = [not reply.ok and reply.code == "rate_limited" for reply in (first, second)]
+            self.assertEqual(limited, [False, op in RATE_LIMITED_OPS], op)
 
     @harness_test(message_rate=1, message_burst=3)
     async def test_blocks_count_against_the_rate(self, h):

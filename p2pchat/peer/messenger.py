@@ -35,7 +35,10 @@ PRESENCE_LINES = 5  # users logging in (or out) together shown a line each; more
 LATE = 300.0
 MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
-RETRY_DELAY = 30.0  # after a transient server refusal (rate limit, full mailbox)
+RETRY_DELAY = 30.0  # after a transient server refusal (full mailbox, the server failing to store)
+# After the server's rate limit refused a message anyway (peers pace their requests by it, but the
+# user's own lists and blocks take from it too, and a server may not announce it).
+RATE_RETRY = 1.0
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
 ACK_WAIT = 15.0  # a direct link that acknowledges none of what it carries this long is dead or stuck: dropped
 BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: one sent again is not shown
@@ -765,7 +768,8 @@ class Messenger:
                 if not isinstance(e, RequestError):
                     return  # sent after the next login
                 if e.code not in _PERMANENT:
-                    self._retry_later(("receipts",), self._retry_receipts)
+                    delay = RATE_RETRY if e.code == Code.RATE_LIMITED else RETRY_DELAY
+                    self._retry_later(("receipts",), self._retry_receipts, delay)
                     return
         await self._history.receipts_sent(user, msg_ids)
 
@@ -1027,16 +1031,19 @@ class Messenger:
                     self._view.show("waiting_for_keys", user=user)
                     return  # flushed again when they log in
                 log.info("outbox for {user} retries later: {code}", user=user, code=e.code)
-                if self._delays_told.get(user) != e.code:  # said once, not at every try
+                if e.code == Code.RATE_LIMITED:  # a moment's wait, nothing to tell
+                    self._retry_later(("outbox", user), lambda: self._kick(user), RATE_RETRY)
+                    return
+                if self._delays_told.get(user) != e.code:  # said once until the outbox is empty
                     self._delays_told[user] = e.code
                     self._view.show("send_delayed", user=user, code=e.code, message=e.message, seconds=RETRY_DELAY)
                 self._retry_later(("outbox", user), lambda: self._kick(user))
                 return
-            self._delays_told.pop(user, None)
             await self._history.set_status(user, [entry.msg_id], SENT, (PENDING,))
             if status == "stored" and user not in self._stored_told:
                 self._stored_told.add(user)
                 self._view.show("stored", user=user)
+        self._delays_told.pop(user, None)
 
     def _carried(self, link: LinkLike) -> set[tuple[str, str]]:
         """The messages on their way over C{link}, not acknowledged yet."""

@@ -10,7 +10,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -18,11 +18,12 @@ from zope.interface import implementer
 
 from ..crypto import valid_fingerprint
 from ..tls import ServerPinError
-from ..wire import MAX_LINE, PROTOCOL_VERSION, Event, Reply, WireError, decode_frame, encode_request
+from ..wire import MAX_LINE, PROTOCOL_VERSION, RATE_LIMITED_OPS, Event, Reply, WireError, decode_frame, encode_request
 
 log = Logger()
 
 REQUEST_TIMEOUT = 30.0
+PACE_MARGIN = 0.05  # seconds (see Pace.delay)
 
 
 class RequestError(Exception):
@@ -138,6 +139,31 @@ class ServerProtocol(LineOnlyReceiver):
         self._link._connection_lost(self, reason)
 
 
+class Pace:
+    """
+    Spaces requests out so that they stay within the server's rate limit (a token bucket of
+    C{rate} a second and C{burst}, announced in its hello): each request is given, in turn, the
+    time it may go. A script sending thousands of messages then sends them at the server's rate
+    rather than into its refusals.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: float, burst: int) -> None:
+        self._clock = clock
+        self._interval = 1.0 / rate
+        self._tolerance = (burst - 1) * self._interval
+        self._due = clock.seconds()  # when the next request would go, were there no burst
+
+    def delay(self) -> float:
+        """Seconds until the next request may go; it counts as gone from then on."""
+        now = self._clock.seconds()
+        due = max(self._due, now)
+        self._due = due + self._interval
+        wait = due - self._tolerance - now
+        # The server's bucket runs from when it took the first request, which may have taken
+        # longer to reach it than a later one does: one waiting goes a little after its time.
+        return wait + PACE_MARGIN if wait > 0 else 0.0
+
+
 class ServerLink:
     """
     The connection to the discovery server, kept up by a L{ClientService} until L{stop}.
@@ -165,6 +191,7 @@ class ServerLink:
             clock=clock,
         )
         self._protocol: ServerProtocol | None = None  # once hello is done
+        self._pace: Pace | None = None  # the connection's, when its server has a rate limit
         self._outage_reported = False
 
     def start(self) -> None:
@@ -181,6 +208,14 @@ class ServerLink:
         return self._service.stopService()
 
     def request(self, op: str, **args: Any) -> Deferred[dict[str, Any]]:
+        """Ask the server; a request its rate limit counts waits for its turn (see L{Pace})."""
+        if self._protocol is not None and self._pace is not None and op in RATE_LIMITED_OPS:
+            delay = self._pace.delay()
+            if delay > 0:
+                return deferLater(self.clock, delay, self._request, op, args)
+        return self._request(op, args)
+
+    def _request(self, op: str, args: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if self._protocol is None:
             return fail(NotConnected("not connected to the server"))
         return self._protocol.request(op, self._timeout, **args)
@@ -211,6 +246,9 @@ class ServerLink:
             return  # the connection was lost before hello; reported by _connection_lost
         self._protocol = protocol
         self._outage_reported = False
+        rate, burst = hello.get("message_rate"), hello.get("message_burst")
+        valid = all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in (rate, burst))
+        self._pace = Pace(self.clock, rate, max(1, int(burst))) if valid else None
         interval = hello.get("keepalive_interval")
         if isinstance(interval, (int, float)) and interval > 0:
             timeout = hello.get("keepalive_timeout")
