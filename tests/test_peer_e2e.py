@@ -255,6 +255,19 @@ class ChatTests(PeerTestCase):
         await bob.command("/history alice", r"alice: second$")
         self.assertEqual((bob.count("alice: while you were away"), bob.count("alice: second")), (0, 0))
 
+    async def test_many_messages_at_the_servers_rate(self) -> None:
+        """A script writing many messages through the server sends them at the rate the server
+        announces, none refused: all arrive, in order, with nothing said about the rate."""
+        await self.start_server("--message-rate", "40", "--message-burst", "5")
+        alice, bob = await self.peers("alice", "bob")
+        bob.send("/logout")
+        await bob.ended()
+        alice.process.transport.write("".join(f"/msg bob m{i}\n" for i in range(60)).encode())
+        await bob.started()
+        await bob.expect(r"^alice: m59$")
+        self.assertEqual([line for line in bob.lines if line.startswith("alice: m")], [f"alice: m{i}" for i in range(60)])
+        self.assertEqual([line for line in alice.lines if "takes no message" in line], [])
+
     async def test_block_and_mute(self) -> None:
         """Blocked senders are told; muted ones are stored silently until unmuted."""
         await self.start_server()
