@@ -280,6 +280,8 @@ class OursLink(Link):
         if frame.get("ok"):
             if op in ("login", "resume"):
                 self.load.tokens[self.user] = frame["result"]["token"]
+                if self.load.who_after_login:
+                    self.request("who")
                 self.logged_in()
             elif op == "hello" and self.anonymous:
                 self.logged_in()
@@ -407,6 +409,9 @@ class Load:
         self.run_id = secrets.token_hex(4)
         self.sent_ids = 0
         self.closing = False
+        # Our users ask who is online after each login, as a peer does (IRC clients here join no
+        # channel, so they get no list of names).
+        self.who_after_login = False
         self.keeper: task.LoopingCall | None = None
         # One machine plays thousands of clients: without a bound on connection attempts in
         # progress, a herd overflows the servers' listen backlogs (ngircd: 10, Twisted: 50) and
@@ -825,6 +830,7 @@ async def reconnect_storm(load: Load, control: Control, p: dict) -> dict:
         Deferred.fromCoroutine(attempt())
 
     load.on_lost = lambda link: reactor.callLater(random.uniform(0, retry), reconnect, link.user)
+    load.who_after_login = True  # the reconnects and the storm's logins, as peers do
     restart = await control.mark("connected", restart=True)
     try:
         all_back_at = await bounded(back, p["timeout_s"])
