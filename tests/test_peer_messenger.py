@@ -1061,6 +1061,27 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.directory.acked, [5, 6])
         self.assertEqual(self.view.messages(), [("bob", "one"), ("bob", "two")])
 
+    def test_receipts_go_together_while_one_is_on_its_way(self) -> None:
+        """While a receipt to bob is on its way (the server answers it when bob's peer acks it),
+        those for what bob sends meanwhile wait and go together in the next: a send for many
+        messages rather than one each, which would take all of alice's message rate while bob
+        writes to her as fast as the server lets him."""
+        self.start()
+        first: Deferred[dict[str, Any]] = Deferred()
+        self.directory.answers["send"] = [first]
+        for i in range(1, 5):
+            self.deliver(i, self.bob, f"m{i}", {"kind": "msg", "text": f"text {i}", "sent_at": 1.0})
+        [args] = [args for op, args in self.directory.requests if op == "send"]
+        opened, _ = crypto.open_sealed(args["envelope"], self.bob.envelope_key, "alice", "bob", args["msg_id"], None)
+        self.assertEqual(json.loads(opened), {"kind": "receipt", "msg_ids": ["m1"]})
+        self.assertEqual(self.directory.acked, [1, 2, 3, 4])
+        first.callback({"status": "delivered", "seq": 1, "duplicate": False})
+        self.assertEqual([self.open_receipt(i) for i in range(len(self.directory.sent))],
+                         [{"kind": "receipt", "msg_ids": ["m2", "m3", "m4"]}])
+        self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
+        self.deliver(5, self.bob, "m5", {"kind": "msg", "text": "later", "sent_at": 1.0})
+        self.assertEqual(self.open_receipt(1), {"kind": "receipt", "msg_ids": ["m5"]})
+
     def test_receipt_owed_until_the_server_takes_it(self) -> None:
         """A receipt the server could not take stays owed and goes out after the next login."""
         self.start()

@@ -198,6 +198,7 @@ class Messenger:
         self._draining = False
         self._drained_waiters: list[Deferred[None]] = []
         self._incoming_lock = DeferredLock()
+        self._receipts_waiting: dict[str, list[str]] = {}  # sender -> ids for after the receipt on its way
         self._broadcast_lock = DeferredLock()
         self._broadcasts_seen: dict[tuple[str, float], None] = {}  # (sender, sent_at), oldest first
         self._broadcasts_waiting = 0
@@ -648,10 +649,7 @@ class Messenger:
                 # when its recipient acks it, and two peers waiting on each other's receipts
                 # before acking would stall until the server's hold ran out.
                 for user, msg_ids in receipts.items():
-                    for chunk in _chunks(msg_ids, MAX_MSG_IDS):
-                        Deferred.fromCoroutine(self._send_receipt(user, chunk)).addErrback(
-                            lambda f: log.failure("receipt", f)
-                        )
+                    self._receipts_for(user, msg_ids)
                 for chunk in _chunks(seqs, MAX_ACK):
                     try:
                         await self._server.request("ack", seqs=chunk)
@@ -754,6 +752,29 @@ class Messenger:
         if user in self._behind_link:
             self._behind_link.discard(user)
             self._kick(user)
+
+    def _receipts_for(self, user: str, msg_ids: list[str]) -> None:
+        """
+        Send receipts for C{msg_ids} from C{user}; while one to C{user} is on its way, they go
+        together in the next. A receipt is a send, which takes from this user's message rate:
+        one for each message that came alone would leave none of the rate for what this user
+        writes while someone writes to them as fast as the server lets them.
+        """
+        waiting = self._receipts_waiting.get(user)
+        if waiting is not None:
+            waiting.extend(msg_ids)
+            return
+        self._receipts_waiting[user] = []
+        Deferred.fromCoroutine(self._send_receipts_to(user, msg_ids)).addErrback(lambda f: log.failure("receipt", f))
+
+    async def _send_receipts_to(self, user: str, msg_ids: list[str]) -> None:
+        try:
+            while msg_ids:
+                for chunk in _chunks(msg_ids, MAX_MSG_IDS):
+                    await self._send_receipt(user, chunk)
+                msg_ids, self._receipts_waiting[user] = self._receipts_waiting[user], []
+        finally:
+            del self._receipts_waiting[user]
 
     async def _send_receipt(self, user: str, msg_ids: list[str]) -> None:
         """Send a receipt; it stays owed (sent after the next login) unless the server took it."""
