@@ -76,7 +76,7 @@ class Options(usage.Options):
         ["timeout", None, 0.0, "Log out a user who sends no command for this many seconds; 0 = never.", _number(float, 0, "timeout")],
         ["keepalive-timeout", None, 45.0, "Drop a connection silent for this many seconds (clients ping every third of it).", _number(float, 3, "keepalive-timeout")],
         ["mailbox-limit", None, 10000, "Envelopes stored for one user at most.", _number(int, 1, "mailbox-limit")],
-        ["message-rate", None, 50.0, "Messages (send, broadcast) per second per user; 0 = no limit.", _number(float, 0, "message-rate")],
+        ["message-rate", None, 50.0, "Messages (send, broadcast), lists of users (who, whosince) and blocks per second per user, told to peers, which pace themselves by it; 0 = no limit.", _number(float, 0, "message-rate")],
         ["message-burst", None, 200, "Messages a user may send at once before --message-rate applies.", _number(int, 1, "message-burst")],
         ["login-rate", None, 30.0, "Password attempts (login, register) per minute per address (IPv6: per /64); 0 = no limit.", _number(float, 0, "login-rate")],
         ["max-connections-per-address", None, 1000, "Connections at once from one address (IPv6: one /64; a class behind one router needs one per user); past it new ones are told so and closed; 0 = no limit.", _number(int, 0, "max-connections-per-address")],

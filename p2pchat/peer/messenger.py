@@ -36,8 +36,8 @@ LATE = 300.0
 MAX_MSG_IDS = 256
 DIRECT_RETRY = 60.0  # after a failed direct connection, go through the server for this long
 RETRY_DELAY = 30.0  # after a transient server refusal (full mailbox, the server failing to store)
-# After the server's rate limit refused a message anyway (peers pace their requests by it, but the
-# user's own lists and blocks take from it too, and a server may not announce it).
+# After the server's rate limit refused a message anyway (the server link paces requests by the
+# rate the server announces: a server that announces none, or a hiccup of the clocks).
 RATE_RETRY = 1.0
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
 ACK_WAIT = 15.0  # a direct link that acknowledges none of what it carries this long is dead or stuck: dropped
