@@ -206,6 +206,21 @@ class HistoryTests(unittest.SynchronousTestCase):
         self.assertTrue(self.successResultOf(reopened.is_registered("localhost:5000")))
         self.assertFalse(self.successResultOf(reopened.is_registered("otherhost:5000")))
 
+    def test_outbox_pages(self) -> None:
+        """The outbox to one user reads in pages after a message's number; outbox_peers names
+        those with pending messages."""
+        h = self.history
+        for peer, msg_id in [("bob", "b1"), ("carol", "c1"), ("bob", "b2"), ("bob", "b3")]:
+            self.successResultOf(h.add_outgoing(peer, msg_id, "t " + msg_id, False, 1.0))
+        first = self.successResultOf(h.outbox_page("bob", 0, 2))
+        self.assertEqual([e.msg_id for _, e in first], ["b1", "b2"])
+        rest = self.successResultOf(h.outbox_page("bob", first[-1][0], 2))
+        self.assertEqual([e.msg_id for _, e in rest], ["b3"])
+        self.assertEqual(self.successResultOf(h.outbox_page("bob", rest[-1][0], 2)), [])
+        self.assertEqual(self.successResultOf(h.outbox_peers()), ["bob", "carol"])
+        self.successResultOf(h.set_status("carol", ["c1"], SENT, (PENDING,)))
+        self.assertEqual(self.successResultOf(h.outbox_peers()), ["bob"])
+
     def test_failed_leaves_outbox(self) -> None:
         """A message refused for good is failed and no longer pending."""
         self.successResultOf(self.history.add_outgoing("bob", "m1", "hi", False, 1.0))

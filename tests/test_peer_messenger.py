@@ -874,6 +874,22 @@ class SendTests(MessengerTestCase):
         self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(2)], ["one", "two"])
         self.assertEqual(self.view.events("send_delayed"), [])
 
+    def test_outbox_read_a_page_at_a_time(self) -> None:
+        """The outbox is read from the history a page at a time, not whole (a script may queue
+        more than fits in memory); all of it still goes, in order."""
+        self.patch(messenger_module, "OUTBOX_PAGE", 2)
+        pages: list[int] = []
+        outbox_page = self.history.outbox_page
+        self.history.outbox_page = lambda *args: outbox_page(*args).addCallback(lambda page: pages.append(len(page)) or page)
+        self.start(login=False)
+        for i in range(5):
+            self.command("send", "bob", f"m{i}")
+        self.assertEqual(self.directory.sent, [])
+        self.messenger.server_lost()
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual([self.open_sent(i, self.bob)["text"] for i in range(5)], [f"m{i}" for i in range(5)])
+        self.assertEqual(max(pages), 2)
+
     def test_full_mailbox_said_once(self) -> None:
         """A recipient's full mailbox is said once while messages wait, not at every try, nor each
         time one of them goes through and the next finds it full again; said again when it
@@ -1880,6 +1896,7 @@ class RandomScheduleTests(_RandomRuns):
     """
 
     def test_every_message_delivered(self) -> None:
+        self.patch(messenger_module, "OUTBOX_PAGE", 3)  # the outbox read a few at a time, as a long one is
         self.runs(_Schedule)
 
 

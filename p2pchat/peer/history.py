@@ -311,6 +311,31 @@ class History:
             args.append(peer)
         return self._transact(lambda db: _entries(db, where, args, "id"))
 
+    def outbox_page(self, peer: str, after: int, limit: int) -> Deferred[list[tuple[int, Entry]]]:
+        """
+        Up to C{limit} pending messages to C{peer} after the one numbered C{after} (0: from the
+        first), oldest first, each with its number: a script may queue more than fit in memory.
+        """
+
+        def work(db: sqlite3.Connection) -> list[tuple[int, Entry]]:
+            rows = db.execute(
+                "SELECT id, peer, outgoing, msg_id, text, private, status, sent_at FROM messages"
+                " WHERE status = ? AND peer = ? AND outgoing = 1 AND id > ? ORDER BY id LIMIT ?",
+                (PENDING, peer, after, limit),
+            )
+            return [(r[0], Entry(r[1], bool(r[2]), r[3], r[4], bool(r[5]), r[6], r[7])) for r in rows]
+
+        return self._transact(work)
+
+    def outbox_peers(self) -> Deferred[list[str]]:
+        """Those with pending messages to them."""
+
+        def work(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute("SELECT DISTINCT peer FROM messages WHERE status = ? AND outgoing = 1 ORDER BY peer", (PENDING,))
+            return [r[0] for r in rows]
+
+        return self._transact(work)
+
     def awaiting_receipt(self, peer: str) -> Deferred[bool]:
         """
         Whether a message to C{peer} that a server holds (C{sent}) is newer than every one

@@ -9,6 +9,7 @@ import math
 import re
 import secrets
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NoReturn, Protocol
 
@@ -40,6 +41,7 @@ RETRY_DELAY = 30.0  # after a transient server refusal (full mailbox, the server
 # rate the server announces: a server that announces none, or a hiccup of the clocks).
 RATE_RETRY = 1.0
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
+OUTBOX_PAGE = 256  # pending messages read from the history at a time
 ACK_WAIT = 15.0  # a direct link that acknowledges none of what it carries this long is dead or stuck: dropped
 BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: one sent again is not shown
 # Broadcasts waiting for the output to go out (a script that does not read its peer's output), at
@@ -483,7 +485,7 @@ class Messenger:
         await self._sync_presence()
         for user in blocked | {u for u, c in self._contacts.items() if c.blocked}:
             await self._save(replace(self._contact(user), blocked=user in blocked))
-        for peer in sorted({entry.peer for entry in await self._history.outbox()}):
+        for peer in await self._history.outbox_peers():
             self._kick(peer)
         await self._send_receipts(owed)
 
@@ -1008,7 +1010,7 @@ class Messenger:
         # server, a link open already carries them rather than leaving them pending.
         behind_server = await self._history.awaiting_receipt(user)
         keys_checked = False  # the first message sealed in this pass asks the directory for the keys
-        for entry in await self._history.outbox(user):
+        async for entry in self._outbox_of(user):
             on = self._in_flight.get((user, entry.msg_id))
             if on is not None:
                 if on is self._links.get(user):
@@ -1065,6 +1067,15 @@ class Messenger:
                 self._stored_told.add(user)
                 self._view.show("stored", user=user)
         self._delays_told.pop(user, None)
+
+    async def _outbox_of(self, user: str) -> AsyncIterator[Entry]:
+        """The pending messages to C{user}, oldest first, read a page at a time (a script may have
+        queued more than fit in memory: 100 000 of 1000 characters were 136 MB at once)."""
+        after = 0
+        while page := await self._history.outbox_page(user, after, OUTBOX_PAGE):
+            for _, entry in page:
+                yield entry
+            after = page[-1][0]
 
     def _carried(self, link: LinkLike) -> set[tuple[str, str]]:
         """The messages on their way over C{link}, not acknowledged yet."""
