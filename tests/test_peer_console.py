@@ -11,6 +11,7 @@ from typing import Any
 import pyte
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -18,6 +19,7 @@ from twisted.trial import unittest
 from p2pchat.peer import console
 from p2pchat.peer.console import (
     MAX_INPUT,
+    MAX_LINES_AHEAD,
     Command,
     Console,
     UsageError,
@@ -283,6 +285,28 @@ class PipeTests(ConsoleTestCase):
             self.messenger.calls, [("send", ("bob", "one")), ("send", ("bob", "two")), ("who", ())]
         )
         self.assertEqual(self.output(), "online: bob, carol\n")
+
+    def test_input_read_no_further_ahead_than_needed(self) -> None:
+        """Past MAX_LINES_AHEAD lines waiting for their turn, the input is not read (a script
+        piping a large file does not have it all in memory); once half are taken, it is again.
+        Every line still runs, in order."""
+        self.type(b"".join(b"/msg bob m%d\n" % i for i in range(MAX_LINES_AHEAD - 1)))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.type(b"/who\n")
+        self.assertEqual(self.transport.producerState, "paused")
+        sends: list[Deferred[None]] = []
+        self.messenger.send = lambda *args: sends.append(Deferred()) or sends[-1]  # each /msg waits
+        self.console.start_commands()  # takes the first line: 63 wait
+        for _ in range(MAX_LINES_AHEAD // 2 - 2):
+            sends[-1].callback(None)  # the next is taken
+        self.assertEqual(self.transport.producerState, "paused")  # 33 wait
+        sends[-1].callback(None)
+        self.assertEqual(self.transport.producerState, "producing")  # 32 wait
+        while len(sends) < MAX_LINES_AHEAD - 1:
+            sends[-1].callback(None)
+        sends[-1].callback(None)
+        self.assertEqual(len(sends), MAX_LINES_AHEAD - 1)
+        self.assertEqual(self.messenger.calls, [("who", ())])
 
     def test_password_is_first_line(self) -> None:
         """On a pipe the password is the next line (not a command); later there is none to give."""

@@ -10,6 +10,7 @@ import re
 import sqlite3
 import termios
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 log = Logger()
 
 MAX_INPUT = 64 * 1024  # bytes in one input line; longer lines are refused whole
+# Input lines read ahead of the command that runs: past it the input is not read until they are
+# taken (a script piping a large file would otherwise have all of it read into memory).
+MAX_LINES_AHEAD = 64
 HISTORY_DEFAULT = 20
 PRESENCE_NAMES = 10  # names listed in a line about many users logging in or out
 COMPLETIONS_SHOWN = 50  # candidates listed by Tab
@@ -446,7 +450,8 @@ class Console(Protocol):
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = b""  # pipe: an incomplete line
         self._discarding = False  # pipe: the rest of an overlong line
-        self._lines: list[str | None] = []  # complete lines not taken yet; None is the end of input
+        self._lines: deque[str | None] = deque()  # complete lines not taken yet; None is the end of input
+        self._input_paused = False  # MAX_LINES_AHEAD lines wait
         self._line_waiter: Deferred[str | None] | None = None
         self._password_waiter: Deferred[str | None] | None = None
         self._password_prompt = ""
@@ -643,10 +648,17 @@ class Console(Protocol):
             waiter.callback(line)
         else:
             self._lines.append(line)
+            if len(self._lines) >= MAX_LINES_AHEAD and not self._input_paused and self.transport is not None:
+                self._input_paused = True
+                self.transport.pauseProducing()
 
     def _next_line(self) -> Deferred[str | None]:
         if self._lines:
-            return succeed(self._lines.pop(0))
+            line = self._lines.popleft()
+            if self._input_paused and len(self._lines) <= MAX_LINES_AHEAD // 2:
+                self._input_paused = False
+                self.transport.resumeProducing()
+            return succeed(line)
         self._line_waiter = Deferred()
         return self._line_waiter
 
