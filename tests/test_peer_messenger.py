@@ -718,6 +718,25 @@ class SendTests(MessengerTestCase):
         self.assertEqual(self.statuses("bob")[:2], [("m0", DELIVERED), ("m1", DELIVERED)])
         self.assertEqual([f["text"] for f in self.links.open["bob"].sent], ["m2"])  # again, on a new link
 
+    def test_link_window(self) -> None:
+        """At most LINK_WINDOW messages travel over a link unacknowledged: the rest wait on disk
+        (a contact whose peer takes them slowly would otherwise have all of them wait in the
+        link's buffer), and go, in order, as acks make room."""
+        self.patch(messenger_module, "LINK_WINDOW", 2)
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        for n in range(5):
+            self.command("send", "bob", f"m{n}")
+        link = self.links.open["bob"]
+        self.assertEqual([f["text"] for f in link.sent], ["m0", "m1"])
+        self.messenger.link_frame(link, {"type": "ack", "msg_ids": [link.sent[0]["msg_id"]]})
+        self.assertEqual([f["text"] for f in link.sent], ["m0", "m1", "m2"])
+        self.messenger.link_frame(link, {"type": "ack", "msg_ids": [f["msg_id"] for f in link.sent[1:]]})
+        self.assertEqual([f["text"] for f in link.sent], ["m0", "m1", "m2", "m3", "m4"])
+        self.messenger.link_frame(link, {"type": "ack", "msg_ids": [f["msg_id"] for f in link.sent[3:]]})
+        self.assertEqual([status for _, status in self.statuses("bob")], [DELIVERED] * 5)
+
     def test_no_overtaking_on_another_link(self) -> None:
         """Messages to one user never travel over two links at once: with one on its way over a
         link, the next ones wait rather than take a newer link (bob's own link to alice, say), which
@@ -1897,6 +1916,7 @@ class RandomScheduleTests(_RandomRuns):
 
     def test_every_message_delivered(self) -> None:
         self.patch(messenger_module, "OUTBOX_PAGE", 3)  # the outbox read a few at a time, as a long one is
+        self.patch(messenger_module, "LINK_WINDOW", 3)  # and a link's window filling up
         self.runs(_Schedule)
 
 

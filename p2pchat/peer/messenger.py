@@ -42,6 +42,10 @@ RETRY_DELAY = 30.0  # after a transient server refusal (full mailbox, the server
 RATE_RETRY = 1.0
 OUTBOX_WAIT = 5.0  # how long /logout waits for messages on their way out
 OUTBOX_PAGE = 256  # pending messages read from the history at a time
+# Messages on their way over a direct link and not acknowledged, at most: a contact whose peer
+# takes them slowly (its user's output not read) would otherwise have everything written to
+# them wait in this peer's memory, in the link's buffer.
+LINK_WINDOW = 256
 ACK_WAIT = 15.0  # a direct link that acknowledges none of what it carries this long is dead or stuck: dropped
 BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: one sent again is not shown
 # Broadcasts waiting for the output to go out (a script that does not read its peer's output), at
@@ -177,7 +181,7 @@ class Messenger:
         self._online_wanted = False
         self.logged_in = False
         self._in_flight: dict[tuple[str, str], LinkLike] = {}
-        self._behind_link: set[str] = set()  # their outbox waits for a message on its way over another link
+        self._behind_link: set[str] = set()  # their outbox waits for acks: of a message on its way over another link, or for room on this one
         self._ack_checks: dict[LinkLike, Any] = {}  # link -> the check that what it carries got acknowledged
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
@@ -1010,10 +1014,12 @@ class Messenger:
         # server, a link open already carries them rather than leaving them pending.
         behind_server = await self._history.awaiting_receipt(user)
         keys_checked = False  # the first message sealed in this pass asks the directory for the keys
+        carried = 0  # on their way over the link in use
         async for entry in self._outbox_of(user):
             on = self._in_flight.get((user, entry.msg_id))
             if on is not None:
                 if on is self._links.get(user):
+                    carried += 1
                     continue  # on its way over the link in use, ahead of what follows there
                 # On its way over another link (an older one, or one the other side opened
                 # meanwhile): what follows could overtake it on this one. It waits until that one
@@ -1029,8 +1035,13 @@ class Messenger:
                 else:
                     link = link or await self._open_link(user)
                 if link is not None:
+                    if carried >= LINK_WINDOW:
+                        # The rest waits on disk, not in the link's buffer, until acks make room.
+                        self._behind_link.add(user)
+                        return
                     link.send(_msg_frame(entry))
                     self._in_flight[(user, entry.msg_id)] = link
+                    carried += 1
                     self._watch_acks(link)
                     continue
                 if not self.logged_in:
