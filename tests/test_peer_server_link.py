@@ -190,6 +190,16 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         error = self.failureResultOf(lookup, RequestError).value
         self.assertEqual((error.code, error.message), ("unknown_user", "no zed"))
 
+    def test_lists_as_long_as_a_big_server_makes_them(self) -> None:
+        """A reply listing 20 000 users with long names (700 KB on one line) is taken, not cut off."""
+        self.connect()
+        who = self.link.request("who")
+        self.sent()
+        users = [f"{'u' * 27}{i:05d}" for i in range(20000)]
+        self.receive({"id": 2, "ok": True, "result": {"users": users}})
+        self.assertEqual(self.successResultOf(who), {"users": users})
+        self.assertFalse(self.endpoint.transport.disconnecting)
+
     def test_events_after_hello_go_to_handler(self) -> None:
         """Events reach the handler; garbage and stray replies are ignored without dropping the connection."""
         self.connect()
@@ -211,7 +221,7 @@ class ServerLinkTests(unittest.SynchronousTestCase):
     def test_line_too_long_drops_connection(self) -> None:
         """A line from the server longer than any it may send drops the connection (to reconnect)."""
         self.connect()
-        self.endpoint.protocol.dataReceived(b"x" * (4 * 65536 + 1))
+        self.endpoint.protocol.dataReceived(b"x" * (self.endpoint.protocol.MAX_LENGTH + 1))
         self.assertTrue(self.endpoint.transport.disconnecting)
 
     def test_failed_login_drops_connection(self) -> None:
