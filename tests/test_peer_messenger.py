@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial import unittest
 
 from p2pchat import crypto
@@ -27,6 +28,7 @@ from p2pchat.peer.messenger import (
     UNREADABLE_WAIT,
     CommandError,
     Messenger,
+    SparingObserver,
 )
 from p2pchat.peer.server_link import NotConnected, RequestError
 from p2pchat.wire import Event
@@ -2220,3 +2222,33 @@ class _Inbox(_World):
         test.assertEqual(self.mailbox, [], f"{name}: left on the server")
         test.assertEqual(self.unanswered(), [], f"{name}: no ack or receipt")
         self.stop()
+
+
+class SparingObserverTests(unittest.SynchronousTestCase):
+    def test_lines_of_one_format_limited(self) -> None:
+        """Of warnings and lesser lines with one format, at most the burst a period go on, then
+        one line says the rest are left out; other formats, and errors, are not held back; the
+        next period lets them through again."""
+        seen: list[dict[str, Any]] = []
+        clock = Clock()
+        observer = SparingObserver(seen.append, burst=3, period=60.0, now=clock.seconds)
+
+        def emit(fmt: str, level: LogLevel = LogLevel.warn) -> None:
+            observer({"log_format": fmt, "log_level": level, "user": "bob"})
+
+        for _ in range(10):
+            emit("ignored an unknown frame from {user}")
+        emit("another from {user}", LogLevel.info)
+        emit("ignored an unknown frame from {user}", LogLevel.critical)
+        self.assertEqual([formatEvent(e) for e in seen], [
+            "ignored an unknown frame from bob",
+            "ignored an unknown frame from bob",
+            "ignored an unknown frame from bob",
+            "more lines like 'ignored an unknown frame from {user}' than 3 in 60 s: the rest are left out until then",
+            "another from bob",
+            "ignored an unknown frame from bob",
+        ])
+        clock.advance(60)
+        emit("ignored an unknown frame from {user}")
+        self.assertEqual(formatEvent(seen[-1]), "ignored an unknown frame from bob")
+        self.assertEqual(len(seen), 7)

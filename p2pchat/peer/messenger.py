@@ -9,6 +9,7 @@ import math
 import re
 import secrets
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable, NoReturn, Protocol
@@ -16,7 +17,7 @@ from typing import Any, Callable, NoReturn, Protocol
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from .. import crypto
@@ -25,7 +26,45 @@ from ..wire import MAX_ACK, MAX_BROADCAST, MAX_PASSWORD, MIN_PASSWORD, PASSWORD_
 from .history import DELIVERED, FAILED, HELD, MUTED, PENDING, SENT, SHOWN, Contact, Entry, History
 from .server_link import NotConnected, RequestError
 
-log = Logger()
+
+
+class SparingObserver:
+    """
+    Passes log events on, but of warnings and lesser lines with one format at most C{burst} in a
+    C{period}, and says so when it starts leaving them out. What the messenger warns about per
+    message or frame (a forged envelope, a frame that means nothing) is a contact's to cause at
+    the speed of a direct link: without this, one could fill the disk with this peer's log.
+    """
+
+    def __init__(
+        self, observer: ILogObserver, burst: int = 20, period: float = 60.0, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._observer = observer
+        self._burst = burst
+        self._period = period
+        self._now = now
+        self._windows: dict[str, list[float]] = {}  # format -> [start, lines in this window]
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        key = event.get("log_format")
+        if key is None or event.get("log_level", LogLevel.warn) > LogLevel.warn:
+            self._observer(event)
+            return
+        now = self._now()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self._period:
+            window = self._windows[key] = [now, 0]
+        window[1] += 1
+        if window[1] <= self._burst:
+            self._observer(event)
+        elif window[1] == self._burst + 1:
+            self._observer({
+                **event, "log_level": LogLevel.warn, "format": key, "burst": self._burst, "period": self._period,
+                "log_format": "more lines like {format!r} than {burst} in {period:g} s: the rest are left out until then",
+            })
+
+
+log = Logger(observer=SparingObserver(globalLogPublisher))
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 MAX_TEXT = 16000
