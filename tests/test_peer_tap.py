@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import stat
 
+from twisted.logger import LogLevel
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
 from p2pchat.peer import tap
+from p2pchat.peer.tap import LOG_FILE_BYTES, LOG_FILES_KEPT
 
 
 class OptionsTests(unittest.SynchronousTestCase):
@@ -54,6 +56,18 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(options["logfile"], os.path.join(data_dir, "peer.log"))
         bob = self.twistd("p2ppeer", "--user", "bob")
         self.assertNotEqual(bob["pidfile"], options["pidfile"])
+
+    def test_log_rotated_and_bounded(self) -> None:
+        """The peer's own log is rotated at LOG_FILE_BYTES with LOG_FILES_KEPT old files kept
+        (twistd's default keeps all of them); a --logfile or --logger given to twistd is left alone."""
+        options = self.twistd("p2ppeer", "--user", "alice")
+        path = options["logfile"]
+        observer = options["logger"]()
+        for i in range(LOG_FILES_KEPT + 3):
+            observer({"log_format": "{line}", "line": "x" * LOG_FILE_BYTES, "log_time": 0.0, "log_level": LogLevel.info})
+        names = sorted(name for name in os.listdir(os.path.dirname(path)) if name.startswith("peer.log"))
+        self.assertEqual(names, ["peer.log"] + [f"peer.log.{n}" for n in range(1, LOG_FILES_KEPT + 1)])
+        self.assertIsNone(self.twistd("--logfile", "-", "p2ppeer", "--user", "alice").get("logger"))
 
     def test_explicit_pid_and_log_kept(self) -> None:
         """A pid file or log file given to twistd is left alone."""

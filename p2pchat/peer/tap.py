@@ -11,7 +11,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.stdio import StandardIO
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, textFileLogObserver
+from twisted.python.logfile import LogFile
 from twisted.python import usage
 
 from .. import data_home, exit_status_at_exit, pid_file_in
@@ -24,6 +25,9 @@ from .messenger import Messenger, PasswordSource, valid_username
 from .server_link import KnownServers, ServerLink, UnusablePins
 
 log = Logger()
+
+LOG_FILE_BYTES = 1_000_000  # peer.log is rotated at this size
+LOG_FILES_KEPT = 5  # rotated logs kept (peer.log.1 to .5), the oldest deleted
 
 
 def default_data_dir(user: str) -> str:
@@ -138,7 +142,23 @@ class Options(usage.Options):
         pid_file_in(self, data_dir, "p2ppeer.pid")
         parent = getattr(self, "parent", None)
         if parent is not None and "logfile" in parent and parent["logfile"] is None:
-            parent["logfile"] = os.path.join(data_dir, "peer.log")
+            parent["logfile"] = _log_file["path"] = os.path.join(data_dir, "peer.log")
+            if parent.get("logger") is None:
+                parent["logger"] = f"{__name__}.peer_log"  # twistd imports it by name
+
+
+# Where peer_log writes: twistd calls a --logger factory without arguments.
+_log_file: dict[str, str] = {}
+
+
+def peer_log() -> ILogObserver:
+    """
+    The peer's log file, rotated at LOG_FILE_BYTES with the newest LOG_FILES_KEPT of the old ones
+    kept: twistd's own rotation keeps every one, and a peer runs for months.
+    """
+    return textFileLogObserver(
+        LogFile.fromFullPath(_log_file["path"], rotateLength=LOG_FILE_BYTES, maxRotatedFiles=LOG_FILES_KEPT)
+    )
 
 
 def file_passwords(path: str) -> PasswordSource:
