@@ -30,7 +30,7 @@ from p2pchat.peer.messenger import (
     Messenger,
     SparingObserver,
 )
-from p2pchat.peer.server_link import NotConnected, RequestError
+from p2pchat.peer.server_link import PACE_MARGIN, NotConnected, RequestError
 from p2pchat.wire import Event
 
 
@@ -58,6 +58,7 @@ class Directory:
         self.answers: dict[str, Any] = {}  # op -> exception or result overriding the defaults
         self.started = self.stopped = 0
         self.connected = True
+        self.message_rate: tuple[float, int] | None = None  # from a hello: none here unless a test says
 
     def start(self) -> None:
         self.started += 1
@@ -1209,6 +1210,28 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.directory.sent, [])
         self.assertEqual(self.directory.acked, [1])
         self.assertEqual(self.successResultOf(self.history.owed_receipts()), {})
+
+    def test_direct_messages_at_the_servers_rate(self) -> None:
+        """Messages from one contact over direct links are taken no faster than the server's
+        message rate lets them through it (a contact could otherwise fill the disk at the speed of
+        the history); the link waits meanwhile, nothing is lost, and they are shown in order."""
+        self.directory.message_rate = (10.0, 2)
+        self.start()
+        link = self.links.accept("bob")
+        handled = [
+            self.messenger.link_frame(link, {"type": "msg", "msg_id": f"m{i}", "text": f"t{i}", "sent_at": 1.0})
+            for i in range(4)
+        ]
+        self.assertEqual(self.view.messages(), [("bob", "t0"), ("bob", "t1")])
+        self.assertFalse(handled[2].called)
+        self.clock.advance(0.1 + PACE_MARGIN + 1e-6)
+        self.assertEqual(self.view.messages(), [("bob", "t0"), ("bob", "t1"), ("bob", "t2")])
+        self.clock.advance(0.1)
+        self.assertEqual([text for _, text in self.view.messages()], ["t0", "t1", "t2", "t3"])
+        self.assertEqual([f["msg_ids"] for f in link.sent], [["m0"], ["m1"], ["m2"], ["m3"]])
+        carol = self.links.accept("carol")  # another contact has a pace of her own
+        self.messenger.link_frame(carol, {"type": "msg", "msg_id": "c0", "text": "from carol", "sent_at": 1.0})
+        self.assertEqual(self.view.messages()[-1], ("carol", "from carol"))
 
     def test_duplicate_shown_once(self) -> None:
         """The same message arriving twice (server redelivery, or direct then server) is shown once and acked."""

@@ -24,7 +24,7 @@ from .. import crypto
 from ..crypto import CryptoError, EnvelopeError, EnvelopeKey, Identity, WrongEnvelopeKey
 from ..wire import MAX_ACK, MAX_BROADCAST, MAX_PASSWORD, MIN_PASSWORD, PASSWORD_RULE, REQUEST_SCHEMAS, Code, Event
 from .history import DELIVERED, FAILED, HELD, MUTED, PENDING, SENT, SHOWN, Contact, Entry, History
-from .server_link import NotConnected, RequestError
+from .server_link import NotConnected, Pace, RequestError
 
 
 
@@ -126,6 +126,8 @@ PasswordCheck = Callable[[], "Deferred[str | None]"]
 
 
 class ServerLinkLike(Protocol):
+    message_rate: tuple[float, int] | None  # the server's, once known
+
     def start(self) -> None: ...
     def stop(self) -> Deferred[None]: ...
     def request(self, op: str, **args: Any) -> Deferred[dict[str, Any]]: ...
@@ -244,6 +246,8 @@ class Messenger:
         self._drained_waiters: list[Deferred[None]] = []
         self._incoming_lock = DeferredLock()
         self._receipts_waiting: dict[str, list[str]] = {}  # sender -> ids for after the receipt on its way
+        # contact -> the server's rate, and the pace of their messages over direct links by it
+        self._link_paces: dict[str, tuple[tuple[float, int], Pace]] = {}
         self._broadcast_lock = DeferredLock()
         self._broadcasts_seen: dict[tuple[str, float], None] = {}  # (sender, sent_at), oldest first
         self._broadcasts_waiting = 0
@@ -1006,6 +1010,9 @@ class Messenger:
             if not (_valid_id(msg_id) and _valid_text(text) and _number(sent_at)):
                 log.warn("ignored a malformed message from {user}", user=link.user)
                 return
+            delay = self._link_delay(link.user)
+            if delay:
+                await deferLater(self._clock, delay)
             async with self._incoming_lock:
                 await self._store_incoming(link.user, msg_id, text, frame.get("private") is True, sent_at)
             link.send({"type": "ack", "msg_ids": [msg_id]})
@@ -1019,6 +1026,21 @@ class Messenger:
                 link.close()
         else:
             log.warn("ignored an unknown frame from {user}", user=link.user)
+
+    def _link_delay(self, user: str) -> float:
+        """
+        How long a message from C{user} over a direct link waits before it is taken: they come no
+        faster than the server's message rate lets them through it. A contact writing at the
+        speed of a link would otherwise fill this peer's disk at the speed of its history (16 000
+        characters 1300 times a second); the link is not read meanwhile, so the sender waits.
+        """
+        rate = self._server.message_rate
+        if rate is None:
+            return 0.0
+        known = self._link_paces.get(user)
+        if known is None or known[0] != rate:  # first, or the server's rate changed
+            known = self._link_paces[user] = (rate, Pace(self._clock, *rate))
+        return known[1].delay()
 
     # -- the outbox ------------------------------------------------------------
 

@@ -194,6 +194,8 @@ class ServerLink:
         )
         self._protocol: ServerProtocol | None = None  # once hello is done
         self._pace: Pace | None = None  # the connection's, when its server has a rate limit
+        # The server's message rate and burst, once a hello has said them (None: no limit known).
+        self.message_rate: tuple[float, int] | None = None
         self._outage_reported = False
 
     def start(self) -> None:
@@ -250,7 +252,8 @@ class ServerLink:
         self._outage_reported = False
         rate, burst = hello.get("message_rate"), hello.get("message_burst")
         valid = all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in (rate, burst))
-        self._pace = Pace(self.clock, rate, max(1, int(burst))) if valid else None
+        self.message_rate = (rate, max(1, int(burst))) if valid else None
+        self._pace = Pace(self.clock, *self.message_rate) if self.message_rate else None
         interval = hello.get("keepalive_interval")
         if isinstance(interval, (int, float)) and interval > 0:
             timeout = hello.get("keepalive_timeout")
