@@ -319,11 +319,11 @@ class History:
 
         def work(db: sqlite3.Connection) -> list[tuple[int, Entry]]:
             rows = db.execute(
-                "SELECT id, peer, outgoing, msg_id, text, private, status, sent_at FROM messages"
+                f"SELECT id, {_ENTRY_COLUMNS} FROM messages"
                 " WHERE status = ? AND peer = ? AND outgoing = 1 AND id > ? ORDER BY id LIMIT ?",
                 (PENDING, peer, after, limit),
             )
-            return [(r[0], Entry(r[1], bool(r[2]), r[3], r[4], bool(r[5]), r[6], r[7])) for r in rows]
+            return [(r[0], _entry(r[1:])) for r in rows]
 
         return self._transact(work)
 
@@ -396,12 +396,16 @@ class History:
 
 
 def _entries(db: sqlite3.Connection, where: str, args: list[Any], order: str, limit: int = -1) -> list[Entry]:
-    rows = db.execute(
-        "SELECT peer, outgoing, msg_id, text, private, status, sent_at FROM messages"
-        f" WHERE {where} ORDER BY {order} LIMIT ?",
-        (*args, limit),
-    )
-    return [Entry(r[0], bool(r[1]), r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+    rows = db.execute(f"SELECT {_ENTRY_COLUMNS} FROM messages WHERE {where} ORDER BY {order} LIMIT ?", (*args, limit))
+    return [_entry(r) for r in rows]
+
+
+_ENTRY_COLUMNS = "peer, outgoing, msg_id, text, private, status, sent_at"
+
+
+def _entry(row: Any) -> Entry:
+    """An L{Entry} from the columns L{_ENTRY_COLUMNS} of a row of messages."""
+    return Entry(row[0], bool(row[1]), row[2], row[3], bool(row[4]), row[5], row[6])
 
 
 class _transaction:
