@@ -178,6 +178,19 @@ class RenderTests(unittest.SynchronousTestCase):
             line = render(event, **{name: samples[name] for name in names})
             self.assertTrue(line and "\n" not in line, event)
 
+    def test_text_of_every_script_shown_whole(self) -> None:
+        """What terminals only show, though Python does not count it printable, is kept: emoji joined
+        by ZWJ, flags made of tags, ZWNJ inside Persian words, RTL marks, every kind of space. What
+        reorders a line (bidi overrides, embeddings, isolates) or breaks it still goes."""
+        kept = ["\U0001F468\u200d\U0001F469\u200d\U0001F467", "\u2764\ufe0f\u200d\U0001F525",
+                "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F",  # Scotland
+                "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u05e9\u05dc\u05d5\u05dd\u200f!",
+                "Bonjour\u00a0!", "\u3053\u3093\u306b\u3061\u306f\u3000\u4e16\u754c", "e\u0301 \u0928\u092e\u0938\u094d\u0924\u0947"]
+        for text in kept:
+            self.assertEqual(render("message", user="bob", text=text, private=False), f"bob: {text}")
+        for evil in ("\u202e", "\u202a", "\u2066", "\u2069", "\u2028", "\u009b", "\U000E0001", "\ufeff"):
+            self.assertEqual(clean(f"a{evil}b"), "a\ufffdb", repr(evil))
+
     def test_remote_text_cannot_drive_the_terminal(self) -> None:
         """Escape sequences and control characters in what others write, or the server says, are
         neutralised wherever they are shown: as they come, in /history, in errors."""
@@ -516,11 +529,12 @@ class TerminalTests(ConsoleTestCase):
 
     def test_wide_and_combining_characters(self) -> None:
         """Wide characters take two columns and combining marks none: the cursor lands where the
-        terminal put the text, also when the line scrolls, and backspace takes one character."""
+        terminal put the text, also when the line scrolls, and backspace takes a letter with its
+        accent."""
         self.console.start_commands()
         self.type("/msg bob 你好👋e\u0301".encode())
         self.assertEqual(self.cursor_after(), "alice>·/msg·bob·你好👋\u00e9")  # the terminal composes the two
-        self.type(b"\x7f\x7f\x1b[D")
+        self.type(b"\x7f\x1b[D")
         self.assertEqual(self.look(), ["alice> /msg bob 你好👋"])
         self.assertEqual(self.cursor_after(), "alice>·/msg·bob·你好")
         self.type(b"\x05" + "漢字".encode() * 10)

@@ -35,6 +35,7 @@ from .lineedit import (
     TAB,
     KeyDecoder,
     LineEditor,
+    printable,
     width,
 )
 from .messenger import CommandError, FingerprintInfo, Messenger
@@ -213,8 +214,9 @@ def help_text() -> str:
 
 
 def clean(text: Any) -> str:
-    """What others wrote, made harmless for a terminal: no escape sequences, no control characters."""
-    return "".join(c if c.isprintable() else " " if c == "\t" else "\ufffd" for c in str(text))
+    """What others wrote, made harmless for a terminal: no escape sequences, no control characters,
+    nothing that reorders the line (each is shown as U+FFFD, a tab as a space)."""
+    return "".join(c if printable(c) else " " if c == "\t" else "\ufffd" for c in str(text))
 
 
 def _names(users: list[str]) -> str:

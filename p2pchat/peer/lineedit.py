@@ -6,9 +6,12 @@ under the cursor, so the console can always erase and redraw it with a carriage 
 
 from __future__ import annotations
 
+import unicodedata
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import pairwise
 
-from wcwidth import wcwidth
+from wcwidth import iter_graphemes, wcswidth
 
 # Keys other than a character, as KeyDecoder names them.
 ENTER = "enter"
@@ -70,7 +73,7 @@ class KeyDecoder:
             elif self._pasting:
                 if c in "\r\n":
                     self._paste_break = True
-                elif c == "\t" or c.isprintable():
+                elif c == "\t" or printable(c):
                     if self._paste_break:
                         self._paste_break = False
                         yield " "
@@ -79,7 +82,7 @@ class KeyDecoder:
                 yield _CONTROL[c]
             elif c == "\t":
                 yield TAB
-            elif c.isprintable():
+            elif printable(c):
                 yield c
 
     def _in_sequence(self, c: str) -> tuple[bool, str | None]:
@@ -106,15 +109,30 @@ class KeyDecoder:
         return False, None
 
 
+# Text, though Python does not count them printable: the joiners of emoji sequences and of some
+# scripts (ZWNJ, ZWJ: "\U0001F469\u200d\U0001F4BB" is one emoji, Persian writes ZWNJ inside words), the
+# marks right-to-left text carries (LRM, RLM) and the tags of flags such as Scotland's. None of them
+# moves the cursor or reorders a line as the bidi embeddings, overrides and isolates do.
+_INVISIBLE_TEXT = frozenset("\u200c\u200d\u200e\u200f") | frozenset(map(chr, range(0xE0020, 0xE0080)))
+
+
+def printable(c: str) -> bool:
+    """Whether the character C{c} is text a terminal only shows: no control character, nothing that
+    reorders the line; spaces of every kind are (no-break, ideographic...)."""
+    return c.isprintable() or c in _INVISIBLE_TEXT or unicodedata.category(c) == "Zs"
+
+
 def width(text: str) -> int:
-    """Columns C{text} takes on a terminal: two for wide (CJK, most emoji), none for combining marks."""
-    return sum(_char_width(c) for c in text)
+    """Columns C{text} takes on a terminal: two for wide (CJK, most emoji, an emoji sequence joined
+    by ZWJ), none for combining marks."""
+    return sum(_cluster_width(g) for g in iter_graphemes(text))
 
 
-def _char_width(c: str) -> int:
+def _cluster_width(cluster: str) -> int:
     # wcwidth follows the Unicode version terminals do (Python's own tables lag behind: U+4DC0..
-    # U+4DFF became wide in Unicode 16); -1 is for control characters, which are never typed in.
-    return max(wcwidth(c), 0)
+    # U+4DFF became wide in Unicode 16), and measures a cluster as terminals that join emoji
+    # sequences draw it; -1 is for control characters, which are never typed in.
+    return max(wcswidth(cluster), 0)
 
 
 class LineEditor:
@@ -127,7 +145,7 @@ class LineEditor:
 
     def __init__(self, limit: int, remembered: int = 100) -> None:
         self.text = ""
-        self.cursor = 0  # characters before the cursor
+        self.cursor = 0  # characters (code points) before the cursor
         self._limit = limit
         self._remembered = remembered
         self._entered: list[str] = []
@@ -135,21 +153,26 @@ class LineEditor:
         self._draft = ""  # the line being written, while an entered one is shown
 
     def key(self, key: str) -> bool:
-        """Apply an editing key or type a character; C{False} when it cannot be (the line is full)."""
-        text, at = self.text, self.cursor
-        if len(key) == 1:
-            if len(text) >= self._limit:
+        """Apply an editing key or type a character; C{False} when it cannot be (the line is full).
+        The cursor moves, and Backspace and Delete erase, by what shows as one character (a
+        grapheme cluster: a letter and its accents, an emoji sequence, a flag)."""
+        if len(key) == 1:  # typed: the cheap case, as a paste types every character of it
+            if len(self.text) >= self._limit:
                 return False
-            self.text, self.cursor = text[:at] + key + text[at:], at + 1
-        elif key == BACKSPACE:
-            if at:
-                self.text, self.cursor = text[: at - 1] + text[at:], at - 1
-        elif key == DELETE:
-            self.text = text[:at] + text[at + 1 :]
-        elif key == LEFT:
-            self.cursor = max(at - 1, 0)
-        elif key == RIGHT:
-            self.cursor = min(at + 1, len(text))
+            at = self.cursor
+            self.text, self.cursor = self.text[:at] + key + self.text[at:], at + 1
+            return True
+        text, at = self.text, self.cursor
+        if key in (BACKSPACE, DELETE, LEFT, RIGHT):
+            bounds, i = self._clusters()
+            at = bounds[i]
+            before, after = bounds[max(i - 1, 0)], bounds[min(i + 1, len(bounds) - 1)]
+            if key == BACKSPACE:
+                self.text, self.cursor = text[:before] + text[at:], before
+            elif key == DELETE:
+                self.text = text[:at] + text[after:]
+            else:
+                self.cursor = before if key == LEFT else after
         elif key == HOME:
             self.cursor = 0
         elif key == END:
@@ -165,6 +188,20 @@ class LineEditor:
         elif key in (UP, DOWN):
             self._recall(-1 if key == UP else 1)
         return True
+
+    def _clusters(self) -> tuple[list[int], int]:
+        """
+        Where the line's grapheme clusters start, and its end: the places for the cursor. A cursor
+        inside a cluster (a joiner typed between two emoji made them one) moves to its end.
+
+        @return: those places, and the cursor's among them.
+        """
+        bounds = [0]
+        for cluster in iter_graphemes(self.text):
+            bounds.append(bounds[-1] + len(cluster))
+        i = bisect_left(bounds, self.cursor)
+        self.cursor = bounds[i]
+        return bounds, i
 
     def _recall(self, step: int) -> None:
         at = self._at + step
@@ -189,25 +226,26 @@ class LineEditor:
 
     def view(self, columns: int) -> tuple[int, int, int]:
         """
-        What to show of the line in C{columns} columns: C{text[start:end]}, with the cursor at the
-        returned column from its start. The last column is left free, for the cursor at the end of a
-        full line.
+        What to show of the line in C{columns} columns: C{text[start:end]}, whole clusters, with the
+        cursor at the returned column from its start. The last column is left free, for the cursor
+        at the end of a full line.
 
         @return: C{(start, end, column)}
         """
         room = max(columns - 1, 1)
-        widths = [_char_width(c) for c in self.text]
-        start, before = 0, sum(widths[: self.cursor])
-        # Scroll until the cursor is in view: on its character, or on the free column past the end.
-        if self.cursor < len(widths):
-            need, fits = widths[self.cursor], room
+        bounds, cursor = self._clusters()
+        widths = [_cluster_width(self.text[a:b]) for a, b in pairwise(bounds)]
+        start, before = 0, sum(widths[:cursor])
+        # Scroll until the cursor is in view: on its cluster, or on the free column past the end.
+        if cursor < len(widths):
+            need, fits = widths[cursor], room
         else:
             need, fits = 1, room + 1
-        while before + need > fits and start < self.cursor:
+        while before + need > fits and start < cursor:
             before -= widths[start]
             start += 1
         end, used = start, 0
         while end < len(widths) and used + widths[end] <= room:
             used += widths[end]
             end += 1
-        return start, end, before
+        return bounds[start], bounds[end], before
