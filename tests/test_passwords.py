@@ -21,6 +21,22 @@ class HashTests(SynchronousTestCase):
         self.assertNotEqual(stored, hash_password("correct horse", n=2**4))
         self.assertFalse(verify_password("correct horse", "other" + stored[len("scrypt"):]))  # another scheme
 
+    def test_composed_or_decomposed(self):
+        """A password with accents verifies however its letters were encoded when typed: composed
+        (U+00E9) or decomposed (e and U+0301), as two systems may send it. A hash made before
+        passwords were normalized still verifies the password as it was typed then."""
+        composed, decomposed = "caf\u00e9 cr\u00e8me", "cafe\u0301 cre\u0300me"
+        for typed in (composed, decomposed):
+            stored = hash_password(typed, n=2**4)
+            self.assertTrue(verify_password(composed, stored))
+            self.assertTrue(verify_password(decomposed, stored))
+            self.assertFalse(verify_password("cafe creme", stored))
+        before_normalizing = self.patch(passwords, "_normalized", lambda password: password)
+        legacy = hash_password(decomposed, n=2**4)
+        before_normalizing.restore()
+        self.assertTrue(verify_password(decomposed, legacy))
+        self.assertFalse(verify_password(composed, legacy))  # as before
+
     def test_malformed_hash(self):
         """A malformed stored hash is a mismatch, not an exception."""
         for bad in ["", "scrypt$1$2", "md5$16$8$1$AA==$AA==", "scrypt$x$8$1$AA==$AA=="]:

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import threading
+import unicodedata
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -24,17 +25,29 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+def _normalized(password: str) -> str:
+    # One password typed on two systems may come composed (U+00E9) on one and decomposed (e and
+    # U+0301) on the other: both are hashed and checked as NFC, as RFC 8265 does for passwords.
+    return unicodedata.normalize("NFC", password)
+
+
 def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
     """Return C{scrypt$n$r$p$salt$key}; blocking, call it in a thread."""
     salt = os.urandom(_SALT_BYTES)
     key = hashlib.scrypt(
-        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r, dklen=_KEY_BYTES
+        _normalized(password).encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r, dklen=_KEY_BYTES
     )
     return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(key)}"
 
 
 def verify_password(password: str, stored: str) -> bool:
     """Check C{password} against a L{hash_password} string; blocking. A malformed hash is a mismatch."""
+    normalized = _normalized(password)
+    # Hashes made before passwords were normalized are of the password exactly as it was typed.
+    return _matches(normalized, stored) or (normalized != password and _matches(password, stored))
+
+
+def _matches(password: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt, key = stored.split("$")
         if scheme != "scrypt":
