@@ -59,9 +59,16 @@ class Directory:
         self.started = self.stopped = 0
         self.connected = True
         self.message_rate: tuple[float, int] | None = None  # from a hello: none here unless a test says
+        self.paused = False  # the messenger has too many events in hand: not read
 
     def start(self) -> None:
         self.started += 1
+
+    def pause_events(self) -> None:
+        self.paused = True
+
+    def resume_events(self) -> None:
+        self.paused = False
 
     def stop(self) -> Deferred[None]:
         self.stopped += 1
@@ -1054,6 +1061,25 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.directory.acked, [5])
         self.assertEqual(link.sent, [{"type": "ack", "msg_ids": ["c1"]}])
         self.successResultOf(handled)
+
+    def test_server_past_its_window_not_read(self) -> None:
+        """A server that sends more than its window while nothing can be stored (the output not
+        read) stops being read past MAX_INCOMING characters of envelopes in hand, and is read
+        again once half of them are stored: a broken or compromised server cannot fill the peer's
+        memory, and nothing is lost."""
+        size = len(self.seal_from(self.bob, "m0", {"kind": "msg", "text": "0", "sent_at": 1.0}))
+        self.patch(messenger_module, "MAX_INCOMING", 3 * size + size // 2)  # signatures vary by a few bytes
+        self.start()
+        self.view.output = Deferred()
+        for n in range(4):
+            self.deliver(n + 1, self.bob, f"m{n}", {"kind": "msg", "text": str(n), "sent_at": 1.0})
+            self.assertEqual(self.directory.paused, n == 3, n)
+        self.view.output.callback(None)
+        self.view.output = None
+        self.assertFalse(self.directory.paused)
+        self.assertEqual(self.view.messages(), [("bob", str(n)) for n in range(4)])
+        self.assertEqual(self.directory.acked, [1, 2, 3, 4])
+        self.assertEqual(self.messenger._incoming_chars, 0)
 
     def test_late_message_says_when(self) -> None:
         """A message shown more than LATE seconds after it was written (kept by the server while

@@ -92,6 +92,10 @@ BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: o
 # again, and keeping all of them would let anyone broadcasting fill this peer's memory.
 MAX_BROADCASTS_WAITING = 256
 UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, this long after the first
+# Envelope characters from the server in hand (not stored yet), past which the server link stops
+# reading until half of them are stored. The server sends at most its window (1 MiB) unacknowledged;
+# a server that does not keep to it (compromised, or broken) would otherwise fill this peer's memory.
+MAX_INCOMING = 4 << 20
 
 # Server refusals that no retry will change: the message is marked failed.
 _PERMANENT = {Code.UNKNOWN_USER, Code.BLOCKED_BY_USER, Code.SELF, Code.BAD_REQUEST, Code.INVALID_USERNAME}
@@ -131,6 +135,8 @@ class ServerLinkLike(Protocol):
     def start(self) -> None: ...
     def stop(self) -> Deferred[None]: ...
     def request(self, op: str, **args: Any) -> Deferred[dict[str, Any]]: ...
+    def pause_events(self) -> None: ...  # stop reading the connection (TCP holds the rest back)
+    def resume_events(self) -> None: ...
 
 
 class LinkLike(Protocol):
@@ -242,6 +248,7 @@ class Messenger:
         self._again: set[str] = set()
         self._idle_waiters: list[Deferred[None]] = []
         self._incoming: list[dict[str, Any]] = []
+        self._incoming_chars = 0  # of the envelopes in _incoming and in the batch being stored
         self._draining = False
         self._drained_waiters: list[Deferred[None]] = []
         self._incoming_lock = DeferredLock()
@@ -674,6 +681,9 @@ class Messenger:
 
     def _event_envelope(self, fields: dict[str, Any]) -> None:
         self._incoming.append(fields)
+        self._incoming_chars += _envelope_chars(fields)
+        if self._incoming_chars > MAX_INCOMING:
+            self._server.pause_events()
         if not self._draining:
             Deferred.fromCoroutine(self._drain()).addErrback(lambda f: log.failure("incoming", f))
 
@@ -692,6 +702,9 @@ class Messenger:
                     except Exception:
                         log.failure("envelope {seq} not stored; the server will send it again", seq=fields.get("seq"))
                         done = False
+                    self._incoming_chars -= _envelope_chars(fields)
+                    if self._incoming_chars <= MAX_INCOMING // 2:
+                        self._server.resume_events()
                     if done and isinstance(fields.get("seq"), int):
                         seqs.append(fields["seq"])
                 # Receipts go out without waiting for their answers: the server answers a send
@@ -1491,6 +1504,11 @@ def _unicode(text: str) -> bool:
 
 def _valid_text(text: Any) -> bool:
     return isinstance(text, str) and 0 < len(text) <= MAX_TEXT and _unicode(text)
+
+
+def _envelope_chars(fields: dict[str, Any]) -> int:
+    envelope = fields.get("envelope")
+    return len(envelope) if isinstance(envelope, str) else 0
 
 
 def _valid_id(msg_id: Any) -> bool:

@@ -66,6 +66,7 @@ class ServerProtocol(LineOnlyReceiver):
         self._hello: Deferred[dict[str, Any]] = Deferred()
         self._pinger: LoopingCall | None = None
         self.refusal: str | None = None  # why the server said bye before hello, if it did
+        self.reading_paused = False  # by ServerLink.pause_events
 
     def connectionMade(self) -> None:
         self._link._connection_made(self)
@@ -218,6 +219,21 @@ class ServerLink:
             if delay > 0:
                 return deferLater(self.clock, delay, self._request, op, args)
         return self._request(op, args)
+
+    def pause_events(self) -> None:
+        """Stop reading from the server (its events, and replies too) until L{resume_events}: the
+        handler has too many of its events in hand. TCP holds the rest back at the server. A new
+        connection starts reading."""
+        protocol = self._protocol
+        if protocol is not None and not protocol.reading_paused:
+            protocol.reading_paused = True
+            protocol.transport.pauseProducing()
+
+    def resume_events(self) -> None:
+        protocol = self._protocol
+        if protocol is not None and protocol.reading_paused:
+            protocol.reading_paused = False
+            protocol.transport.resumeProducing()
 
     def _request(self, op: str, args: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if self._protocol is None:
