@@ -33,6 +33,7 @@ class Code:
     WEAK_PASSWORD = "weak_password"
     INVALID_KEY = "invalid_key"
     USERNAME_TAKEN = "username_taken"
+    USERNAME_TAKEN_IN_OTHER_CASE = "username_taken_in_other_case"
     REGISTRATION_CLOSED = "registration_closed"
     BAD_CREDENTIALS = "bad_credentials"
     TOO_MANY_ATTEMPTS = "too_many_attempts"

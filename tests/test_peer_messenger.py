@@ -381,6 +381,18 @@ class LoginTests(MessengerTestCase):
         self.start()
         self.assertEqual(self.directory.ops()[0], "login")
 
+    def test_name_taken_in_other_case_exits(self) -> None:
+        """A name that is another user's but for case is not tried as a login (which could only say
+        "wrong password"): the peer says whose it is and exits."""
+        message = "the name 'alice' is taken, as 'Alice': names that differ only in case are one name"
+        self.directory.answers["register"] = RequestError("username_taken_in_other_case", message)
+        self.start(login=False)
+        self.successResultOf(self.messenger.server_connected())
+        self.assertEqual(self.directory.ops(), ["register"])
+        self.assertEqual(self.view.events("login_failed"),
+                         [{"user": "alice", "code": "username_taken_in_other_case", "message": message}])
+        self.assertEqual(self.successResultOf(self.finished), 1)
+
     def test_registration_password_typed_twice(self) -> None:
         """On a terminal the password is typed a second time before the account is made with it
         (a typo would lock the user out); two that differ are said, and both are asked again."""

@@ -22,7 +22,7 @@ from p2pchat.discovery import directory as directory_module
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
 from p2pchat.discovery.session import MAX_UNANSWERED, WRITE_BATCH, Session
-from p2pchat.discovery.store.base import StoreError
+from p2pchat.discovery.store.base import Account, StoreError
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.wire import (
     RATE_LIMITED_OPS,
@@ -297,6 +297,65 @@ class AccountTests(TestCase):
         self.assertEqual(await c.refused("register", username="alice", password=PASSWORD, fingerprint=fp,
                                          envelope_key=ek), "username_taken")
         self.assertNotIn("bob", h.directory.accounts)
+
+    @harness_test()
+    async def test_names_differing_only_in_case_are_one(self, h):
+        """Once alice exists, nobody registers Alice or ALICE to pass for her (nor imports one), also
+        while alice's account is being written, and after a restart."""
+        await h.user("alice")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        fp, ek = fake_keys()
+        for name in ("Alice", "ALICE"):
+            reply = await c.request("register", username=name, password=PASSWORD, fingerprint=fp, envelope_key=ek)
+            self.assertEqual((reply.code, reply.message), (
+                "username_taken_in_other_case",
+                f"the name {name!r} is taken, as 'alice': names that differ only in case are one name",
+            ))
+        self.assertEqual(await h.directory.import_credentials(["ALICE some*password", "Bob some*password"]), (1, 0, 1))
+        self.assertEqual(await c.refused("register", username="bob", password=PASSWORD, fingerprint=fp,
+                                         envelope_key=ek), "username_taken_in_other_case")
+        # While carol's account is being written, Carol is refused already.
+        writing, written = Deferred(), Deferred()
+        create = h.store.create_account
+
+        def held_create(account):
+            writing.callback(None)
+            return written.addCallback(lambda _: create(account))
+
+        self.patch(h.store, "create_account", held_create)
+        first = c.request("register", username="carol", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        await with_timeout(writing, TIMEOUT, "carol's account being written")
+        second = h.connect()
+        await second.ok("hello", protocol=1)
+        self.assertEqual(await second.refused("register", username="Carol", password=PASSWORD, fingerprint=fp,
+                                              envelope_key=ek), "username_taken_in_other_case")
+        written.callback(None)
+        self.assertTrue((await first).ok)
+        self.assertEqual(sorted(h.directory.accounts), ["Bob", "alice", "carol"])
+        # A name whose account could not be written is free again.
+        self.patch(h.store, "create_account", lambda account: fail(StoreError("disk full")))
+        self.assertEqual(await c.refused("register", username="dave", password=PASSWORD, fingerprint=fp,
+                                         envelope_key=ek), "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 1)
+        self.patch(h.store, "create_account", create)
+        await c.ok("register", username="Dave", password=PASSWORD, fingerprint=fp, envelope_key=ek)
+        await h.store.stop()
+        h = await Harness(self).start_on(h.path)
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        self.assertEqual(await c.refused("register", username="CAROL", password=PASSWORD, fingerprint=fp,
+                                         envelope_key=ek), "username_taken_in_other_case")
+        # Of two accounts made before names were compared so, each is taken as itself (a peer then
+        # logs in): neither is refused as the other's.
+        await h.store.create_account(Account("carOL", "x", None, None, 0.0))
+        await h.store.stop()
+        h = await Harness(self).start_on(h.path)
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        for name in ("carol", "carOL"):
+            self.assertEqual(await c.refused("register", username=name, password=PASSWORD, fingerprint=fp,
+                                             envelope_key=ek), "username_taken", name)
 
     @harness_test(open_registration=False)
     async def test_registration_closed(self, h):

@@ -254,6 +254,9 @@ class Directory:
         self.limits = limits
         self.hasher = hasher
         self.accounts: dict[str, Account] = {}
+        # Names taken, lowercased: "Alice" beside "alice" would pass for her. (Names that differ
+        # only in case from accounts made before this check stay as they are.)
+        self._names: dict[str, str] = {}
         self.online: dict[str, Member] = {}
         self.last_seen: dict[str, float] = {}
         self._blocking: dict[str, set[str]] = {}  # blocker -> users they block
@@ -282,6 +285,7 @@ class Directory:
 
     def load(self, snapshot) -> None:
         self.accounts = dict(snapshot.accounts)
+        self._names = {username.lower(): username for username in self.accounts}
         self.last_seen = dict(snapshot.last_seen)
         self._mailbox = dict(snapshot.mailbox_counts)
         self._next_seq = snapshot.last_seq + 1
@@ -318,11 +322,43 @@ class Directory:
             if username in self.accounts:
                 existing += 1
                 continue
+            taken = self._names.get(username.lower())
+            if taken is not None:
+                log.warn(  # noqa: G010 - twisted.logger
+                    "credentials line {number}: {username} is the account {taken} but for case; skipped",
+                    number=number, username=username, taken=taken,
+                )
+                skipped += 1
+                continue
             account = Account(username, await self.hasher.hash(password), None, None, self.clock.seconds())
-            await self.store.create_account(account)
-            self.accounts[username] = account
+            await self._create_account(account)
             imported += 1
         return imported, existing, skipped
+
+    def _check_name_free(self, username: str) -> None:
+        taken = self._names.get(username.lower())
+        if taken == username or username in self.accounts:  # (accounts made before may differ in case)
+            raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken")
+        if taken is not None:
+            raise Refusal(
+                Code.USERNAME_TAKEN_IN_OTHER_CASE,
+                f"the name {username!r} is taken, as {taken!r}: names that differ only in case are one name",
+            )
+
+    async def _create_account(self, account: Account) -> None:
+        """Store a new account, its name taken meanwhile (in any case): two registrations of a name
+        spelled in two cases cannot both pass while the first is written.
+
+        @raise UsernameTaken: the store has that name already.
+        """
+        folded = account.username.lower()
+        self._names[folded] = account.username
+        try:
+            await self.store.create_account(account)
+        except BaseException:
+            del self._names[folded]
+            raise
+        self.accounts[account.username] = account
 
     # -- relationships -------------------------------------------------------------
 
@@ -375,17 +411,14 @@ class Directory:
         if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
             raise Refusal(Code.WEAK_PASSWORD, PASSWORD_RULE)
         self._check_keys(fingerprint, envelope_key)
-        if username in self.accounts:
-            raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken")
+        self._check_name_free(username)
         self._check_password_rate(host)
         account = Account(username, await self.hasher.hash(password), fingerprint, envelope_key, self.clock.seconds())
-        if username in self.accounts:  # registered by someone else while we hashed
-            raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken")
+        self._check_name_free(username)  # registered by someone else while we hashed
         try:
-            await self.store.create_account(account)
+            await self._create_account(account)
         except UsernameTaken:
             raise Refusal(Code.USERNAME_TAKEN, f"the name {username!r} is taken") from None
-        self.accounts[username] = account
         log.info("registered {username}", username=username)
         # A session token for the new account, so that its first login is a resume: the password
         # was hashed just now, and a login would hash it again.
