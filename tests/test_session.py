@@ -907,6 +907,21 @@ class BlockTests(TestCase):
         self.assertEqual((await alice.ok("blocks"))["users"], [])
 
     @harness_test()
+    async def test_pipelined_blocks_take_effect_in_order(self, h):
+        """A client writing block, blocks, unblock, blocks without waiting for the answers gets
+        them as if it had waited: each takes effect before the next is handled (a block waits
+        for the store)."""
+        alice = await h.user("alice")
+        await h.user("bob")
+        replies = [alice.request("block", user="bob"), alice.request("blocks"),
+                   alice.request("unblock", user="bob"), alice.request("blocks")]
+        replies = [await reply for reply in replies]
+        self.assertEqual([(r.ok, r.result or r.code) for r in replies],
+                         [(True, {"user": "bob"}), (True, {"users": ["bob"]}),
+                          (True, {"user": "bob"}), (True, {"users": []})])
+        self.assertFalse(h.directory.blocks("alice", "bob"))
+
+    @harness_test()
     async def test_blocked_cannot_reach(self, h):
         """The blocked user cannot send to, look up or fetch keys of the blocker; never told otherwise."""
         alice = await h.user("alice")

@@ -26,8 +26,9 @@ from p2pchat.wire import (
 
 log = Logger()
 
-# Requests that change who this connection is: later requests wait until they are answered.
-_BARRIERS = frozenset({"hello", "register", "login", "resume", "logout"})
+# Requests that change who this connection is, or whom it blocks (once stored): later requests
+# wait until they are answered, so that they see the change (a pipelined unblock finds the block).
+_BARRIERS = frozenset({"hello", "register", "login", "resume", "logout", "block", "unblock"})
 _BEFORE_LOGIN = frozenset({"hello", "register", "login", "resume", "ping"})
 # Requests that do not count as the user doing something (idle timeout).
 _NOT_ACTIVITY = frozenset({"ping", "ack"})

@@ -234,7 +234,6 @@ _BYE = {
     "replaced": "you logged in from somewhere else, so this peer is now offline; /online takes over again",
     "shutdown": "the server is shutting down; reconnecting when it is back",
     "keepalive_timeout": "the server stopped hearing from this peer; reconnecting",
-    "slow_consumer": "the server dropped this peer for reading too slowly; reconnecting",
 }
 
 _EVENTS: dict[str, Callable[..., str]] = {
