@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial import unittest
@@ -21,6 +24,35 @@ from p2pchat.peer.links import (
     Link,
     Links,
 )
+
+from .support import TIMEOUT, subprocess_env, with_timeout
+
+# Run in a network namespace of its own (only its loopback exists there): a peer listening on every
+# address, as it does by default, is then reached over IPv4 and IPv6 loopback and nothing else.
+_EVERY_ADDRESS = """
+import socket, subprocess, sys
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from p2pchat import crypto
+from p2pchat.peer.links import Links
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["sysctl", "-q", "-w", "net.ipv6.bindv6only=" + sys.argv[1]], check=True)
+
+class Handler:
+    def refuse_fingerprint(self, fingerprint):
+        return True
+
+async def main():
+    links = Links(reactor, crypto.generate_identity("bob"), "bob", Handler())
+    port = await links.listen()
+    reached = [host for host in ("127.0.0.1", "::1") if socket.create_connection((host, port), 5).close() is None]
+    print(" ".join(reached), "on", len(links._listening), "sockets")
+    await links.stop_listening()
+
+reactor.callWhenRunning(lambda: ensureDeferred(main()).addErrback(print).addBoth(lambda _: reactor.stop()))
+reactor.run()
+"""
 
 
 class Peer:
@@ -303,3 +335,28 @@ class LoopbackTests(unittest.TestCase):
             await alice.links.connect("bob", "127.0.0.1", port, "0" * 64).addTimeout(10, reactor)
         self.assertIsNone(alice.links.get("bob"))
         self.assertEqual(bob.up, [])
+
+
+class EveryAddressTests(unittest.TestCase):
+    """Without --interface a peer listens on IPv6 and IPv4: the server gives it out by the address it
+    came from, so one that reached the server over IPv6 is dialled over IPv6."""
+
+    async def reached(self, bindv6only: int) -> str:
+        if shutil.which("unshare") is None or shutil.which("ip") is None:
+            raise unittest.SkipTest("needs unshare and ip to make a network namespace")
+        out, err, code = await with_timeout(getProcessOutputAndValue(
+            "unshare", ["-n", sys.executable, "-c", _EVERY_ADDRESS, str(bindv6only)], env=subprocess_env(),
+            reactor=reactor,
+        ), TIMEOUT, "a peer listening in a network namespace")
+        if code != 0 and b"unshare" in err:
+            raise unittest.SkipTest(f"cannot make a network namespace here: {err.decode(errors='replace').strip()}")
+        self.assertEqual(code, 0, err.decode(errors="replace"))
+        return out.decode().splitlines()[0]
+
+    async def test_dual_stack(self) -> None:
+        """Where IPv6 sockets take IPv4 too (Linux's default), one socket on :: takes both."""
+        self.assertEqual(await self.reached(0), "127.0.0.1 ::1 on 1 sockets")
+
+    async def test_ipv6_only_sockets(self) -> None:
+        """Where they do not (net.ipv6.bindv6only=1, BSDs), an IPv4 socket on the same port beside it."""
+        self.assertEqual(await self.reached(1), "127.0.0.1 ::1 on 2 sockets")

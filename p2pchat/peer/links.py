@@ -5,11 +5,13 @@ on before that."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -218,7 +220,7 @@ class Links:
         self._interface = interface
         self._port_number = port
         self._connect_timeout = connect_timeout
-        self._listening: IListeningPort | None = None
+        self._listening: list[IListeningPort] = []
         self._links: dict[str, list[Link]] = {}
         self._unverified = 0  # incoming connections not verified yet
         self._refusing = False  # told the log that MAX_UNVERIFIED was reached
@@ -235,20 +237,39 @@ class Links:
         """Start listening; fires with the port number (the same one again after a restart)."""
 
         def start() -> int:
-            if self._listening is None:
-                self._listening = self._reactor.listenTCP(
-                    self._port_number, self.listening_factory(), interface=self._interface
-                )
-                self._port_number = self._listening.getHost().port
+            if not self._listening:
+                self._listening = self._listen_everywhere() if not self._interface else [self._listen(self._interface)]
+                self._port_number = self._listening[0].getHost().port
             return self._port_number
 
         return maybeDeferred(start)
 
+    def _listen(self, interface: str, port: int | None = None) -> IListeningPort:
+        port = self._port_number if port is None else port
+        return self._reactor.listenTCP(port, self.listening_factory(), interface=interface)
+
+    def _listen_everywhere(self) -> list[IListeningPort]:
+        """
+        Listen on every address, IPv6 and IPv4: the server gives a peer out by the address it came
+        from, an IPv6 one when it reached the server over IPv6. IPv4 alone where there is no IPv6.
+        """
+        try:
+            ipv6 = self._listen("::")
+        except CannotListenError:  # no IPv6 here (or the port is taken: IPv4 then says so)
+            return [self._listen("0.0.0.0")]
+        listening = [ipv6]
+        if ipv6.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            # A system whose IPv6 sockets take no IPv4 (net.ipv6.bindv6only, BSDs): IPv4 beside it.
+            try:
+                listening.append(self._listen("0.0.0.0", ipv6.getHost().port))
+            except CannotListenError:
+                ipv6.stopListening()
+                raise
+        return listening
+
     def stop_listening(self) -> Deferred[None]:
-        listening, self._listening = self._listening, None
-        if listening is None:
-            return succeed(None)
-        return maybeDeferred(listening.stopListening)
+        listening, self._listening = self._listening, []
+        return gatherResults([maybeDeferred(port.stopListening) for port in listening]).addCallback(lambda _: None)
 
     def connect(self, user: str, host: str, port: int, fingerprint: str) -> Deferred[Link]:
         """Open a link to C{user}, whose key must have C{fingerprint}; fires once it is open."""
