@@ -14,6 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -380,6 +386,56 @@ class _Encoded:
 def _sealed_with(sign, spki: bytes) -> str:
     """An envelope from alice to bob whose sender key is C{spki}, signed by C{sign}."""
     return seal(SimpleNamespace(private_key=_Encoded(sign, spki)), "alice", "bob", BOB_KEY.public_b64, "m1", b"hi")
+
+
+class ProtocolLayoutTests(SynchronousTestCase):
+    """An envelope as PROTOCOL.md spells it out, made and opened here with the primitives alone:
+    what a client of one's own would write from the document works with the peer's code."""
+
+    @staticmethod
+    def _lp(*fields: bytes) -> bytes:
+        return b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+    def _key(self, shared: bytes, ephemeral: bytes, recipient_raw: bytes) -> bytes:
+        return HKDF(hashes.SHA256(), 32, None, b"p2pchat envelope v1 key" + ephemeral + recipient_raw).derive(shared)
+
+    def test_sealed_from_the_document_opens(self):
+        bound = self._lp(b"alice", b"bob", b"m1")
+        spki = ALICE.private_key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        ephemeral_key = X25519PrivateKey.generate()
+        ephemeral = ephemeral_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        recipient = BOB_KEY.private_key.public_key()
+        recipient_raw = recipient.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        nonce = os.urandom(12)
+        key = self._key(ephemeral_key.exchange(recipient), ephemeral, recipient_raw)
+        ciphertext = ChaCha20Poly1305(key).encrypt(nonce, b'{"kind":"msg"}', b"p2pchat envelope v1 aad" + bound + self._lp(spki))
+        signature = ALICE.private_key.sign(
+            b"p2pchat envelope v1 signature" + bound + self._lp(spki, ephemeral, nonce, ciphertext), ec.ECDSA(hashes.SHA256())
+        )
+        envelope = base64.urlsafe_b64encode(b"\x01" + self._lp(spki, ephemeral, nonce, ciphertext, signature)).rstrip(b"=")
+        self.assertEqual(open_sealed(envelope.decode(), BOB_KEY, "alice", "bob", "m1", ALICE.fingerprint),
+                         (b'{"kind":"msg"}', ALICE.fingerprint))
+
+    def test_sealed_by_the_peer_opens_by_the_document(self):
+        blob = base64.urlsafe_b64decode(SEALED + "=" * (-len(SEALED) % 4))
+        self.assertEqual(blob[0], 1)
+        fields, at = [], 1
+        while at < len(blob):
+            length = int.from_bytes(blob[at:at + 4], "big")
+            fields.append(blob[at + 4:at + 4 + length])
+            at += 4 + length
+        spki, ephemeral, nonce, ciphertext, signature = fields
+        bound = self._lp(b"alice", b"bob", b"m1")
+        load_der_public_key(spki).verify(
+            signature, b"p2pchat envelope v1 signature" + bound + self._lp(spki, ephemeral, nonce, ciphertext),
+            ec.ECDSA(hashes.SHA256()),
+        )
+        recipient_raw = BOB_KEY.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        shared = BOB_KEY.private_key.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+        plaintext = ChaCha20Poly1305(self._key(shared, ephemeral, recipient_raw)).decrypt(
+            nonce, ciphertext, b"p2pchat envelope v1 aad" + bound + self._lp(spki)
+        )
+        self.assertEqual(plaintext, b"hello bob")
 
 
 class OpenRefusalTests(SynchronousTestCase):
