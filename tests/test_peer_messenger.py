@@ -202,6 +202,10 @@ class FakeLinks:
     def get(self, user: str) -> FakeLink | None:
         return self.open.get(user)
 
+    def session_link(self, user: str) -> FakeLink | None:
+        link = self.open.get(user)
+        return link if link is not None and link.session else None
+
     def close(self, user: str) -> None:
         link = self.open.get(user)
         if link is not None:
@@ -1793,6 +1797,22 @@ class PrivateTests(MessengerTestCase):
         self.assertTrue(link.closed)
         self.assertEqual(self.command_error("stop_private", "bob").code, "no_private_session")
         self.assertEqual(self.directory.sent, [])
+
+    def test_a_link_is_no_session(self) -> None:
+        """A link that /msg opened is no private session: /private and /stopprivate are refused
+        until one side starts one, and after it stops."""
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.start()
+        self.command("send", "bob", "hi")
+        link = self.links.open["bob"]
+        self.assertEqual(self.command_error("private", "bob", "psst").code, "no_private_session")
+        self.assertEqual(self.command_error("stop_private", "bob").code, "no_private_session")
+        self.messenger.link_frame(link, {"type": "session", "state": "start"})  # bob started one
+        self.command("private", "bob", "psst")
+        self.assertEqual((link.sent[-1]["text"], link.sent[-1]["private"]), ("psst", True))
+        self.messenger.link_frame(link, {"type": "session", "state": "stop"})
+        self.assertEqual(self.command_error("private", "bob", "psst").code, "no_private_session")
 
     def test_start_errors(self) -> None:
         """startprivate names the reason: offline, unknown, blocked you, unreachable, yourself."""

@@ -286,6 +286,10 @@ class Links:
         links = self._links.get(user)
         return links[-1] if links else None
 
+    def session_link(self, user: str) -> Link | None:
+        """C{user}'s newest link in a private session (/startprivate, from either side), if any."""
+        return next((link for link in reversed(self._links.get(user, ())) if link.session), None)
+
     def close(self, user: str) -> None:
         for link in list(self._links.get(user, ())):
             link.close()

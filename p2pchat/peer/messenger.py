@@ -153,6 +153,7 @@ class LinksLike(Protocol):
     def stop_listening(self) -> Deferred[None]: ...
     def connect(self, user: str, host: str, port: int, fingerprint: str) -> Deferred[LinkLike]: ...
     def get(self, user: str) -> LinkLike | None: ...
+    def session_link(self, user: str) -> LinkLike | None: ...
     def close(self, user: str) -> None: ...
     def close_all(self) -> None: ...
 
@@ -1313,14 +1314,14 @@ class Messenger:
         """/private: a message that only ever travels over the direct link."""
         self._check_peer(user)
         self._check_text(text)
-        if self._links.get(user) is None:
+        if self._links.session_link(user) is None:  # a link /msg opened is no private session
             raise CommandError("no_private_session", user=user)
         await self._history.add_outgoing(user, _new_msg_id(), text, True, self._clock.seconds())
         self._kick(user)
 
     async def stop_private(self, user: str) -> None:
         self._check_peer(user)
-        link = self._links.get(user)
+        link = self._links.session_link(user)
         if link is None:
             raise CommandError("no_private_session", user=user)
         link.send({"type": "session", "state": "stop"})
