@@ -297,6 +297,16 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.receive(HELLO)
         self.assertEqual(self.sent()[0]["op"], "hello")
 
+    def test_request_while_the_loss_is_told(self) -> None:
+        """A request made by what a failed request's errback runs (a logout waiting for the outbox)
+        fails at once: it is not written to the dead connection to wait for its timeout."""
+        self.connect()
+        later: list[Deferred[dict[str, Any]]] = []
+        self.link.request("who").addErrback(lambda f: later.append(self.link.request("logout")))
+        self.endpoint.lose()
+        self.failureResultOf(later[0], NotConnected)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 2.0)  # only the reconnection waits
+
     def test_unreachable_reported_once_then_retried(self) -> None:
         """A server that cannot be reached is reported once per outage; retries back off until it answers."""
         self.endpoint.refuse = True

@@ -67,6 +67,7 @@ class ServerProtocol(LineOnlyReceiver):
         self._pinger: LoopingCall | None = None
         self.refusal: str | None = None  # why the server said bye before hello, if it did
         self.reading_paused = False  # by ServerLink.pause_events
+        self._lost = False
 
     def connectionMade(self) -> None:
         self._link._connection_made(self)
@@ -102,6 +103,8 @@ class ServerProtocol(LineOnlyReceiver):
         Send one request; fires with its result, fails with L{RequestError} or L{NotConnected}.
         A request unanswered after C{timeout} seconds means a dead connection: it is dropped.
         """
+        if self._lost:  # asked while the loss is being told (from a failed request's errback)
+            return fail(NotConnected("the connection to the server was lost"))
         request_id = self._next_id
         self._next_id += 1
         try:
@@ -132,6 +135,7 @@ class ServerProtocol(LineOnlyReceiver):
         self._pinger.start(interval, now=False)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         replies, self._replies = self._replies, {}
