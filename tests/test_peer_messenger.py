@@ -1729,6 +1729,16 @@ class KeyTests(MessengerTestCase):
         self.assertEqual(len(self.view.events("sending_again")), 1)
         self.assertEqual(self.statuses("bob"), [("before", SENT), ("read", DELIVERED)])
 
+    def test_ids_sent_again_remembered_within_bounds(self) -> None:
+        """A contact naming any ids in unopened notices (real or not, 256 at a time at the message
+        rate) cannot grow what this peer remembers of them without end."""
+        self.patch(messenger_module, "SENT_AGAIN_REMEMBERED", 300)
+        self.start()
+        for n in range(4):
+            self.deliver(n + 1, self.bob, f"u-{n}", {"kind": "unopened", "msg_ids": [f"x{n}-{i}" for i in range(256)]})
+        self.assertEqual(len(self.messenger._sent_again), 300)
+        self.assertIn(("bob", "x3-255"), self.messenger._sent_again)
+
     def test_receipts_for_held_messages_go_after_trust(self) -> None:
         """Messages from a changed key are held without a receipt (the key is not accepted); /trust
         shows them and sends their receipt then, sealed to the new key, not at the next login."""

@@ -87,6 +87,7 @@ OUTBOX_PAGE = 256  # pending messages read from the history at a time
 LINK_WINDOW = 256
 ACK_WAIT = 15.0  # a direct link that acknowledges none of what it carries this long is dead or stuck: dropped
 BROADCASTS_REMEMBERED = 1000  # the last broadcasts shown, by sender and time: one sent again is not shown
+SENT_AGAIN_REMEMBERED = 10000  # the last ids sent again on an unopened notice: each goes again once
 # Broadcasts waiting for the output to go out (a script that does not read its peer's output), at
 # most: past it they are dropped and counted. Unlike a message, nobody keeps a broadcast to send
 # again, and keeping all of them would let anyone broadcasting fill this peer's memory.
@@ -244,7 +245,9 @@ class Messenger:
         self._retry_calls: dict[tuple[str, ...], Any] = {}
         self._unreadable: dict[str, list[str]] = {}
         self._store_failing = False  # the history failed to store a message (and the user was told)
-        self._sent_again: set[tuple[str, str]] = set()  # (user, msg_id) sent again once on their word
+        # (user, msg_id) sent again once on their word, the last SENT_AGAIN_REMEMBERED: a contact
+        # may name any ids in an unopened notice, real or not
+        self._sent_again: dict[tuple[str, str], None] = {}
         self._pumping: set[str] = set()
         self._again: set[str] = set()
         self._idle_waiters: list[Deferred[None]] = []
@@ -878,7 +881,9 @@ class Messenger:
     async def _send_again(self, user: str, msg_ids: list[str], trusted: bool) -> None:
         """C{user}'s peer could not open these (sealed to keys they had before): back to the outbox."""
         fresh = [m for m in msg_ids if (user, m) not in self._sent_again]  # once each: no ping-pong
-        self._sent_again.update((user, m) for m in fresh)
+        self._sent_again.update(dict.fromkeys((user, m) for m in fresh))
+        while len(self._sent_again) > SENT_AGAIN_REMEMBERED:
+            del self._sent_again[next(iter(self._sent_again))]
         count = await self._history.set_status(user, fresh, PENDING, (SENT,))
         if count:
             self._view.show("sending_again", user=user, count=count, trusted=trusted)
