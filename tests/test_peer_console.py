@@ -690,9 +690,13 @@ class TerminalTests(ConsoleTestCase):
 
     def test_ctrl_d_logs_out(self) -> None:
         """Ctrl-D on an empty line ends the session like /logout; a line erased in the same read
-        is gone from the screen too."""
+        is gone from the screen too. No prompt follows: the shell's comes next, on a line of its own."""
         self.console.start_commands()
         self.type(b"/who")
         self.type(b"\x15\x04")
         self.assertEqual(self.messenger.calls, [("logout", ())])
-        self.assertEqual(self.look(), ["alice>", "logging out", "alice>"])
+        self.assertEqual(self.look(), ["alice>", "logging out"])
+        self.assertEqual((self.screen.cursor.x, self.screen.cursor.y), (0, 2))
+        self.console.show("message", user="bob", text="bye", private=False)  # while logging out
+        self.assertEqual(self.look(), ["alice>", "logging out", "bob: bye"])
+        self.assertEqual((self.screen.cursor.x, self.screen.cursor.y), (0, 3))

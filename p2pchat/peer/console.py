@@ -510,7 +510,8 @@ class Console(Protocol):
 
     def _redraw(self) -> None:
         """Put the prompt and the line being typed back on the screen, if they belong there."""
-        if self._terminal and not self._prompt_shown and (
+        # Not once logging out: the process ends, and the shell's prompt would follow ours on its line.
+        if self._terminal and not self._prompt_shown and not self._leaving and (
             self._password_waiter is not None or self._commands_started or self._editor.text
         ):
             self._refresh()
