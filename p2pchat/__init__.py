@@ -11,15 +11,35 @@ def data_home() -> str:
     return os.path.join(base, "p2pchat")
 
 
-def pid_file_in(options, data_dir: str, name: str) -> None:
+def pid_file_in(options, data_dir: str, name: str, running: str) -> None:
     """
     Point twistd's pid file (when left at its default, ./twistd.pid) into C{data_dir}, so that a
-    second process on the same data directory is refused wherever it is started from.
+    second process on the same data directory is refused wherever it is started from: with
+    C{running} (what runs there already) and its process id, rather than twistd's words, which
+    tell the user to give another pid file.
+
+    @raise SystemExit: the process whose pid is in that file runs.
     """
     parent = getattr(options, "parent", None)
     if parent is not None and parent.get("pidfile") == "twistd.pid":
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        parent["pidfile"] = os.path.join(data_dir, name)
+        parent["pidfile"] = path = os.path.join(data_dir, name)
+        pid = _running(path)
+        if pid is not None:
+            raise SystemExit(f"{running} (process {pid})")
+
+
+def _running(pid_file: str) -> int | None:
+    """The process id in C{pid_file}, if that process runs (twistd removes a stale file itself)."""
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except PermissionError:  # someone else's process
+        return pid
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def exit_status_at_exit(status: int) -> None:

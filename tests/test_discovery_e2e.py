@@ -345,7 +345,7 @@ class ServerProcessTests(E2E):
                 await runs[0].output.wait_for("p2pdiscovery listening on")
         code = await with_timeout(runs[1].when_ended(), what="second twistd exit")
         self.assertEqual(code, 1)
-        self.assertIn("Another twistd server is running", "\n".join(runs[1].output.lines))
+        self.assertIn(f"a discovery server is running already on {data_dir} (process ", "\n".join(runs[1].output.lines))
         self.assertTrue(os.path.exists(os.path.join(data_dir, "p2pdiscovery.pid")))
 
     @e2e

@@ -44,6 +44,11 @@ class OptionsTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             ServerOptions().parseOptions(["-n", "p2pdiscovery", "--data-dir", os.path.join(blocker, "d")])
         self.assertIn("--data-dir: ", str(caught.exception))
+        with open(os.path.join(data_dir, "p2pdiscovery.pid"), "w") as f:
+            f.write(str(os.getpid()))  # a server that runs
+        with self.assertRaises(SystemExit) as caught:
+            ServerOptions().parseOptions(["-n", "p2pdiscovery", "--data-dir", data_dir])
+        self.assertEqual(str(caught.exception), f"a discovery server is running already on {data_dir} (process {os.getpid()})")
 
     def test_home_fallback(self):
         """Without XDG_DATA_HOME the data lives under ~/.local/share."""

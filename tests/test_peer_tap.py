@@ -43,10 +43,26 @@ class OptionsTests(unittest.SynchronousTestCase):
         """Without -n twistd would run the peer in the background with no input, where it would log
         in and out at once: refused, saying how to start it, before anything is made."""
         options = ServerOptions()
-        with self.assertRaises(usage.UsageError) as caught:
+        with self.assertRaises(SystemExit) as caught:  # a sentence alone, not under twistd's usage
             options.parseOptions(["p2ppeer", "--user", "alice"])
         self.assertIn("twistd -n p2ppeer", str(caught.exception))
         self.assertFalse(os.path.exists(self.data))
+
+    def test_running_already(self) -> None:
+        """A second peer of one user (its pid file names a process that runs) is refused with a
+        sentence saying so; a pid file left by a process that is gone is twistd's to clean up."""
+        data_dir = self.twistd("p2ppeer", "--user", "alice").subOptions["data-dir"]
+        pid_file = os.path.join(data_dir, "p2ppeer.pid")
+        for stale in ("999999999", "not a pid", ""):
+            with open(pid_file, "w") as f:
+                f.write(stale)
+            self.twistd("p2ppeer", "--user", "alice")
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        with self.assertRaises(SystemExit) as caught:
+            self.twistd("p2ppeer", "--user", "alice")
+        self.assertEqual(str(caught.exception),
+                         f"alice is running already from {data_dir}: one user runs one peer at a time (process {os.getpid()})")
 
     def test_pid_and_log_files_per_user(self) -> None:
         """twistd's pid file and log go into the user's data dir, so peers started in one directory coexist."""

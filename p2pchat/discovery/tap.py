@@ -97,7 +97,7 @@ class Options(usage.Options):
             self["data-dir"] = default_data_dir()
         try:
             # Two servers on one data directory would each keep their own idea of it in memory.
-            pid_file_in(self, self["data-dir"], "p2pdiscovery.pid")
+            pid_file_in(self, self["data-dir"], "p2pdiscovery.pid", f"a discovery server is running already on {self['data-dir']}")
         except OSError as e:
             raise usage.UsageError(f"--data-dir: {e}") from None
         if self["credentials"] is not None and not os.path.isfile(self["credentials"]):

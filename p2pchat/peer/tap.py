@@ -66,7 +66,7 @@ class Options(usage.Options):
         if parent is not None and not parent.get("nodaemon", True):
             # In the background it would have no input: it would log in, read the end of its
             # input and log out at once, leaving nothing running.
-            raise usage.UsageError("the peer is a console program: start it in the foreground, twistd -n p2ppeer ...")
+            raise SystemExit("the peer is a console program: start it in the foreground, twistd -n p2ppeer ...")
         user = self["user"]
         if user is None:
             raise usage.UsageError("--user is required")
@@ -139,7 +139,8 @@ class Options(usage.Options):
     def _adjust_twistd(self, data_dir: str) -> None:
         # twistd's defaults would make two peers started from one directory fight over
         # ./twistd.pid and print log lines into the chat.
-        pid_file_in(self, data_dir, "p2ppeer.pid")
+        running = f"{self['user']} is running already from {data_dir}: one user runs one peer at a time"
+        pid_file_in(self, data_dir, "p2ppeer.pid", running)
         parent = getattr(self, "parent", None)
         if parent is not None and "logfile" in parent and parent["logfile"] is None:
             parent["logfile"] = _log_file["path"] = os.path.join(data_dir, "peer.log")
