@@ -21,7 +21,12 @@ from twisted.trial.unittest import TestCase
 from p2pchat.discovery import directory as directory_module
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
-from p2pchat.discovery.session import MAX_UNANSWERED, WRITE_BATCH, Session
+from p2pchat.discovery.session import (
+    MAILBOX_RETRY,
+    MAX_UNANSWERED,
+    WRITE_BATCH,
+    Session,
+)
 from p2pchat.discovery.store.base import Account, StoreError
 from p2pchat.discovery.store.sqlite import SQLiteStore
 from p2pchat.wire import (
@@ -1217,6 +1222,24 @@ class RelayTests(TestCase):
         await bob.ok("logout")
         await h.user("bob")
         self.assertEqual(reads, ["bob", "bob"])
+
+    @harness_test()
+    async def test_mailbox_read_again_after_a_failure(self, h):
+        """A page of the mailbox the store fails to read is asked for again a little later: what
+        was stored, and what comes meanwhile, still reaches the user on this connection."""
+        alice = await h.user("alice")
+        await (await h.user("bob")).ok("logout")
+        await alice.ok("send", to="bob", msg_id="s1", envelope="e")
+        fetch = h.store.fetch_envelopes
+        self.patch(h.store, "fetch_envelopes", lambda *a: fail(StoreError("disk on fire")))
+        bob = await h.user("bob")
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 1)
+        await alice.ok("send", to="bob", msg_id="s2", envelope="e")
+        self.assertEqual(bob.conn.events("envelope"), [])
+        self.patch(h.store, "fetch_envelopes", fetch)
+        h.clock.advance(MAILBOX_RETRY)
+        await h.settled()
+        self.assertEqual([e.fields["msg_id"] for e in bob.conn.events("envelope")], ["s1", "s2"])
 
     @harness_test()
     async def test_mailbox_waits_for_room(self, h):

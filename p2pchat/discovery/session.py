@@ -40,6 +40,7 @@ WRITE_BATCH = 16 * 1024
 # store (acks, blocks) as fast as its line goes made the server keep every one of them, about
 # 2.5 KiB each: 200 000 acks in a 6 MB burst took it from 71 MB to 585.
 MAX_UNANSWERED = 64
+MAILBOX_RETRY = 5.0  # seconds before a mailbox page the store failed to read is asked for again
 
 
 class Connection(Protocol):
@@ -462,8 +463,18 @@ class Session:
             return
         self._mailbox_fetching = True
         d = self.directory.mailbox_page(self.username, self._mailbox_after, room)
-        d.addCallback(self._mailbox_fetched)
-        d.addErrback(lambda f: log.failure("mailbox of {user}", f, user=self.username))
+        d.addCallbacks(self._mailbox_fetched, self._mailbox_failed)
+
+    def _mailbox_failed(self, failure) -> None:
+        # Until a page comes the session is not live: without another try, nothing more would
+        # reach this user until they reconnected, while their senders heard "delivered".
+        log.failure("reading the mailbox of {user}; trying again in {delay:g} s", failure,
+                    user=self.username, delay=MAILBOX_RETRY)
+        self.clock.callLater(MAILBOX_RETRY, self._retry_mailbox)
+
+    def _retry_mailbox(self) -> None:
+        self._mailbox_fetching = False
+        self._pump_mailbox()
 
     def _mailbox_fetched(self, envelopes: list[StoredEnvelope]) -> None:
         self._mailbox_fetching = False
