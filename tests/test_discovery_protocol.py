@@ -380,6 +380,17 @@ class TLSInMemoryTests(SynchronousTestCase):
         self.assertIn("_into_ssl", renewed)
         self.assertIn("_from_ssl", renewed)
 
+    def test_server_closes_cleanly(self):
+        """A connection the server ends (here: a protocol version it does not speak) is closed
+        over TLS at once, with a close_notify: not left open until CLOSE_TIMEOUT, then reset."""
+        client, _, pump = self.pair(cert_fingerprint(SERVER_IDENTITY.certificate))
+        pump.flush()
+        replies = []
+        client.request("hello", protocol=2).addCallback(replies.append)
+        pump.flush()
+        self.assertEqual([r.code for r in replies], ["unsupported_version"])
+        self.assertTrue(client.lost.called)  # the pump never ran the clock to CLOSE_TIMEOUT
+
     def test_wrong_pin(self):
         """With a wrong pin the handshake fails and the client hears nothing from the server."""
         client, trust, pump = self.pair("0" * 64)

@@ -220,6 +220,9 @@ class DiscoveryProtocol(LineOnlyReceiver):
 
     def close(self) -> None:
         self.flush()
+        # The TLS layer closes (close_notify, then the socket) only once no producer is registered:
+        # without this, every connection the server ends stayed open until CLOSE_TIMEOUT.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         if self._abort_call is None:
             self._abort_call = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
