@@ -967,6 +967,16 @@ class SendTests(MessengerTestCase):
         self.assertEqual(self.statuses("bob"), [("hi", FAILED)])
         self.assertEqual(self.view.events("send_failed")[0]["code"], "blocked_by_user")
 
+    def test_too_long_for_the_server_fails(self) -> None:
+        """A message the server's lines cannot hold (its max_line) is marked failed and said once;
+        the messages after it go."""
+        self.start()
+        self.directory.answers["send"] = [RequestError("line_too_long", "too long for the server")]
+        self.command("send", "bob", "long")
+        self.command("send", "bob", "short")
+        self.assertEqual(self.statuses("bob"), [("long", FAILED), ("short", SENT)])
+        self.assertEqual([e["code"] for e in self.view.events("send_failed")], ["line_too_long"])
+
     def test_failed_direct_not_retried_at_once(self) -> None:
         """After a failed direct connection the next messages go straight through the server for a while."""
         self.directory.online.add("bob")

@@ -248,6 +248,17 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(self.endpoint.transport.disconnecting)
 
+    def test_request_over_the_servers_line_refused_locally(self) -> None:
+        """A request longer than the max_line the server's hello told is not sent (the server would
+        answer line_too_long and close, and the same request would come again after reconnecting)."""
+        self.connect(max_line=1100)
+        error = self.failureResultOf(self.link.request("send", to="bob", msg_id="m1", envelope="x" * 1100), RequestError)
+        self.assertEqual((error.value.code, error.value.message),
+                         ("line_too_long", "too long for the server, which takes at most 1100 bytes a line"))
+        self.assertEqual(self.sent(), [])
+        self.link.request("send", to="bob", msg_id="m1", envelope="x" * 1000)
+        self.assertEqual(len(self.sent()), 1)
+
     def test_unencodable_request_refused_locally(self) -> None:
         """A request too big for a line fails at once and nothing is sent."""
         self.connect()

@@ -99,7 +99,10 @@ UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, t
 MAX_INCOMING = 4 << 20
 
 # Server refusals that no retry will change: the message is marked failed.
-_PERMANENT = {Code.UNKNOWN_USER, Code.BLOCKED_BY_USER, Code.SELF, Code.BAD_REQUEST, Code.INVALID_USERNAME}
+_PERMANENT = {
+    Code.UNKNOWN_USER, Code.BLOCKED_BY_USER, Code.SELF, Code.BAD_REQUEST, Code.INVALID_USERNAME,
+    Code.LINE_TOO_LONG,  # over the max_line its hello told: sent again, it would not fit either
+}
 # Login refusals that pass: too many password attempts from this address (a class behind one
 # router), the server busy hashing passwords, its store failing. The peer waits and tries again.
 _LOGIN_LATER = {Code.RATE_LIMITED, Code.INTERNAL_ERROR}

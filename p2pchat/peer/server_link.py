@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from ..crypto import valid_fingerprint
 from ..tls import ServerPinError
-from ..wire import PROTOCOL_VERSION, RATE_LIMITED_OPS, Event, Reply, WireError, decode_frame, encode_request
+from ..wire import PROTOCOL_VERSION, RATE_LIMITED_OPS, Code, Event, Reply, WireError, decode_frame, encode_request
 
 log = Logger()
 
@@ -67,6 +67,7 @@ class ServerProtocol(LineOnlyReceiver):
         self._pinger: LoopingCall | None = None
         self.refusal: str | None = None  # why the server said bye before hello, if it did
         self.reading_paused = False  # by ServerLink.pause_events
+        self.max_line: int | None = None  # the server's, from its hello: longer requests are not sent
         self._lost = False
 
     def connectionMade(self) -> None:
@@ -111,6 +112,12 @@ class ServerProtocol(LineOnlyReceiver):
             line = encode_request(request_id, op, **args)
         except WireError as e:
             return fail(RequestError(e.code, e.message))
+        if self.max_line is not None and len(line) - 1 > self.max_line:
+            # The server would answer line_too_long and close: sent again after reconnecting, the
+            # same request would go round for ever.
+            return fail(RequestError(
+                Code.LINE_TOO_LONG, f"too long for the server, which takes at most {self.max_line} bytes a line"
+            ))
         waiting: Deferred[dict[str, Any]] = Deferred(lambda _: self._replies.pop(request_id, None))
         self._replies[request_id] = waiting
         self.transport.write(line)
@@ -261,6 +268,9 @@ class ServerLink:
     async def _setup(self, protocol: ServerProtocol) -> None:
         try:
             hello = await protocol.when_hello(self._timeout)
+            max_line = hello.get("max_line")
+            if isinstance(max_line, int) and not isinstance(max_line, bool) and max_line > 0:
+                protocol.max_line = max_line
             await protocol.request("hello", self._timeout, protocol=PROTOCOL_VERSION)
         except (RequestError, NotConnected, TimeoutError) as e:
             log.warn("no session with the server: {e!r}", e=e)
