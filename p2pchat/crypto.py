@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
-from .wire import MAX_BROADCAST_SIGNATURE
+from .wire import MAX_BROADCAST_SIGNATURE, MAX_KEY_SIGNATURE
 
 MAX_PAYLOAD = 40 * 1024
 # In characters; a sealed MAX_PAYLOAD stays below it and fits a protocol line.
@@ -42,6 +42,7 @@ _AAD_LABEL = b"p2pchat envelope v1 aad"
 _SIGNED_LABEL = b"p2pchat envelope v1 signature"
 _HKDF_LABEL = b"p2pchat envelope v1 key"
 _BROADCAST_LABEL = b"p2pchat broadcast v1 signature"
+_KEY_LABEL = b"p2pchat envelope key v1 signature"
 _X25519_LENGTH = 32
 _ENVELOPE_KEY_LENGTH = 43  # unpadded base64 of 32 bytes
 _NONCE_LENGTH = 12
@@ -556,3 +557,36 @@ def open_broadcast(signature: str, sender: str, text: str) -> tuple[float, str]:
     except InvalidSignature:
         raise EnvelopeError(f"the broadcast's signature does not verify: it was altered, or it is not {sender!r}'s") from None
     return sent_at, hashlib.sha256(spki).hexdigest()
+
+
+def sign_envelope_key(identity: Identity, user: str, envelope_key: str) -> str:
+    """
+    C{identity}'s word that C{envelope_key} (unpadded base64url, as published) is C{user}'s
+    envelope key. Published beside it, it lets a peer that knows C{user}'s fingerprint (compared
+    out of band) check the envelope key too: the server that hands both out cannot put a key of
+    its own there, to read what is sealed to it.
+    """
+    spki = _spki(identity.private_key.public_key())
+    signature = identity.private_key.sign(_key_signed(user, envelope_key, CryptoError), ec.ECDSA(hashes.SHA256()))
+    return _b64encode(bytes([_ENVELOPE_VERSION]) + _lp(spki, signature))
+
+
+def check_envelope_key(signature: str, user: str, fingerprint: str, envelope_key: str) -> None:
+    """
+    Check a signature from L{sign_envelope_key}: made by the key with C{fingerprint}, for
+    C{user}'s C{envelope_key}.
+
+    @raise EnvelopeError: for anything else; never any other exception.
+    """
+    spki, signed = _unpack(signature, "key signature", MAX_KEY_SIGNATURE, 2)
+    key = _sender_key(spki)
+    if not hmac.compare_digest(hashlib.sha256(spki).hexdigest().encode("ascii"), _utf8(fingerprint, "fingerprint", EnvelopeError)):
+        raise EnvelopeError("the envelope key is signed by another identity key than the one given with it")
+    try:
+        key.verify(signed, _key_signed(user, envelope_key, EnvelopeError), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise EnvelopeError(f"the envelope key's signature does not verify: it is not {user!r}'s key") from None
+
+
+def _key_signed(user: str, envelope_key: str, error: type[CryptoError]) -> bytes:
+    return _KEY_LABEL + _lp(_utf8(user, "user", error), _utf8(envelope_key, "envelope key", error))

@@ -155,6 +155,7 @@ MAX_ACK = 1000
 RATE_LIMITED_OPS = frozenset({"send", "broadcast", "who", "whosince", "block", "unblock"})
 MAX_BROADCAST = 4096
 MAX_BROADCAST_SIGNATURE = 512  # characters; a P-256 one (p2pchat.crypto.sign_broadcast) is about 250
+MAX_KEY_SIGNATURE = 512  # characters; a P-256 one (p2pchat.crypto.sign_envelope_key) is about 230
 MAX_MSG_ID = 64
 MIN_PASSWORD = 8  # characters of a new account's password: refused outside, as weak_password
 MAX_PASSWORD = 1024
@@ -168,6 +169,7 @@ REQUEST_SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], str | None], bool]]] 
         "password": (_text(0, MAX_LINE), True),
         "fingerprint": (_text(0, 256), True),
         "envelope_key": (_text(0, 256), True),
+        "key_signature": (_text(1, MAX_KEY_SIGNATURE), False),
     },
     "login": {
         "username": (_NAME, True),
@@ -175,11 +177,13 @@ REQUEST_SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], str | None], bool]]] 
         "port": (_PORT, True),
         "fingerprint": (_text(0, 256), False),
         "envelope_key": (_text(0, 256), False),
+        "key_signature": (_text(1, MAX_KEY_SIGNATURE), False),
     },
     "resume": {
         "username": (_NAME, True),
         "token": (_text(1, 256), True),
         "port": (_PORT, True),
+        "key_signature": (_text(1, MAX_KEY_SIGNATURE), False),
     },
     "ping": {},
     "who": {},

@@ -39,6 +39,7 @@ from p2pchat.crypto import (
     EnvelopeError,
     WrongEnvelopeKey,
     cert_fingerprint,
+    check_envelope_key,
     format_fingerprint,
     generate_envelope_key,
     generate_identity,
@@ -48,6 +49,7 @@ from p2pchat.crypto import (
     open_sealed,
     seal,
     sign_broadcast,
+    sign_envelope_key,
     spki_fingerprint,
     valid_envelope_key,
     valid_fingerprint,
@@ -654,3 +656,36 @@ class BroadcastSignatureTests(SynchronousTestCase):
         """Any bytes, with or without the version byte, are refused with EnvelopeError."""
         self._refused(_encode(blob))
         self._refused(_encode(b"\x01" + blob))
+
+
+class EnvelopeKeySignatureTests(SynchronousTestCase):
+    """A user's envelope key comes signed by their identity key, so that whoever checked the
+    identity fingerprint need not take the server's word for the envelope key."""
+
+    def test_round_trip(self):
+        signature = sign_envelope_key(ALICE, "alice", BOB_KEY.public_b64)
+        check_envelope_key(signature, "alice", ALICE.fingerprint, BOB_KEY.public_b64)
+        self.assertLess(len(signature), wire.MAX_KEY_SIGNATURE)
+
+    def test_another_key_user_or_signer_refused(self):
+        """The server cannot give its own envelope key with the user's signature of another, nor
+        a signature of its own identity key with the user's fingerprint, nor move it to another name."""
+        signature = sign_envelope_key(ALICE, "alice", BOB_KEY.public_b64)
+        other_key = generate_envelope_key().public_b64
+        for args in [(signature, "alice", ALICE.fingerprint, other_key),
+                     (signature, "bob", ALICE.fingerprint, BOB_KEY.public_b64),
+                     (sign_envelope_key(MALLORY, "alice", other_key), "alice", ALICE.fingerprint, other_key),
+                     (signature, "alice", MALLORY.fingerprint, BOB_KEY.public_b64)]:
+            self.assertRaises(EnvelopeError, check_envelope_key, *args)
+
+    def test_malformed(self):
+        """Anything but a whole signature of version 1 is refused with EnvelopeError (never another
+        exception), a broadcast's signature too."""
+        signature = sign_envelope_key(ALICE, "alice", BOB_KEY.public_b64)
+        blob = _decode(signature)
+        for bad in [None, 7, "", "not base64!", "A" * (wire.MAX_KEY_SIGNATURE + 1), _encode(b"\x02" + blob[1:]),
+                    _encode(blob[:-1]), SIGNED, SEALED, _flip(signature, len(blob) - 2)]:
+            self.assertRaises(EnvelopeError, check_envelope_key, bad, "alice", ALICE.fingerprint, BOB_KEY.public_b64)
+        for user, fingerprint, key in [("\ud800", ALICE.fingerprint, BOB_KEY.public_b64), ("alice", None, BOB_KEY.public_b64),
+                                       ("alice", ALICE.fingerprint, None)]:
+            self.assertRaises(EnvelopeError, check_envelope_key, signature, user, fingerprint, key)

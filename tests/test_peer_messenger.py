@@ -43,6 +43,12 @@ class Person:
         self.envelope_key = crypto.generate_envelope_key()
         self.fingerprint = self.identity.fingerprint
         self.public = self.envelope_key.public_b64
+        self.key_signature: str | None = crypto.sign_envelope_key(self.identity, name, self.public)
+
+    def keys(self) -> dict[str, Any]:
+        """As the server gives them: without a signature for a peer older than signatures."""
+        keys = {"fingerprint": self.fingerprint, "envelope_key": self.public}
+        return keys if self.key_signature is None else {**keys, "key_signature": self.key_signature}
 
 
 class Directory:
@@ -119,11 +125,10 @@ class Directory:
         person = self._person(user)
         if user not in self.online:
             raise RequestError("offline", f"{user} is offline")
-        return {"user": user, "host": "127.0.0.1", "port": 7000, "fingerprint": person.fingerprint, "envelope_key": person.public}
+        return {"user": user, "host": "127.0.0.1", "port": 7000, **person.keys()}
 
     def _keys(self, user: str) -> dict[str, Any]:
-        person = self._person(user)
-        return {"user": user, "fingerprint": person.fingerprint, "envelope_key": person.public}
+        return {"user": user, **self._person(user).keys()}
 
     def _send(self, to: str, msg_id: str, envelope: str) -> dict[str, Any]:
         self._person(to)
@@ -1634,6 +1639,41 @@ class KeyTests(MessengerTestCase):
         self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
         self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
         self.assertEqual(self.successResultOf(self.history.contacts())["bob"].fingerprint, self.bob.fingerprint)
+
+    def test_server_cannot_put_its_own_envelope_key(self) -> None:
+        """A server that gives bob's real fingerprint (the one alice may compare out of band) with
+        an envelope key of its own, to read what alice seals: signed by bob's key for another
+        envelope key, signed by another key, or not signed at all, nothing is sealed to it; alice
+        is told once. With bob's signed keys the message goes, sealed to bob's key."""
+        mallory = Person("bob")
+        mine = {"user": "bob", "fingerprint": self.bob.fingerprint, "envelope_key": mallory.public}
+        self.start()
+        for keys, told in [({**mine, "key_signature": self.bob.key_signature}, "bad_keys"),
+                           ({**mine, "key_signature": mallory.key_signature}, "bad_keys"),
+                           (mine, "keys_unsigned")]:
+            self.directory.answers["keys"] = keys
+            self.command("send", "bob", "hi") if not self.statuses("bob") else self.messenger.server_event(
+                Event("presence", {"online": ["bob"], "offline": {}}))
+            self.assertEqual(self.view.events(told)[-1], {"user": "bob"})
+        self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
+        self.assertEqual(len(self.view.events("keys_unsigned")), 1)  # told once
+        self.assertEqual((self.directory.sent, self.statuses("bob")), ([], [("hi", PENDING)]))
+        del self.directory.answers["keys"]
+        self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
+
+    def test_keys_given_signed(self) -> None:
+        """The peer gives its envelope key's signature with its keys, and at every resume (so that a
+        peer updated since its last password login gives it too)."""
+        self.start()
+        self.messenger.server_lost()
+        self.successResultOf(self.messenger.server_connected())
+        signature = crypto.sign_envelope_key(self.me.identity, "alice", self.me.public)
+        crypto.check_envelope_key(signature, "alice", self.me.fingerprint, self.me.public)
+        given = {op: args.get("key_signature") for op, args in self.directory.requests if op in ("register", "resume")}
+        self.assertEqual(set(given), {"register", "resume"})
+        for value in given.values():
+            crypto.check_envelope_key(value, "alice", self.me.fingerprint, self.me.public)
 
     def test_receipt_from_a_changed_key_ignored(self) -> None:
         """A receipt signed with bob's new key, not accepted yet, does not mark a message

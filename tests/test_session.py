@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from p2pchat import crypto
 from p2pchat.discovery import directory as directory_module
 from p2pchat.discovery.directory import Directory, Limits
 from p2pchat.discovery.passwords import PasswordHasher
@@ -259,6 +260,69 @@ class AccountTests(TestCase):
         self.assertEqual((result["username"], result["mailbox"], len(result["token"])), ("alice", 0, 43))
         self.assertIn("alice", h.directory.online)
         self.assertNotIn(PASSWORD, repr(h.directory.accounts["alice"]))
+
+    @harness_test()
+    async def test_envelope_key_signed(self, h):
+        """The identity key's signature of the envelope key is checked, kept and handed out with the
+        keys (lookup and keys); a peer older than signatures registers without one, and gives it
+        later with its keys at a password login, or alone at a resume; one that does not verify
+        is refused with invalid_key and changes nothing."""
+        alice, bob = crypto.generate_identity("alice"), crypto.generate_identity("bob")
+        alice_ek, bob_ek = crypto.generate_envelope_key().public_b64, crypto.generate_envelope_key().public_b64
+        signed = crypto.sign_envelope_key(alice, "alice", alice_ek)
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        for bad in (crypto.sign_envelope_key(alice, "alice", bob_ek), crypto.sign_envelope_key(bob, "alice", alice_ek),
+                    crypto.sign_envelope_key(alice, "bob", alice_ek), "x" * 100):
+            self.assertEqual(await c.refused("register", username="alice", password=PASSWORD, fingerprint=alice.fingerprint,
+                                             envelope_key=alice_ek, key_signature=bad), "invalid_key")
+        self.assertNotIn("alice", h.directory.accounts)
+        await c.ok("register", username="alice", password=PASSWORD, fingerprint=alice.fingerprint, envelope_key=alice_ek,
+                   key_signature=signed)
+        await c.ok("login", username="alice", password=PASSWORD, port=4000)
+        other = await h.user("carol")
+        self.assertEqual((await other.ok("keys", user="alice"))["key_signature"], signed)
+        self.assertEqual((await other.ok("lookup", user="alice"))["key_signature"], signed)
+        # bob's peer is older: no signature, so none is handed out.
+        b = h.connect()
+        await b.ok("hello", protocol=1)
+        await b.ok("register", username="bob", password=PASSWORD, fingerprint=bob.fingerprint, envelope_key=bob_ek)
+        self.assertNotIn("key_signature", await other.ok("keys", user="bob"))
+        self.assertEqual(await b.refused("login", username="bob", password=PASSWORD, port=0, key_signature="x"), "bad_request")
+        bob_token = (await b.ok("login", username="bob", password=PASSWORD, port=0))["token"]
+        await b.ok("logout")
+        # Updated, it gives its signature at the next resume; a bad one is refused there too.
+        b = h.connect()
+        await b.ok("hello", protocol=1)
+        bob_signed = crypto.sign_envelope_key(bob, "bob", bob_ek)
+        self.assertEqual(await b.refused("resume", username="bob", token=bob_token, port=0,
+                                         key_signature=crypto.sign_envelope_key(bob, "bob", alice_ek)), "invalid_key")
+        await b.ok("resume", username="bob", token=bob_token, port=0, key_signature=bob_signed)
+        self.assertEqual((await other.ok("keys", user="bob"))["key_signature"], bob_signed)
+        # The same keys without a signature (bob's older peer again) keep the one they have.
+        await b.ok("logout")
+        b = h.connect()
+        await b.ok("hello", protocol=1)
+        await b.ok("login", username="bob", password=PASSWORD, port=0, fingerprint=bob.fingerprint, envelope_key=bob_ek)
+        self.assertEqual((await other.ok("keys", user="bob"))["key_signature"], bob_signed)
+        # New keys at a password login come with their signature (or none: an older peer again).
+        await c.ok("logout")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        new_ek = crypto.generate_envelope_key().public_b64
+        await c.ok("login", username="alice", password=PASSWORD, port=0, fingerprint=alice.fingerprint,
+                   envelope_key=new_ek, key_signature=crypto.sign_envelope_key(alice, "alice", new_ek))
+        self.assertEqual((await other.ok("keys", user="alice"))["envelope_key"], new_ek)
+        await c.ok("logout")
+        c = h.connect()
+        await c.ok("hello", protocol=1)
+        await c.ok("login", username="alice", password=PASSWORD, port=0, fingerprint=alice.fingerprint, envelope_key=alice_ek)
+        self.assertNotIn("key_signature", await other.ok("keys", user="alice"))
+        # Kept across a restart.
+        await h.store.stop()
+        h = await Harness(self).start_on(h.path)
+        self.assertEqual(h.directory.accounts["bob"].key_signature, bob_signed)
+        self.assertIsNone(h.directory.accounts["alice"].key_signature)
 
     @harness_test()
     async def test_register_gives_a_session_token(self, h):
@@ -1622,6 +1686,7 @@ class RandomRequestTests(TestCase):
             "port": r.randrange(65536), "fingerprint": r.randbytes(32).hex(), "envelope_key": "A" * 43,
             "token": "t" * 43, "seconds": r.uniform(0, 100), "msg_id": str(r.randrange(40)),
             "envelope": "e" * r.randrange(1, 40), "text": "hi", "signature": "s" * r.randrange(1, 300),
+            "key_signature": "k" * r.randrange(1, 300),
             "seqs": r.sample(seqs, min(3, len(seqs))) + seqs[-1:],
         }[name]
 

@@ -241,8 +241,15 @@ class AccountTests(StoreTestCase):
         await store.create_account(Account("alice", None, None, None, 1.0))
         await store.set_password_hash("alice", "scrypt$new")
         await store.set_keys("alice", "cd" * 32, "Z" * 43)
-        _, snapshot = await self.restart(store)
+        await store.create_account(Account("bob", None, "ab" * 32, "Y" * 43, 2.0, "signed"))
+        store, snapshot = await self.restart(store)
         self.assertEqual(snapshot.accounts["alice"], Account("alice", "scrypt$new", "cd" * 32, "Z" * 43, 1.0))
+        self.assertEqual(snapshot.accounts["bob"].key_signature, "signed")
+        await store.set_keys("alice", "cd" * 32, "Z" * 43, "signed too")
+        await store.set_keys("bob", "ab" * 32, "X" * 43)  # an older peer's new keys come unsigned
+        _, snapshot = await self.restart(store)
+        self.assertEqual(snapshot.accounts["alice"].key_signature, "signed too")
+        self.assertEqual((snapshot.accounts["bob"].envelope_key, snapshot.accounts["bob"].key_signature), ("X" * 43, None))
 
     async def test_unknown_account(self) -> None:
         """set_password_hash and set_keys on a missing account fail with UnknownAccount and create nothing."""

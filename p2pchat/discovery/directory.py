@@ -12,7 +12,7 @@ import ipaddress
 import re
 import secrets
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
 from typing import Callable, Iterable, Iterator, NoReturn, Protocol
@@ -21,7 +21,12 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from p2pchat.crypto import valid_envelope_key, valid_fingerprint
+from p2pchat.crypto import (
+    EnvelopeError,
+    check_envelope_key,
+    valid_envelope_key,
+    valid_fingerprint,
+)
 from p2pchat.discovery.store.base import Account, StoredEnvelope, UsernameTaken
 from p2pchat.wire import (
     MAX_PASSWORD,
@@ -394,13 +399,34 @@ class Directory:
             raise Refusal(Code.RATE_LIMITED, "the server is busy checking passwords; try again shortly")
 
     @staticmethod
-    def _check_keys(fingerprint: str, envelope_key: str) -> None:
+    def _check_keys(username: str, fingerprint: str, envelope_key: str, key_signature: str | None) -> None:
         if not valid_fingerprint(fingerprint):
             raise Refusal(Code.INVALID_KEY, "fingerprint must be 64 lowercase hex digits (SHA-256 of the identity key)")
         if not valid_envelope_key(envelope_key):
             raise Refusal(Code.INVALID_KEY, "envelope_key must be an X25519 public key in unpadded base64url")
+        if key_signature is not None:
+            try:
+                check_envelope_key(key_signature, username, fingerprint, envelope_key)
+            except EnvelopeError as e:
+                raise Refusal(Code.INVALID_KEY, f"key_signature: {e}") from None
 
-    async def register(self, host: str, username: str, password: str, fingerprint: str, envelope_key: str) -> dict:
+    async def _bind_keys(self, account: Account, fingerprint: str, envelope_key: str, key_signature: str | None) -> None:
+        """Store these keys for the account, unless it has them already. The same keys without a
+        signature (from a peer older than signatures) keep the one they had."""
+        same_keys = (fingerprint, envelope_key) == (account.fingerprint, account.envelope_key)
+        if same_keys and key_signature in (None, account.key_signature):
+            return
+        await self.store.set_keys(account.username, fingerprint, envelope_key, key_signature)
+        if not same_keys:
+            log.info("{username} bound new keys", username=account.username)
+        self.accounts[account.username] = replace(
+            account, fingerprint=fingerprint, envelope_key=envelope_key, key_signature=key_signature
+        )
+
+    async def register(
+        self, host: str, username: str, password: str, fingerprint: str, envelope_key: str,
+        key_signature: str | None = None,
+    ) -> dict:
         if not self.limits.open_registration:
             raise Refusal(Code.REGISTRATION_CLOSED, "registration is closed on this server; ask its operator for an account")
         if not valid_username(username):
@@ -410,10 +436,12 @@ class Directory:
             )
         if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
             raise Refusal(Code.WEAK_PASSWORD, PASSWORD_RULE)
-        self._check_keys(fingerprint, envelope_key)
+        self._check_keys(username, fingerprint, envelope_key, key_signature)
         self._check_name_free(username)
         self._check_password_rate(host)
-        account = Account(username, await self.hasher.hash(password), fingerprint, envelope_key, self.clock.seconds())
+        account = Account(
+            username, await self.hasher.hash(password), fingerprint, envelope_key, self.clock.seconds(), key_signature
+        )
         self._check_name_free(username)  # registered by someone else while we hashed
         try:
             await self._create_account(account)
@@ -436,7 +464,7 @@ class Directory:
 
     async def login(
         self, member: Member, username: str, password: str,
-        fingerprint: str | None = None, envelope_key: str | None = None,
+        fingerprint: str | None = None, envelope_key: str | None = None, key_signature: str | None = None,
     ) -> dict:
         """Check the password; on success C{member} is online under C{username}."""
         self._refuse_if_locked(username)
@@ -444,7 +472,9 @@ class Directory:
         if (fingerprint is None) != (envelope_key is None):
             raise Refusal(Code.BAD_REQUEST, "send both fingerprint and envelope_key, or neither")
         if fingerprint is not None:
-            self._check_keys(fingerprint, envelope_key)
+            self._check_keys(username, fingerprint, envelope_key, key_signature)
+        elif key_signature is not None:
+            raise Refusal(Code.BAD_REQUEST, "key_signature goes with fingerprint and envelope_key")
         account = self.accounts.get(username)
         good = await self.hasher.verify(password, account.password_hash if account else None)
         # Another connection may have locked the account while we were hashing.
@@ -466,12 +496,8 @@ class Directory:
             raise Refusal(Code.KEYS_REQUIRED, "this account has no keys yet: log in with fingerprint and envelope_key")
         if username in self.online:
             self._refuse_second_login(username)
-        if fingerprint is not None and (fingerprint, envelope_key) != (account.fingerprint, account.envelope_key):
-            await self.store.set_keys(username, fingerprint, envelope_key)
-            account = self.accounts[username] = Account(
-                username, account.password_hash, fingerprint, envelope_key, account.created_at
-            )
-            log.info("{username} bound new keys", username=username)
+        if fingerprint is not None:
+            await self._bind_keys(account, fingerprint, envelope_key, key_signature)
         if username in self.online:  # logged in elsewhere while the keys were written
             self._refuse_second_login(username)
         return await self._enter(member, username)
@@ -483,11 +509,20 @@ class Directory:
             f"within {self.limits.keepalive_timeout:g} s)",
         )
 
-    async def resume(self, member: Member, username: str, token: str) -> dict:
-        """Log in with a session token; an existing session of that user is replaced."""
+    async def resume(self, member: Member, username: str, token: str, key_signature: str | None = None) -> dict:
+        """
+        Log in with a session token; an existing session of that user is replaced. A
+        C{key_signature} for the account's keys is stored (a peer updated since it last gave its
+        keys with a password gives it so).
+        """
         entry = self._tokens.get(token_hash(token))
         if entry is None or entry[0] != username or entry[1] <= self.clock.seconds():
             raise Refusal(Code.INVALID_TOKEN, "that session token is unknown or expired; log in with your password")
+        account = self.accounts[username]
+        # Checked when new only: every peer of a restarted server gives it again as it comes back.
+        if key_signature not in (None, account.key_signature) and account.fingerprint is not None:
+            self._check_keys(username, account.fingerprint, account.envelope_key, key_signature)
+            await self._bind_keys(account, account.fingerprint, account.envelope_key, key_signature)
         old = self.online.get(username)
         if old is not None:
             self._leave(old, "replaced", announce=False)
@@ -645,16 +680,13 @@ class Directory:
         member = self.online.get(name)
         if member is None:
             raise Refusal(Code.OFFLINE, f"{name} is offline")
-        return {
-            "user": name, "host": member.host, "port": member.port,
-            "fingerprint": account.fingerprint, "envelope_key": account.envelope_key,
-        }
+        return {"user": name, "host": member.host, "port": member.port, **_keys_of(account)}
 
     def keys(self, me: str, name: str) -> dict:
         account = self._reachable(me, name)
         if account.fingerprint is None:
             raise Refusal(Code.KEYS_UNKNOWN, f"{name} has not published keys yet")
-        return {"user": name, "fingerprint": account.fingerprint, "envelope_key": account.envelope_key}
+        return {"user": name, **_keys_of(account)}
 
     # -- relay and mailbox ------------------------------------------------------------------
 
@@ -838,3 +870,10 @@ def envelope_frame(stored: StoredEnvelope) -> bytes:
         "event": "envelope", "seq": stored.seq, "msg_id": stored.msg_id, "envelope": stored.envelope,
         "sent_at": stored.sent_at, "from": stored.sender,
     })
+
+
+def _keys_of(account: Account) -> dict:
+    keys = {"fingerprint": account.fingerprint, "envelope_key": account.envelope_key}
+    if account.key_signature is not None:
+        keys["key_signature"] = account.key_signature
+    return keys

@@ -329,19 +329,21 @@ class Session:
             self._last_active = self.clock.seconds()
         return me
 
-    def _op_register(self, me, slot, username, password, fingerprint, envelope_key):
+    def _op_register(self, me, slot, username, password, fingerprint, envelope_key, key_signature=None):
         return Deferred.fromCoroutine(
-            self.directory.register(self.host, username, password, fingerprint, envelope_key)
+            self.directory.register(self.host, username, password, fingerprint, envelope_key, key_signature)
         )
 
-    def _op_login(self, me, slot, username, password, port, fingerprint=None, envelope_key=None):
+    def _op_login(self, me, slot, username, password, port, fingerprint=None, envelope_key=None, key_signature=None):
         self.port = port
-        d = Deferred.fromCoroutine(self.directory.login(self, username, password, fingerprint, envelope_key))
+        d = Deferred.fromCoroutine(
+            self.directory.login(self, username, password, fingerprint, envelope_key, key_signature)
+        )
         return d.addCallback(self._logged_in, slot)
 
-    def _op_resume(self, me, slot, username, token, port):
+    def _op_resume(self, me, slot, username, token, port, key_signature=None):
         self.port = port
-        d = Deferred.fromCoroutine(self.directory.resume(self, username, token))
+        d = Deferred.fromCoroutine(self.directory.resume(self, username, token, key_signature))
         return d.addCallback(self._logged_in, slot)
 
     def _logged_in(self, result: dict, slot: _Slot) -> dict:

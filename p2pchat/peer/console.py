@@ -291,6 +291,9 @@ _EVENTS: dict[str, Callable[..., str]] = {
     + f", tried again every {seconds:g} s",
     "waiting_for_keys": lambda user: f"{user} has not logged in since their account was made; your messages wait until they do",
     "bad_keys": lambda user: f"the server sent unusable keys for {user}; your messages to {user} wait until it sends real ones",
+    "keys_unsigned": lambda user: f"{user}'s peer has not signed its encryption key (it is older than yours), so nothing is "
+    f"sealed to it for the server to keep; your messages to {user} go when you both are online, or once {user}'s peer "
+    "is updated",
     "key_changed": lambda user, old, new: (
         f"WARNING: {user}'s IDENTITY KEY HAS CHANGED (was sha256:{old}, now sha256:{new}). "
         f"It may be a reinstall, or someone impersonating {user}. Nothing goes to or comes from {user} "
@@ -328,6 +331,7 @@ _ERRORS: dict[str, str] = {
     "empty_message": "empty message",
     "key_changed": "{user}'s key has changed; compare it (/fingerprint {user}), then accept it with /trust {user}",
     "bad_keys": "the server sent unusable keys for {user}",
+    "keys_unsigned": "{user}'s peer has not signed its encryption key (it is older than yours)",
     "nothing_to_trust": "{user}'s key has not changed; nothing to accept",
     "already_offline": "you are already offline",
     "already_online_mode": "you are already online",

@@ -217,6 +217,9 @@ class Messenger:
         self.user = user
         self._identity = identity
         self._envelope_key = envelope_key
+        # Given with the keys, so that contacts take the envelope key on the identity key's word,
+        # not the server's alone (crypto.sign_envelope_key).
+        self._key_signature = crypto.sign_envelope_key(identity, user, envelope_key.public_b64)
         self._history = history
         self._clock = clock
         self._view = view
@@ -238,6 +241,7 @@ class Messenger:
         self._direct_retry: dict[str, float] = {}
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
         self._stored_told: set[str] = set()  # told that messages to them wait on the server, until they are back
+        self._unsigned_told: set[str] = set()  # told that their peer signs no envelope key, until it does
         self._bye_told = False  # the server said why it closes the connection: its loss is not told again
         self._online_seen: set[str] = set()  # who this peer last heard is online (presence, who)
         self._presence_known = False  # it has asked who is online once, after its first login
@@ -447,7 +451,9 @@ class Messenger:
     async def _resume_with(self, token: str) -> dict[str, Any] | None:
         """Log in with C{token}: the login's result, or None when the server does not know the token."""
         try:
-            return await self._server.request("resume", username=self.user, token=token, port=self._port)
+            return await self._server.request(
+                "resume", username=self.user, token=token, port=self._port, key_signature=self._key_signature
+            )
         except RequestError as e:
             if e.code == Code.INVALID_TOKEN:
                 return None
@@ -482,6 +488,7 @@ class Messenger:
                     password=self._password,
                     fingerprint=self._identity.fingerprint,
                     envelope_key=self._envelope_key.public_b64,
+                    key_signature=self._key_signature,
                 )
             except RequestError as e:
                 if e.code == Code.WEAK_PASSWORD:
@@ -515,6 +522,7 @@ class Messenger:
                     port=self._port,
                     fingerprint=self._identity.fingerprint,
                     envelope_key=self._envelope_key.public_b64,
+                    key_signature=self._key_signature,
                 )
             except RequestError as e:
                 if e.code == Code.BAD_CREDENTIALS:
@@ -911,20 +919,36 @@ class Messenger:
         self._contacts[contact.user] = contact
         await self._history.save_contact(contact)
 
-    async def _check_keys(self, user: str, fingerprint: Any, envelope_key: Any) -> None:
+    async def _check_keys(self, user: str, keys: dict[str, Any]) -> None:
         """
-        Compare a user's keys from the directory with the pinned ones: pin them on first sight;
-        a change is remembered and refused (loudly) until the user accepts it with /trust.
+        Compare a user's keys from the directory (C{keys}, as C{keys} or C{lookup} answers) with
+        the pinned ones: pin them on first sight; a change is remembered and refused (loudly) until
+        the user accepts it with /trust. An envelope key is pinned only with the identity key's
+        signature (L{crypto.sign_envelope_key}); without one (a peer older than signatures) it is
+        the server's word alone, and only the fingerprint counts.
 
-        @raise CommandError: C{key_changed}, or C{bad_keys} when the server sent garbage.
+        @raise CommandError: C{key_changed}, or C{bad_keys} when the server sent garbage or an
+            envelope key the identity key did not sign.
         """
+        fingerprint, envelope_key, signature = keys.get("fingerprint"), keys.get("envelope_key"), keys.get("key_signature")
         if not (crypto.valid_fingerprint(fingerprint) and crypto.valid_envelope_key(envelope_key)):
             raise CommandError("bad_keys", user=user)
+        if signature is None:
+            envelope_key = None
+        else:
+            try:
+                crypto.check_envelope_key(signature, user, fingerprint, envelope_key)
+            except EnvelopeError as e:
+                log.warn("the server gave {user}'s keys with a bad signature: {e}", user=user, e=e)  # noqa: G010 - twisted.logger
+                raise CommandError("bad_keys", user=user) from None
         contact = self._contact(user)
         if contact.fingerprint is None:
             await self._save(replace(contact, fingerprint=fingerprint, envelope_key=envelope_key))
             return
-        if (contact.fingerprint, contact.envelope_key) == (fingerprint, envelope_key):
+        if contact.fingerprint == fingerprint and envelope_key in (None, contact.envelope_key):
+            return
+        if contact.fingerprint == fingerprint and contact.envelope_key is None:
+            await self._save(replace(contact, envelope_key=envelope_key))  # signed now: pinned
             return
         if (contact.new_fingerprint, contact.new_envelope_key) != (fingerprint, envelope_key):
             await self._save(replace(contact, new_fingerprint=fingerprint, new_envelope_key=envelope_key))
@@ -945,7 +969,7 @@ class Messenger:
         if keys.get("fingerprint") != fingerprint:
             return False
         try:
-            await self._check_keys(user, keys.get("fingerprint"), keys.get("envelope_key"))
+            await self._check_keys(user, keys)
         except CommandError as e:
             return None if e.code == "key_changed" else False
         return True
@@ -954,15 +978,21 @@ class Messenger:
         """
         The envelope key to seal to C{user}: the pinned one, checked against the directory first
         when C{fresh}. A user who moved to a new install has new keys, which the directory has
-        from their last login: what is sealed to the old key, their new install cannot open.
+        from their last login: what is sealed to the old key, their new install cannot open. The
+        key must come signed by their identity key: otherwise it is the server's word alone, and
+        a server could give its own key, with the right fingerprint, to read what is sealed to it.
 
-        @raise CommandError: C{key_changed} or C{bad_keys}, as L{_check_keys}.
+        @raise CommandError: C{key_changed} or C{bad_keys}, as L{_check_keys}; C{keys_unsigned}
+            when their peer has not signed its envelope key (one older than the signatures).
         """
         contact = self._contacts.get(user)
         if not fresh and contact is not None and contact.envelope_key and not contact.new_fingerprint:
             return contact.envelope_key
         keys = await self._server.request("keys", user=user, background=True)
-        await self._check_keys(user, keys.get("fingerprint"), keys.get("envelope_key"))
+        await self._check_keys(user, keys)
+        if keys.get("key_signature") is None:
+            raise CommandError("keys_unsigned", user=user)
+        self._unsigned_told.discard(user)
         return keys["envelope_key"]
 
     async def _lookup(self, user: str, background: bool) -> Address | None:
@@ -976,7 +1006,7 @@ class Messenger:
             if e.code == Code.OFFLINE:
                 return None
             raise
-        await self._check_keys(user, found.get("fingerprint"), found.get("envelope_key"))
+        await self._check_keys(user, found)
         host, port = found.get("host"), found.get("port")
         if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
             return None
@@ -1135,6 +1165,10 @@ class Messenger:
             except CommandError as e:
                 if e.code == "bad_keys":
                     self._view.show("bad_keys", user=user)
+                elif e.code == "keys_unsigned":
+                    if user not in self._unsigned_told:
+                        self._unsigned_told.add(user)
+                        self._view.show("keys_unsigned", user=user)
                 elif e.code != "key_changed":  # that one was shown loudly when it was seen
                     log.warn("outbox for {user}: {code}", user=user, code=e.code)
                 return  # waits for /trust, or for the server to send sane keys

@@ -14,6 +14,9 @@ class Account:
     fingerprint: str | None
     envelope_key: str | None
     created_at: float
+    # The identity key's signature of the envelope key (p2pchat.crypto.sign_envelope_key), as the
+    # peer gave it; None from peers older than it, and for accounts not logged in since.
+    key_signature: str | None = None
 
 
 class StoredEnvelope(NamedTuple):  # a tuple, so it is the parameters of its own INSERT

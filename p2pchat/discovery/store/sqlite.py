@@ -99,6 +99,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
                 SELECT id, row_number() OVER (PARTITION BY username ORDER BY id DESC) AS newer FROM sessions)
             WHERE newer > 10)""",
     ),
+    # The identity key's signature of the envelope key, so that peers need not take the server's
+    # word for the envelope key.
+    ("ALTER TABLE accounts ADD COLUMN key_signature TEXT",),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -184,9 +187,12 @@ class SQLiteStore:
         """Replace an account's password hash; L{UnknownAccount} if there is no such account."""
         return self._submit(_set_password_hash, username, password_hash)
 
-    def set_keys(self, username: str, fingerprint: str, envelope_key: str) -> Deferred[None]:
-        """Bind an account to an identity fingerprint and envelope key; L{UnknownAccount} if none."""
-        return self._submit(_set_keys, username, fingerprint, envelope_key)
+    def set_keys(
+        self, username: str, fingerprint: str, envelope_key: str, key_signature: str | None = None
+    ) -> Deferred[None]:
+        """Bind an account to an identity fingerprint and envelope key (and the identity key's
+        signature of the envelope key); L{UnknownAccount} if there is no such account."""
+        return self._submit(_set_keys, username, fingerprint, envelope_key, key_signature)
 
     def add_token(self, username: str, token_hash: str, expires_at: float, keep: int = 5) -> Deferred[None]:
         """Store a session token, then keep only the newest C{keep} tokens of that user."""
@@ -448,7 +454,7 @@ def _load_snapshot(db: sqlite3.Connection) -> Snapshot:
         accounts={
             row[0]: Account(*row)
             for row in db.execute(
-                "SELECT username, password_hash, fingerprint, envelope_key, created_at FROM accounts"
+                "SELECT username, password_hash, fingerprint, envelope_key, created_at, key_signature FROM accounts"
             )
         },
         blocks={(blocker, blocked) for blocker, blocked in db.execute("SELECT blocker, blocked FROM blocks")},
@@ -470,9 +476,10 @@ def _load_snapshot(db: sqlite3.Connection) -> Snapshot:
 
 def _create_account(db: sqlite3.Connection, account: Account) -> None:
     inserted = db.execute(
-        "INSERT INTO accounts (username, password_hash, fingerprint, envelope_key, created_at)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
-        (account.username, account.password_hash, account.fingerprint, account.envelope_key, account.created_at),
+        "INSERT INTO accounts (username, password_hash, fingerprint, envelope_key, created_at, key_signature)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+        (account.username, account.password_hash, account.fingerprint, account.envelope_key, account.created_at,
+         account.key_signature),
     ).rowcount
     if not inserted:
         raise UsernameTaken(account.username)
@@ -483,10 +490,12 @@ def _set_password_hash(db: sqlite3.Connection, username: str, password_hash: str
         raise UnknownAccount(username)
 
 
-def _set_keys(db: sqlite3.Connection, username: str, fingerprint: str, envelope_key: str) -> None:
+def _set_keys(
+    db: sqlite3.Connection, username: str, fingerprint: str, envelope_key: str, key_signature: str | None
+) -> None:
     updated = db.execute(
-        "UPDATE accounts SET fingerprint = ?, envelope_key = ? WHERE username = ?",
-        (fingerprint, envelope_key, username),
+        "UPDATE accounts SET fingerprint = ?, envelope_key = ?, key_signature = ? WHERE username = ?",
+        (fingerprint, envelope_key, key_signature, username),
     ).rowcount
     if not updated:
         raise UnknownAccount(username)
