@@ -16,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from p2pchat.crypto import format_fingerprint
 from p2pchat.peer import console
 from p2pchat.peer.console import (
     MAX_INPUT,
@@ -217,17 +218,19 @@ class RenderTests(unittest.SynchronousTestCase):
 
     def test_fingerprint_lines(self) -> None:
         """/fingerprint shows what is pinned, a change not accepted (loudly, with the way to accept
-        it), and whether the server agrees."""
+        it), and whether the server agrees; fingerprints in groups of four, as people compare them."""
         a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
-        self.assertEqual(render_fingerprint(FingerprintInfo("alice", a, None, a), "alice"), f"your fingerprint: {a}")
-        self.assertEqual(render_fingerprint(FingerprintInfo("bob", a, None, a), "alice"), f"bob: pinned {a}\n  the server agrees")
+        fa, fb, fc = (format_fingerprint(f) for f in (a, b, c))
+        self.assertEqual(fa, " ".join(["aaaa"] * 16))
+        self.assertEqual(render_fingerprint(FingerprintInfo("alice", a, None, a), "alice"), f"your fingerprint: {fa}")
+        self.assertEqual(render_fingerprint(FingerprintInfo("bob", a, None, a), "alice"), f"bob: pinned {fa}\n  the server agrees")
         self.assertEqual(render_fingerprint(FingerprintInfo("bob", None, None, None), "alice"), "bob: no key pinned yet")
         self.assertEqual(
             render_fingerprint(FingerprintInfo("bob", a, b, b), "alice").splitlines(),
-            [f"bob: pinned {a}", f"  CHANGED to {b} (not accepted; /trust bob accepts it)", "  the server has the new key"],
+            [f"bob: pinned {fa}", f"  CHANGED to {fb} (not accepted; /trust bob accepts it)", "  the server has the new key"],
         )
         self.assertEqual(render_fingerprint(FingerprintInfo("bob", a, None, c), "alice").splitlines()[1],
-                         f"  the server now says {c}")
+                         f"  the server now says {fc}")
 
     def test_errors_name_the_reason(self) -> None:
         """Each error code gives one line naming the reason; unknown codes fall back to the server's words."""
@@ -429,7 +432,7 @@ class PipeTests(ConsoleTestCase):
         self.assertEqual(
             self.output().splitlines(),
             ["blocked bob", "muted bob for 30 s", "muted carol until /unmute",
-             "nobody else was online during the last 60 s", "your fingerprint: " + "ab" * 32],
+             "nobody else was online during the last 60 s", "your fingerprint: " + " ".join(["abab"] * 16)],
         )
 
 

@@ -196,7 +196,8 @@ class ChatTests(PeerTestCase):
         is gone."""
         await self.start_server()
         alice = Peer(self, "alice").start(pin=False)
-        await alice.expect(r"^trusting the server at 127\.0\.0\.1:\d+ on first use: certificate sha256:" + self.server.fingerprint)
+        await alice.expect(r"^trusting the server at 127\.0\.0\.1:\d+ on first use: certificate "
+                           + crypto.format_fingerprint(self.server.fingerprint) + r" \(its log says it at start\)$")
         await alice.expect(r"^registered alice on 127\.0\.0\.1:\d+$")
         await alice.expect(r"^welcome, alice!$")
         bob = await Peer(self, "bob").started()
@@ -375,7 +376,7 @@ class ResilienceTests(PeerTestCase):
         await alice.command("/who", r"^error: the server at 127\.0\.0\.1:\d+ is unreachable")
         await alice.command("/msg bob queued", r"^not connected to the server: the message to bob goes out once")
         await self.start_server(port=self.server_port)
-        await alice.expect(r"^trusting the server at .* on first use: certificate sha256:" + self.server.fingerprint)
+        await alice.expect(r"^trusting the server at .* on first use: certificate " + crypto.format_fingerprint(self.server.fingerprint))
         await alice.expect(r"^welcome, alice!$", timeout=30)
         await alice.expect(r"^could not deliver your message to bob \(queued\): there is no user named bob$")
 
@@ -407,7 +408,7 @@ class ResilienceTests(PeerTestCase):
         self.assertEqual(await alice.ended(), 1)
         os.remove(known)
         alice.start(pin=False)
-        await alice.expect(r"^trusting the server at .* on first use: certificate sha256:" + self.server.fingerprint)
+        await alice.expect(r"^trusting the server at .* on first use: certificate " + crypto.format_fingerprint(self.server.fingerprint))
         await alice.expect(r"^registered alice on 127\.0\.0\.1:\d+$")  # the account went with the server's data
         await alice.expect(r"^welcome, alice!$")
 

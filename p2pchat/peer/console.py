@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..crypto import format_fingerprint
 from .lineedit import (
     BACKSPACE,
     BRACKETED_PASTE_OFF,
@@ -267,7 +268,8 @@ _EVENTS: dict[str, Callable[..., str]] = {
     "server_lost": lambda: "lost the connection to the server; reconnecting",
     "internal_error": lambda message: f"the peer cannot go on: {message} (details in peer.log)",
     "server_refused": lambda message: message,
-    "server_pinned": lambda server, fingerprint: f"trusting the server at {server} on first use: certificate sha256:{fingerprint}",
+    "server_pinned": lambda server, fingerprint: f"trusting the server at {server} on first use: certificate "
+    f"{_people(fingerprint)} (its log says it at start)",
     "bye": lambda reason, message: _BYE.get(reason, f"the server closed the connection: {message}"),
     "listen_failed": lambda reason: f"cannot accept direct links ({reason}); messages go through the server",
     "unreadable": lambda user, count: f"{_plural(count, 'message')} from {user} could not be opened: sealed to a "
@@ -295,7 +297,7 @@ _EVENTS: dict[str, Callable[..., str]] = {
     f"sealed to it for the server to keep; your messages to {user} go when you both are online, or once {user}'s peer "
     "is updated",
     "key_changed": lambda user, old, new: (
-        f"WARNING: {user}'s IDENTITY KEY HAS CHANGED (was sha256:{old}, now sha256:{new}). "
+        f"WARNING: {user}'s IDENTITY KEY HAS CHANGED (was {_people(old)}, now {_people(new)}). "
         f"It may be a reinstall, or someone impersonating {user}. Nothing goes to or comes from {user} "
         f"until you compare fingerprints out of band (/fingerprint {user}) and accept with /trust {user}."
     ),
@@ -379,14 +381,19 @@ def render_entry(entry: Entry) -> str:
     return f"[{when}] {entry.peer}{private}: {clean(entry.text)}{note}"
 
 
+def _people(fingerprint: str | None) -> str:
+    """A fingerprint as people compare it aloud, and as the server's log gives it: groups of four."""
+    return format_fingerprint(str(fingerprint))
+
+
 def render_fingerprint(info: FingerprintInfo, me: str) -> str:
     if info.user == me:
-        return f"your fingerprint: {info.pinned}"
-    lines = [f"{info.user}: " + (f"pinned {info.pinned}" if info.pinned else "no key pinned yet")]
+        return f"your fingerprint: {_people(info.pinned)}"
+    lines = [f"{info.user}: " + (f"pinned {_people(info.pinned)}" if info.pinned else "no key pinned yet")]
     if info.changed_to:
-        lines.append(f"  CHANGED to {info.changed_to} (not accepted; /trust {info.user} accepts it)")
+        lines.append(f"  CHANGED to {_people(info.changed_to)} (not accepted; /trust {info.user} accepts it)")
     if info.directory and info.directory not in (info.pinned, info.changed_to):
-        lines.append(f"  the server now says {info.directory}")
+        lines.append(f"  the server now says {_people(info.directory)}")
     elif info.directory:
         lines.append("  the server agrees" if info.directory == info.pinned else "  the server has the new key")
     return "\n".join(lines)
