@@ -32,7 +32,7 @@ from p2pchat.peer.console import (
     render_fingerprint,
 )
 from p2pchat.peer.history import Entry
-from p2pchat.peer.messenger import CommandError, FingerprintInfo
+from p2pchat.peer.messenger import LATE, CommandError, FingerprintInfo
 
 
 class CompleteTests(unittest.SynchronousTestCase):
@@ -152,21 +152,29 @@ class RenderTests(unittest.SynchronousTestCase):
         self.assertEqual(render("broadcast", user="bob", text="all", sent_at=sent_at),
                          "bob (broadcast): all (sent 2026-12-03 14:02:05)")
 
-    def test_history_time_out_of_range(self) -> None:
-        """The time a message was sent is the sender's word: one the platform cannot show (a clock or a
-        peer far off) is said to be out of range, and the rest of /history still shows."""
-        for sent_at in (1e20, -1e20, 1e18):
-            self.assertEqual(render_entry(Entry("bob", False, "m1", "hi", False, "shown", sent_at)),
-                             "[time out of range] bob: hi")
+    def test_history_in_the_order_taken(self) -> None:
+        """/history gives each message the time this peer took it (its order); one that came more
+        than LATE seconds after it was written also says when it was (the sender's word: a time the
+        platform cannot show, from a clock far off, is said to be out of range)."""
+        took = 1_764_770_525.0
+        self.assertEqual(render_entry(Entry("bob", False, "m1", "hi", False, "shown", took - LATE, took)),
+                         f"[{console._time(took)}] bob: hi")
+        self.assertEqual(render_entry(Entry("bob", False, "m1", "hi", False, "muted", took - LATE - 1, took)),
+                         f"[{console._time(took)}] bob: hi (sent {console._time(took - LATE - 1)}) (muted)")
+        self.assertEqual(render_entry(Entry("bob", True, "m1", "yo", False, "sent", took - 3600, took)),
+                         f"[{console._time(took)}] you -> bob: yo (sent)")
+        for sent_at in (-1e20, -1e18):
+            self.assertEqual(render_entry(Entry("bob", False, "m1", "hi", False, "shown", sent_at, took)),
+                             f"[{console._time(took)}] bob: hi (sent time out of range)")
 
     def test_history_hides_held_text(self) -> None:
         """/history does not show what came signed with a changed key not accepted yet: only that
         something waits for /trust; muted messages are shown, marked."""
-        held = render_entry(Entry("bob", False, "m1", "click this link", False, "held", 1.0))
+        held = render_entry(Entry("bob", False, "m1", "click this link", False, "held", 1.0, 1.0))
         self.assertNotIn("click", held)
         self.assertTrue(held.endswith("bob: (held until you accept the new key: /fingerprint bob, /trust bob)"), held)
-        self.assertTrue(render_entry(Entry("bob", False, "m1", "hush", False, "muted", 1.0)).endswith("bob: hush (muted)"))
-        self.assertTrue(render_entry(Entry("bob", False, "m1", "hi", False, "shown", 1.0)).endswith("bob: hi"))
+        self.assertTrue(render_entry(Entry("bob", False, "m1", "hush", False, "muted", 1.0, 1.0)).endswith("bob: hush (muted)"))
+        self.assertTrue(render_entry(Entry("bob", False, "m1", "hi", False, "shown", 1.0, 1.0)).endswith("bob: hi"))
 
     def test_every_event_renders(self) -> None:
         """Every event the messenger can show has a template that accepts its fields."""
@@ -212,7 +220,7 @@ class RenderTests(unittest.SynchronousTestCase):
             lines[code] = render_error(code, user="bob", message=evil)
         lines["bare code"] = render_error(evil)
         for outgoing in (True, False):
-            lines[f"history {outgoing}"] = render_entry(Entry("bob", outgoing, "m1", evil, False, "delivered", 1.0))
+            lines[f"history {outgoing}"] = render_entry(Entry("bob", outgoing, "m1", evil, False, "delivered", 1.0, 1.0))
         for name, line in lines.items():
             self.assertTrue(line.isprintable(), f"{name}: {line!r}")
 

@@ -185,6 +185,14 @@ class HistoryTests(unittest.SynchronousTestCase):
         entries = self.successResultOf(self.history.conversation("bob", 3))
         self.assertEqual([e.text for e in entries], ["in 3", "out 4", "in 4"])
 
+    def test_entries_say_when_taken(self) -> None:
+        """An entry has the time it was written and the time this history took it: a message
+        written earlier than one before it (kept by the server) is after it, as it came."""
+        self.successResultOf(self.history.add_outgoing("bob", "o1", "mine", False, 100.0))
+        self.successResultOf(self.history.add_incoming("bob", "i1", "late", False, MUTED, 50.0, 160.0))
+        entries = self.successResultOf(self.history.conversation("bob", 10))
+        self.assertEqual([(e.text, e.sent_at, e.stored_at) for e in entries], [("mine", 100.0, 100.0), ("late", 50.0, 160.0)])
+
     def test_release_held(self) -> None:
         """Messages held for a changed key are returned once and then count as shown."""
         self.successResultOf(self.history.add_incoming("bob", "a", "one", False, HELD, 1.0, 1.0))

@@ -39,7 +39,7 @@ from .lineedit import (
     printable,
     width,
 )
-from .messenger import CommandError, FingerprintInfo, Messenger
+from .messenger import LATE, CommandError, FingerprintInfo, Messenger
 
 if TYPE_CHECKING:
     from .history import Entry
@@ -371,14 +371,17 @@ def _time(seconds: float) -> str:
 
 
 def render_entry(entry: Entry) -> str:
-    when = _time(entry.sent_at)
+    # At the time this history took it, which is /history's order; one that came a while after it
+    # was written (kept by the server while this peer was away) also says when, as it did when shown.
+    when = _time(entry.stored_at)
     private = " (private)" if entry.private else ""
     if entry.outgoing:
         return f"[{when}] you -> {entry.peer}{private}: {clean(entry.text)} ({entry.status})"
+    late = _sent(entry.sent_at) if entry.stored_at - entry.sent_at > LATE else ""
     if entry.status == "held":  # signed with a key not accepted: not shown before /trust
         return f"[{when}] {entry.peer}{private}: (held until you accept the new key: /fingerprint {entry.peer}, /trust {entry.peer})"
     note = " (muted)" if entry.status == "muted" else ""
-    return f"[{when}] {entry.peer}{private}: {clean(entry.text)}{note}"
+    return f"[{when}] {entry.peer}{private}: {clean(entry.text)}{late}{note}"
 
 
 def _people(fingerprint: str | None) -> str:

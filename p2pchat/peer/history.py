@@ -112,7 +112,8 @@ class Entry:
     text: str
     private: bool
     status: str
-    sent_at: float
+    sent_at: float  # when it was written, by its writer's clock
+    stored_at: float  # when this history took it: the order of /history
 
 
 class History:
@@ -400,12 +401,12 @@ def _entries(db: sqlite3.Connection, where: str, args: list[Any], order: str, li
     return [_entry(r) for r in rows]
 
 
-_ENTRY_COLUMNS = "peer, outgoing, msg_id, text, private, status, sent_at"
+_ENTRY_COLUMNS = "peer, outgoing, msg_id, text, private, status, sent_at, stored_at"
 
 
 def _entry(row: Any) -> Entry:
     """An L{Entry} from the columns L{_ENTRY_COLUMNS} of a row of messages."""
-    return Entry(row[0], bool(row[1]), row[2], row[3], bool(row[4]), row[5], row[6])
+    return Entry(row[0], bool(row[1]), row[2], row[3], bool(row[4]), row[5], row[6], row[7])
 
 
 class _transaction:
