@@ -78,10 +78,11 @@ class PlainProtocolTests(SynchronousTestCase):
             self.factory.outbox.release()
 
     def test_hello_on_connect(self):
-        """The hello event is the first thing written."""
+        """The hello event is the first thing written; it says the server hands out envelope key
+        signatures (a peer takes an older server's word for envelope keys)."""
         _, transport = self.connect()
         hello = frames(transport)[0]
-        self.assertEqual((hello.name, hello.fields["protocol"]), ("hello", 1))
+        self.assertEqual((hello.name, hello.fields["protocol"], hello.fields["key_signatures"]), ("hello", 1, True))
 
     def test_line_limit(self):
         """A line over max_line gets line_too_long and the connection closes."""

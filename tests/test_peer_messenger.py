@@ -65,6 +65,7 @@ class Directory:
         self.started = self.stopped = 0
         self.connected = True
         self.message_rate: tuple[float, int] | None = None  # from a hello: none here unless a test says
+        self.key_signatures = True  # a server that hands out envelope key signatures
         self.paused = False  # the messenger has too many events in hand: not read
 
     def start(self) -> None:
@@ -1661,6 +1662,27 @@ class KeyTests(MessengerTestCase):
         del self.directory.answers["keys"]
         self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
         self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
+
+    def test_receipts_to_an_older_peer(self) -> None:
+        """A receipt holds message ids only: it goes to a contact whose older peer signs no key (it
+        could not know its messages arrived otherwise); messages wait for a signed key."""
+        self.bob.key_signature = None
+        self.start()
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi alice", "sent_at": 1.0})
+        self.assertEqual(self.open_receipt(0), {"kind": "receipt", "msg_ids": ["m1"]})
+        self.command("send", "bob", "hi bob")
+        self.assertEqual((len(self.directory.sent), self.statuses("bob")), (1, [("hi bob", PENDING)]))
+
+    def test_older_server_taken_at_its_word(self) -> None:
+        """A server older than key signatures passes none on, from anyone: its word is taken for the
+        envelope key (pinned, as before them) rather than nothing sealed to anyone."""
+        self.directory.key_signatures = False
+        self.bob.key_signature = None
+        self.start()
+        self.command("send", "bob", "hi")
+        self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
+        self.assertEqual(self.successResultOf(self.history.contacts())["bob"].envelope_key, self.bob.public)
+        self.assertEqual(self.view.events("keys_unsigned"), [])
 
     def test_keys_given_signed(self) -> None:
         """The peer gives its envelope key's signature with its keys, and at every resume (so that a

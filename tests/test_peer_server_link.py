@@ -248,6 +248,13 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(self.endpoint.transport.disconnecting)
 
+    def test_key_signatures_from_hello(self) -> None:
+        """Whether the server hands out envelope key signatures is its hello's to say."""
+        self.connect()
+        self.assertFalse(self.link.key_signatures)
+        self.reconnect(key_signatures=True)
+        self.assertTrue(self.link.key_signatures)
+
     def test_request_over_the_servers_line_refused_locally(self) -> None:
         """A request longer than the max_line the server's hello told is not sent (the server would
         answer line_too_long and close, and the same request would come again after reconnecting)."""

@@ -521,8 +521,14 @@ class Directory:
         account = self.accounts[username]
         # Checked when new only: every peer of a restarted server gives it again as it comes back.
         if key_signature not in (None, account.key_signature) and account.fingerprint is not None:
-            self._check_keys(username, account.fingerprint, account.envelope_key, key_signature)
-            await self._bind_keys(account, account.fingerprint, account.envelope_key, key_signature)
+            try:
+                self._check_keys(username, account.fingerprint, account.envelope_key, key_signature)
+            except Refusal:
+                # For other keys than the account's: its user has logged in from another install
+                # since. This one may come back all the same (and is then the one with old keys).
+                log.info("{username} resumed with a key signature for other keys; not kept", username=username)
+            else:
+                await self._bind_keys(account, account.fingerprint, account.envelope_key, key_signature)
         old = self.online.get(username)
         if old is not None:
             self._leave(old, "replaced", announce=False)

@@ -134,7 +134,7 @@ class Session:
                 "hello", protocol=PROTOCOL_VERSION, server="p2pdiscovery", max_line=self.limits.max_line,
                 keepalive_interval=self.limits.keepalive_timeout / 3, keepalive_timeout=self.limits.keepalive_timeout,
                 idle_timeout=self.limits.idle_timeout, message_rate=self.limits.message_rate,
-                message_burst=self.limits.message_burst,
+                message_burst=self.limits.message_burst, key_signatures=True,
             )
         )
         self._schedule_watch()

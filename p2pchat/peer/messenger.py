@@ -135,6 +135,7 @@ PasswordCheck = Callable[[], "Deferred[str | None]"]
 
 class ServerLinkLike(Protocol):
     message_rate: tuple[float, int] | None  # the server's, once known
+    key_signatures: bool  # the server hands out envelope key signatures (newer than them)
 
     def start(self) -> None: ...
     def stop(self) -> Deferred[None]: ...
@@ -874,7 +875,7 @@ class Messenger:
     async def _seal_and_send(self, user: str, kind: str, msg_ids: list[str]) -> None:
         """Hand the server a notice of C{kind} about C{msg_ids}, sealed to C{user} and signed."""
         notice_id = {"receipt": "r-", "unopened": "u-"}[kind] + secrets.token_hex(16)
-        key = await self._recipient_key(user)
+        key = await self._recipient_key(user, signed=False)
         payload = json.dumps({"kind": kind, "msg_ids": msg_ids}).encode()
         envelope = crypto.seal(self._identity, self.user, user, key, notice_id, payload)
         await self._server.request("send", to=user, msg_id=notice_id, envelope=envelope, background=True)
@@ -925,7 +926,8 @@ class Messenger:
         the pinned ones: pin them on first sight; a change is remembered and refused (loudly) until
         the user accepts it with /trust. An envelope key is pinned only with the identity key's
         signature (L{crypto.sign_envelope_key}); without one (a peer older than signatures) it is
-        the server's word alone, and only the fingerprint counts.
+        the server's word alone, and only the fingerprint counts (a server older than signatures
+        passes none on: its word is then taken, as before them).
 
         @raise CommandError: C{key_changed}, or C{bad_keys} when the server sent garbage or an
             envelope key the identity key did not sign.
@@ -934,7 +936,8 @@ class Messenger:
         if not (crypto.valid_fingerprint(fingerprint) and crypto.valid_envelope_key(envelope_key)):
             raise CommandError("bad_keys", user=user)
         if signature is None:
-            envelope_key = None
+            if self._server.key_signatures:
+                envelope_key = None
         else:
             try:
                 crypto.check_envelope_key(signature, user, fingerprint, envelope_key)
@@ -974,7 +977,7 @@ class Messenger:
             return None if e.code == "key_changed" else False
         return True
 
-    async def _recipient_key(self, user: str, fresh: bool = True) -> str:
+    async def _recipient_key(self, user: str, fresh: bool = True, signed: bool = True) -> str:
         """
         The envelope key to seal to C{user}: the pinned one, checked against the directory first
         when C{fresh}. A user who moved to a new install has new keys, which the directory has
@@ -982,6 +985,8 @@ class Messenger:
         key must come signed by their identity key: otherwise it is the server's word alone, and
         a server could give its own key, with the right fingerprint, to read what is sealed to it.
 
+        @param signed: whether only a signed key will do: not for a notice that holds message ids
+            only (a receipt), which their peer could not answer otherwise.
         @raise CommandError: C{key_changed} or C{bad_keys}, as L{_check_keys}; C{keys_unsigned}
             when their peer has not signed its envelope key (one older than the signatures).
         """
@@ -990,10 +995,11 @@ class Messenger:
             return contact.envelope_key
         keys = await self._server.request("keys", user=user, background=True)
         await self._check_keys(user, keys)
-        if keys.get("key_signature") is None:
+        if signed and keys.get("key_signature") is None and self._server.key_signatures:
             raise CommandError("keys_unsigned", user=user)
         self._unsigned_told.discard(user)
-        return keys["envelope_key"]
+        # The pinned key when there is one (signed, checked against these keys just now).
+        return self._contacts[user].envelope_key or keys["envelope_key"]
 
     async def _lookup(self, user: str, background: bool) -> Address | None:
         """

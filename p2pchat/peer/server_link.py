@@ -208,6 +208,9 @@ class ServerLink:
         self._pace: Pace | None = None  # the connection's, when its server has a rate limit
         # The server's message rate and burst, once a hello has said them (None: no limit known).
         self.message_rate: tuple[float, int] | None = None
+        # Whether the server keeps and hands out envelope key signatures (its hello says so; one
+        # older than them passes none on, from anyone).
+        self.key_signatures = False
         self._outage_reported = False
 
     def start(self) -> None:
@@ -284,6 +287,7 @@ class ServerLink:
         valid = all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in (rate, burst))
         self.message_rate = (rate, max(1, int(burst))) if valid else None
         self._pace = Pace(self.clock, *self.message_rate) if self.message_rate else None
+        self.key_signatures = hello.get("key_signatures") is True
         interval = hello.get("keepalive_interval")
         if isinstance(interval, (int, float)) and interval > 0:
             timeout = hello.get("keepalive_timeout")
