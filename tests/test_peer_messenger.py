@@ -1923,7 +1923,9 @@ class PrivateTests(MessengerTestCase):
         self.links.reachable.add("bob")
         self.messenger.server_event(Event("presence", {"online": ["bob"], "offline": {}}))
         self.assertEqual(len(self.links.connects), 1)  # the private message opened no link
-        self.links.accept("bob")
+        self.command("send", "bob", "hi")  # opens a link, which is no private session
+        self.assertEqual([f["text"] for f in self.links.open["bob"].sent], ["hi"])
+        self.messenger.link_frame(self.links.open["bob"], {"type": "session", "state": "start"})
         self.assertEqual(self.links.open["bob"].sent[-1]["text"], "secret")
 
     def test_peer_starts_and_stops(self) -> None:

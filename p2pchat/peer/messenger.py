@@ -1080,7 +1080,9 @@ class Messenger:
             started = frame["state"] == "start"
             link.session = started
             self._view.show("private_started" if started else "private_ended", user=link.user, by_peer=True)
-            if not started:
+            if started:
+                self._kick(link.user)  # private messages that waited for a session
+            else:
                 link.close()
         else:
             log.warn("ignored an unknown frame from {user}", user=link.user)
@@ -1148,9 +1150,13 @@ class Messenger:
                 return
             try:
                 link = self._links.get(user)
-                if link is None and entry.private:
-                    continue  # only over a private session, never through the server
-                if behind_server and self.logged_in and not entry.private:
+                if entry.private:
+                    # Only over a private session (either side's /startprivate): never through the
+                    # server, nor over a link that /msg opened.
+                    link = self._links.session_link(user)
+                    if link is None:
+                        continue
+                elif behind_server and self.logged_in:
                     link = None
                 else:
                     link = link or await self._open_link(user)
@@ -1348,6 +1354,7 @@ class Messenger:
         link.session = True
         link.send({"type": "session", "state": "start"})
         self._view.show("private_ready", user=user)
+        self._kick(user)  # private messages that waited for a session
 
     async def _open_link_now(self, user: str, address: Address) -> LinkLike:
         fingerprint = self._contact(user).fingerprint
