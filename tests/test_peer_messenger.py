@@ -1673,6 +1673,20 @@ class KeyTests(MessengerTestCase):
         self.command("send", "bob", "hi bob")
         self.assertEqual((len(self.directory.sent), self.statuses("bob")), (1, [("hi bob", PENDING)]))
 
+    def test_behind_the_server_to_an_older_peer(self) -> None:
+        """A message that went through the server keeps the next ones there until its receipt (the
+        order); to a contact whose peer has since lost its key signature they wait, and once the
+        receipt comes they go over a direct link."""
+        self.start()
+        self.command("send", "bob", "one")
+        self.bob.key_signature = None
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.command("send", "bob", "two")
+        self.assertEqual(self.statuses("bob"), [("one", SENT), ("two", PENDING)])
+        self.deliver(1, self.bob, "r-1", {"kind": "receipt", "msg_ids": [self.directory.sent[0]["msg_id"]]})
+        self.assertEqual(self.links.open["bob"].sent[-1]["text"], "two")
+
     def test_older_server_taken_at_its_word(self) -> None:
         """A server older than key signatures passes none on, from anyone: its word is taken for the
         envelope key (pinned, as before them) rather than nothing sealed to anyone."""

@@ -827,7 +827,9 @@ class Messenger:
         for msg_id in msg_ids:
             self._in_flight.pop((user, msg_id), None)
         await self._history.set_status(user, msg_ids, DELIVERED, (PENDING, SENT))
-        if user in self._behind_link:
+        # What waited behind these: on another link, or behind one that went through the server
+        # to a contact whose key is unsigned (a direct link may carry the rest now).
+        if user in self._behind_link or user in self._unsigned_told:
             self._behind_link.discard(user)
             self._kick(user)
 
