@@ -208,21 +208,15 @@ class ServerLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(self.handler.calls[-1], ("event", Event("presence", {"user": "bob", "status": "online"})))
         self.assertFalse(self.endpoint.transport.disconnecting)
 
-    def test_events_paused_for_the_connection(self) -> None:
-        """The handler can stop the connection being read (TCP holds the rest back) and read it
-        again; a new connection is read from the start, as its hello must be."""
+    def test_reconnect(self) -> None:
+        """The handler can have the connection dropped: the next one follows after the retry delay."""
+        self.link.reconnect()  # not connected: nothing to drop
         self.connect()
-        self.link.pause_events()
-        self.link.pause_events()
-        self.assertEqual(self.endpoint.transport.producerState, "paused")
-        self.link.resume_events()
-        self.assertEqual(self.endpoint.transport.producerState, "producing")
-        self.link.pause_events()
+        self.link.reconnect()
+        self.assertTrue(self.endpoint.transport.disconnecting)
         self.endpoint.lose()
         self.clock.advance(2.0)
-        self.assertEqual(self.endpoint.transport.producerState, "producing")
-        self.link.resume_events()  # nothing to resume on the new connection
-        self.assertEqual(self.endpoint.transport.producerState, "producing")
+        self.assertEqual(self.endpoint.attempts, 2)
 
     def test_events_before_the_session_ignored(self) -> None:
         """Events from a server whose hello exchange is not done are not passed on; a second hello

@@ -93,9 +93,10 @@ SENT_AGAIN_REMEMBERED = 10000  # the last ids sent again on an unopened notice: 
 # again, and keeping all of them would let anyone broadcasting fill this peer's memory.
 MAX_BROADCASTS_WAITING = 256
 UNREADABLE_WAIT = 1.0  # envelopes that cannot be opened are told of together, this long after the first
-# Envelope characters from the server in hand (not stored yet), past which the server link stops
-# reading until half of them are stored. The server sends at most its window (1 MiB) unacknowledged;
-# a server that does not keep to it (compromised, or broken) would otherwise fill this peer's memory.
+# Envelope characters from the server in hand (not stored yet), past which the next envelopes are
+# dropped; once what is in hand is stored and acked, the peer reconnects and the server sends again
+# what it had not acknowledged. The server sends at most its window (1 MiB) unacknowledged: a server
+# that does not keep to it (compromised, or broken) would otherwise fill this peer's memory.
 MAX_INCOMING = 4 << 20
 
 # Server refusals that no retry will change: the message is marked failed.
@@ -140,8 +141,7 @@ class ServerLinkLike(Protocol):
     def start(self) -> None: ...
     def stop(self) -> Deferred[None]: ...
     def request(self, op: str, **args: Any) -> Deferred[dict[str, Any]]: ...
-    def pause_events(self) -> None: ...  # stop reading the connection (TCP holds the rest back)
-    def resume_events(self) -> None: ...
+    def reconnect(self) -> None: ...  # drop the connection; the next one follows
 
 
 class LinkLike(Protocol):
@@ -261,6 +261,7 @@ class Messenger:
         self._idle_waiters: list[Deferred[None]] = []
         self._incoming: list[dict[str, Any]] = []
         self._incoming_chars = 0  # of the envelopes in _incoming and in the batch being stored
+        self._incoming_dropped = False  # past MAX_INCOMING: reconnect once what is in hand is done
         self._draining = False
         self._drained_waiters: list[Deferred[None]] = []
         self._incoming_lock = DeferredLock()
@@ -696,10 +697,15 @@ class Messenger:
             Deferred.fromCoroutine(self._leave())
 
     def _event_envelope(self, fields: dict[str, Any]) -> None:
+        size = _envelope_chars(fields)
+        if self._incoming_chars and self._incoming_chars + size > MAX_INCOMING:
+            if not self._incoming_dropped:
+                self._incoming_dropped = True
+                log.warn("the server sent more than {n} characters of envelopes unacknowledged: the rest come again"  # noqa: G010 - twisted.logger
+                         " after a reconnection", n=MAX_INCOMING)
+            return
         self._incoming.append(fields)
-        self._incoming_chars += _envelope_chars(fields)
-        if self._incoming_chars > MAX_INCOMING:
-            self._server.pause_events()
+        self._incoming_chars += size
         if not self._draining:
             Deferred.fromCoroutine(self._drain()).addErrback(lambda f: log.failure("incoming", f))
 
@@ -719,8 +725,6 @@ class Messenger:
                         log.failure("envelope {seq} not stored; the server will send it again", seq=fields.get("seq"))
                         done = False
                     self._incoming_chars -= _envelope_chars(fields)
-                    if self._incoming_chars <= MAX_INCOMING // 2:
-                        self._server.resume_events()
                     if done and isinstance(fields.get("seq"), int):
                         seqs.append(fields["seq"])
                 # Receipts go out without waiting for their answers: the server answers a send
@@ -735,6 +739,9 @@ class Messenger:
                         log.info("ack failed, the server will send them again: {e}", e=e)
         finally:
             self._draining = False
+            if self._incoming_dropped:  # what was dropped comes again on the next connection
+                self._incoming_dropped = False
+                self._server.reconnect()
             waiters, self._drained_waiters = self._drained_waiters, []
             for d in waiters:
                 d.callback(None)

@@ -66,7 +66,6 @@ class ServerProtocol(LineOnlyReceiver):
         self._hello: Deferred[dict[str, Any]] = Deferred()
         self._pinger: LoopingCall | None = None
         self.refusal: str | None = None  # why the server said bye before hello, if it did
-        self.reading_paused = False  # by ServerLink.pause_events
         self.max_line: int | None = None  # the server's, from its hello: longer requests are not sent
         self._lost = False
 
@@ -234,20 +233,11 @@ class ServerLink:
                 return deferLater(self.clock, delay, self._request, op, args)
         return self._request(op, args)
 
-    def pause_events(self) -> None:
-        """Stop reading from the server (its events, and replies too) until L{resume_events}: the
-        handler has too many of its events in hand. TCP holds the rest back at the server. A new
-        connection starts reading."""
-        protocol = self._protocol
-        if protocol is not None and not protocol.reading_paused:
-            protocol.reading_paused = True
-            protocol.transport.pauseProducing()
-
-    def resume_events(self) -> None:
-        protocol = self._protocol
-        if protocol is not None and protocol.reading_paused:
-            protocol.reading_paused = False
-            protocol.transport.resumeProducing()
+    def reconnect(self) -> None:
+        """Drop the connection; the service makes the next one (the server then sends again what
+        was not acknowledged)."""
+        if self._protocol is not None:
+            self._protocol.transport.loseConnection()
 
     def _request(self, op: str, args: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if self._protocol is None:
