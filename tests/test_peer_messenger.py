@@ -1113,6 +1113,36 @@ class ReceiveTests(MessengerTestCase):
         self.assertEqual(self.view.messages(), [("bob", str(n)) for n in range(5)])
         self.assertEqual(self.directory.reconnects, 1)
 
+    def test_acks_and_receipts_fit_the_servers_lines(self) -> None:
+        """A server set to short lines refuses a long ack or receipt (line_too_long, said by the
+        server link before sending): they go in halves, and halves of those, until they fit."""
+        too_long = RequestError("line_too_long", "too long for the server")
+        ack, send = self.directory._ack, self.directory._send
+        self.patch(self.directory, "_ack", lambda seqs: ack(seqs) if len(seqs) <= 2 else _raise(too_long))
+        receipt_sizes = []
+
+        def short_send(to: str, msg_id: str, envelope: str) -> dict[str, Any]:
+            if msg_id.startswith("r-"):
+                ids = self.open_receipt_envelope(envelope, msg_id)["msg_ids"]
+                if len(ids) > 2:
+                    raise too_long
+                receipt_sizes.append(len(ids))
+            return send(to, msg_id, envelope)
+
+        self.patch(self.directory, "_send", short_send)
+        self.start()
+        self.view.output = Deferred()  # all five come in one batch
+        for n in range(5):
+            self.deliver(n + 1, self.bob, f"m{n}", {"kind": "msg", "text": str(n), "sent_at": 1.0})
+        self.view.output.callback(None)
+        self.view.output = None
+        self.assertEqual(sorted(self.directory.acked), [1, 2, 3, 4, 5])
+        self.assertEqual((sum(receipt_sizes), max(receipt_sizes)), (5, 2))
+
+    def open_receipt_envelope(self, envelope: str, msg_id: str) -> dict[str, Any]:
+        payload, _ = crypto.open_sealed(envelope, self.bob.envelope_key, "alice", "bob", msg_id, self.me.fingerprint)
+        return json.loads(payload)
+
     def test_late_message_says_when(self) -> None:
         """A message shown more than LATE seconds after it was written (kept by the server while
         this peer was away) carries its time, for the console to say when; a fresh one does not,
@@ -2431,3 +2461,7 @@ class SparingObserverTests(unittest.SynchronousTestCase):
         emit("ignored an unknown frame from {user}")
         self.assertEqual(formatEvent(seen[-1]), "ignored an unknown frame from bob")
         self.assertEqual(len(seen), 7)
+
+
+def _raise(error: Exception) -> Any:
+    raise error

@@ -734,7 +734,7 @@ class Messenger:
                     self._receipts_for(user, msg_ids)
                 for chunk in _chunks(seqs, MAX_ACK):
                     try:
-                        await self._server.request("ack", seqs=chunk)
+                        await _halved_while_too_long(lambda part: self._server.request("ack", seqs=part), chunk)
                     except (RequestError, NotConnected) as e:
                         log.info("ack failed, the server will send them again: {e}", e=e)
         finally:
@@ -882,12 +882,17 @@ class Messenger:
         await self._history.receipts_sent(user, msg_ids)
 
     async def _seal_and_send(self, user: str, kind: str, msg_ids: list[str]) -> None:
-        """Hand the server a notice of C{kind} about C{msg_ids}, sealed to C{user} and signed."""
-        notice_id = {"receipt": "r-", "unopened": "u-"}[kind] + secrets.token_hex(16)
+        """Hand the server a notice of C{kind} about C{msg_ids}, sealed to C{user} and signed (in
+        parts, if one is too long for the server's lines)."""
         key = await self._recipient_key(user, signed=False)
-        payload = json.dumps({"kind": kind, "msg_ids": msg_ids}).encode()
-        envelope = crypto.seal(self._identity, self.user, user, key, notice_id, payload)
-        await self._server.request("send", to=user, msg_id=notice_id, envelope=envelope, background=True)
+
+        def send(part: list[str]) -> Deferred[dict[str, Any]]:
+            notice_id = {"receipt": "r-", "unopened": "u-"}[kind] + secrets.token_hex(16)
+            payload = json.dumps({"kind": kind, "msg_ids": part}).encode()
+            envelope = crypto.seal(self._identity, self.user, user, key, notice_id, payload)
+            return self._server.request("send", to=user, msg_id=notice_id, envelope=envelope, background=True)
+
+        await _halved_while_too_long(send, msg_ids)
 
     async def _send_unopened(self, user: str, msg_ids: list[str]) -> None:
         """
@@ -1569,6 +1574,22 @@ def _unicode(text: str) -> bool:
 
 def _valid_text(text: Any) -> bool:
     return isinstance(text, str) and 0 < len(text) <= MAX_TEXT and _unicode(text)
+
+
+async def _halved_while_too_long(request: Callable[[list[Any]], Deferred[Any]], items: list[Any]) -> None:
+    """
+    C{request} about C{items}; in halves, and halves of those, while the server's lines (its
+    max_line) cannot hold it. Acks and receipts carry up to hundreds of ids; a server may be set to
+    lines of 1024 bytes.
+    """
+    try:
+        await request(items)
+    except RequestError as e:
+        if e.code != Code.LINE_TOO_LONG or len(items) < 2:
+            raise
+        half = len(items) // 2
+        await _halved_while_too_long(request, items[:half])
+        await _halved_while_too_long(request, items[half:])
 
 
 def _envelope_chars(fields: dict[str, Any]) -> int:
