@@ -224,6 +224,14 @@ class RenderTests(unittest.SynchronousTestCase):
         for name, line in lines.items():
             self.assertTrue(line.isprintable(), f"{name}: {line!r}")
 
+    def test_key_change_says_which_key(self) -> None:
+        """A changed identity key is said with both fingerprints; a changed encryption key alone
+        (one pinned before keys were signed) says the identity key is the same."""
+        a, b = "aa" * 32, "bb" * 32
+        self.assertIn("IDENTITY KEY HAS CHANGED (was " + format_fingerprint(a), render("key_changed", user="bob", old=a, new=b))
+        self.assertIn("ENCRYPTION KEY HAS CHANGED (with the same identity key, " + format_fingerprint(a),
+                      render("key_changed", user="bob", old=a, new=a))
+
     def test_fingerprint_lines(self) -> None:
         """/fingerprint shows what is pinned, a change not accepted (loudly, with the way to accept
         it), and whether the server agrees; fingerprints in groups of four, as people compare them."""

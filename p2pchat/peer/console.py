@@ -297,8 +297,9 @@ _EVENTS: dict[str, Callable[..., str]] = {
     f"sealed to it for the server to keep; your messages to {user} go when you both are online, or once {user}'s peer "
     "is updated",
     "key_changed": lambda user, old, new: (
-        f"WARNING: {user}'s IDENTITY KEY HAS CHANGED (was {_people(old)}, now {_people(new)}). "
-        f"It may be a reinstall, or someone impersonating {user}. Nothing goes to or comes from {user} "
+        (f"WARNING: {user}'s IDENTITY KEY HAS CHANGED (was {_people(old)}, now {_people(new)}). " if old != new
+         else f"WARNING: {user}'s ENCRYPTION KEY HAS CHANGED (with the same identity key, {_people(new)}). ")
+        + f"It may be a reinstall, or someone impersonating {user}. Nothing goes to or comes from {user} "
         f"until you compare fingerprints out of band (/fingerprint {user}) and accept with /trust {user}."
     ),
     "private_ready": lambda user: f"private session with {user} started: /private {user} TEXT to write, /stopprivate {user} to end it",
