@@ -1,5 +1,7 @@
 """Password hashing: scrypt strings, verification, and the low-priority thread it runs in."""
 
+import base64
+import hashlib
 import os
 import sys
 import threading
@@ -15,27 +17,34 @@ class HashTests(SynchronousTestCase):
     def test_round_trip(self):
         """A hash verifies its password and no other; two hashes of one password differ (salt)."""
         stored = hash_password("correct horse", n=2**4)
-        self.assertTrue(stored.startswith("scrypt$16$8$1$"))
+        self.assertTrue(stored.startswith("scrypt-nfc$16$8$1$"))
         self.assertTrue(verify_password("correct horse", stored))
         self.assertFalse(verify_password("Correct horse", stored))
         self.assertNotEqual(stored, hash_password("correct horse", n=2**4))
-        self.assertFalse(verify_password("correct horse", "other" + stored[len("scrypt"):]))  # another scheme
+        self.assertFalse(verify_password("correct horse", "other" + stored[len("scrypt-nfc"):]))  # another scheme
 
     def test_composed_or_decomposed(self):
         """A password with accents verifies however its letters were encoded when typed: composed
-        (U+00E9) or decomposed (e and U+0301), as two systems may send it. A hash made before
-        passwords were normalized still verifies the password as it was typed then."""
+        (U+00E9) or decomposed (e and U+0301), as two systems may send it; with one scrypt run per
+        check. A hash made before passwords were normalized (scheme scrypt) still verifies the
+        password as it was typed then."""
         composed, decomposed = "caf\u00e9 cr\u00e8me", "cafe\u0301 cre\u0300me"
         for typed in (composed, decomposed):
             stored = hash_password(typed, n=2**4)
             self.assertTrue(verify_password(composed, stored))
             self.assertTrue(verify_password(decomposed, stored))
             self.assertFalse(verify_password("cafe creme", stored))
-        before_normalizing = self.patch(passwords, "_normalized", lambda password: password)
-        legacy = hash_password(decomposed, n=2**4)
-        before_normalizing.restore()
+        salt = os.urandom(16)
+        key = hashlib.scrypt(decomposed.encode(), salt=salt, n=2**4, r=8, p=1, dklen=32)
+        legacy = f"scrypt$16$8$1${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
         self.assertTrue(verify_password(decomposed, legacy))
         self.assertFalse(verify_password(composed, legacy))  # as before
+        runs = []
+        scrypt = hashlib.scrypt
+        self.patch(passwords.hashlib, "scrypt", lambda *a, **k: runs.append(1) or scrypt(*a, **k))
+        verify_password(decomposed + "x", hash_password(composed, n=2**4))
+        verify_password(decomposed + "x", legacy)
+        self.assertEqual(len(runs), 3)  # one to hash, one for each check
 
     def test_malformed_hash(self):
         """A malformed stored hash is a mismatch, not an exception."""
@@ -57,7 +66,7 @@ class HasherTests(TestCase):
         self.patch(passwords, "verify_password", lambda password, stored: checked.append(stored) or verify(password, stored))
         d = self.hasher.verify("pw", None)
         d.addCallback(self.assertFalse)
-        d.addCallback(lambda _: self.assertEqual([stored.split("$")[0] for stored in checked], ["scrypt"]))
+        d.addCallback(lambda _: self.assertEqual([stored.split("$")[0] for stored in checked], ["scrypt-nfc"]))
         return d
 
     def test_hash_and_verify_off_thread(self):

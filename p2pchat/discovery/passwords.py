@@ -25,37 +25,34 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _normalized(password: str) -> str:
-    # One password typed on two systems may come composed (U+00E9) on one and decomposed (e and
-    # U+0301) on the other: both are hashed and checked as NFC, as RFC 8265 does for passwords.
-    return unicodedata.normalize("NFC", password)
+# The password as typed (hashes made before passwords were normalized), and in NFC: one password
+# typed on two systems may come composed (U+00E9) on one and decomposed (e and U+0301) on the
+# other, so it is hashed and checked as NFC, as RFC 8265 says. Each hash says which: one scrypt run
+# per check either way.
+_AS_TYPED, _NFC = "scrypt", "scrypt-nfc"
 
 
 def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
-    """Return C{scrypt$n$r$p$salt$key}; blocking, call it in a thread."""
+    """Return C{scrypt-nfc$n$r$p$salt$key}; blocking, call it in a thread."""
     salt = os.urandom(_SALT_BYTES)
     key = hashlib.scrypt(
-        _normalized(password).encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r, dklen=_KEY_BYTES
+        unicodedata.normalize("NFC", password).encode("utf-8"), salt=salt, n=n, r=r, p=p,
+        maxmem=256 * n * r, dklen=_KEY_BYTES,
     )
-    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(key)}"
+    return f"{_NFC}${n}${r}${p}${_b64(salt)}${_b64(key)}"
 
 
 def verify_password(password: str, stored: str) -> bool:
     """Check C{password} against a L{hash_password} string; blocking. A malformed hash is a mismatch."""
-    normalized = _normalized(password)
-    # Hashes made before passwords were normalized are of the password exactly as it was typed.
-    return _matches(normalized, stored) or (normalized != password and _matches(password, stored))
-
-
-def _matches(password: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt, key = stored.split("$")
-        if scheme != "scrypt":
+        if scheme not in (_AS_TYPED, _NFC):
             return False
         salt_raw, key_raw = base64.b64decode(salt), base64.b64decode(key)
         n_, r_, p_ = int(n), int(r), int(p)
+        typed = unicodedata.normalize("NFC", password) if scheme == _NFC else password
         computed = hashlib.scrypt(
-            password.encode("utf-8"), salt=salt_raw, n=n_, r=r_, p=p_,
+            typed.encode("utf-8"), salt=salt_raw, n=n_, r=r_, p=p_,
             maxmem=256 * n_ * r_, dklen=len(key_raw),
         )
     except (ValueError, TypeError):
