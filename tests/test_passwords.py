@@ -34,17 +34,23 @@ class HashTests(SynchronousTestCase):
             self.assertTrue(verify_password(composed, stored))
             self.assertTrue(verify_password(decomposed, stored))
             self.assertFalse(verify_password("cafe creme", stored))
-        salt = os.urandom(16)
-        key = hashlib.scrypt(decomposed.encode(), salt=salt, n=2**4, r=8, p=1, dklen=32)
-        legacy = f"scrypt$16$8$1${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
-        self.assertTrue(verify_password(decomposed, legacy))
-        self.assertFalse(verify_password(composed, legacy))  # as before
+        def older(password: str) -> str:  # scrypt$: of the password as typed, or (for a while) in NFC
+            salt = os.urandom(16)
+            key = hashlib.scrypt(password.encode(), salt=salt, n=2**4, r=8, p=1, dklen=32)
+            return f"scrypt$16$8$1${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
+
+        self.assertTrue(verify_password(decomposed, older(decomposed)))
+        self.assertFalse(verify_password(composed, older(decomposed)))  # as before normalizing
+        self.assertTrue(verify_password(decomposed, older(composed)))
+        self.assertTrue(verify_password(composed, older(composed)))
+        new, old = hash_password(composed, n=2**4), older("other")
         runs = []
         scrypt = hashlib.scrypt
         self.patch(passwords.hashlib, "scrypt", lambda *a, **k: runs.append(1) or scrypt(*a, **k))
-        verify_password(decomposed + "x", hash_password(composed, n=2**4))
-        verify_password(decomposed + "x", legacy)
-        self.assertEqual(len(runs), 3)  # one to hash, one for each check
+        verify_password(decomposed + "x", new)
+        self.assertEqual(len(runs), 1)  # a scrypt-nfc hash: one run a check
+        verify_password("plain", old)
+        self.assertEqual(len(runs), 2)  # an older hash, a password whose NFC is itself: one run
 
     def test_malformed_hash(self):
         """A malformed stored hash is a mismatch, not an exception."""

@@ -25,11 +25,11 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-# The password as typed (hashes made before passwords were normalized), and in NFC: one password
-# typed on two systems may come composed (U+00E9) on one and decomposed (e and U+0301) on the
-# other, so it is hashed and checked as NFC, as RFC 8265 says. Each hash says which: one scrypt run
-# per check either way.
-_AS_TYPED, _NFC = "scrypt", "scrypt-nfc"
+# One password typed on two systems may come composed (U+00E9) on one and decomposed (e and U+0301)
+# on the other, so it is hashed and checked in NFC, as RFC 8265 says: hashes made so are
+# scrypt-nfc, one scrypt run a check. Older ones (scrypt) may be of either form: the password is
+# checked as typed, then, when that differs, in NFC.
+_OLDER, _NFC = "scrypt", "scrypt-nfc"
 
 
 def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
@@ -46,18 +46,24 @@ def verify_password(password: str, stored: str) -> bool:
     """Check C{password} against a L{hash_password} string; blocking. A malformed hash is a mismatch."""
     try:
         scheme, n, r, p, salt, key = stored.split("$")
-        if scheme not in (_AS_TYPED, _NFC):
+        if scheme not in (_OLDER, _NFC):
             return False
         salt_raw, key_raw = base64.b64decode(salt), base64.b64decode(key)
         n_, r_, p_ = int(n), int(r), int(p)
-        typed = unicodedata.normalize("NFC", password) if scheme == _NFC else password
-        computed = hashlib.scrypt(
-            typed.encode("utf-8"), salt=salt_raw, n=n_, r=r_, p=p_,
-            maxmem=256 * n_ * r_, dklen=len(key_raw),
-        )
     except (ValueError, TypeError):
         return False
-    return hmac.compare_digest(computed, key_raw)
+    normalized = unicodedata.normalize("NFC", password)
+    forms = [normalized] if scheme == _NFC else list(dict.fromkeys([password, normalized]))
+    for form in forms:
+        try:
+            computed = hashlib.scrypt(
+                form.encode("utf-8"), salt=salt_raw, n=n_, r=r_, p=p_, maxmem=256 * n_ * r_, dklen=len(key_raw)
+            )
+        except (ValueError, TypeError):
+            return False
+        if hmac.compare_digest(computed, key_raw):
+            return True
+    return False
 
 
 # Hashing threads run at this niceness (Linux schedules threads one by one): during a login storm
