@@ -1143,6 +1143,25 @@ class ReceiveTests(MessengerTestCase):
         payload, _ = crypto.open_sealed(envelope, self.bob.envelope_key, "alice", "bob", msg_id, self.me.fingerprint)
         return json.loads(payload)
 
+    def test_dropped_envelopes_not_overtaken(self) -> None:
+        """Once one envelope past MAX_INCOMING is dropped, the rest on that connection are too, even
+        when room was made meanwhile: one taken after it would overtake it. A connection lost
+        meanwhile needs no reconnection of its own (the next sends all that was not acked)."""
+        size = len(self.seal_from(self.bob, "m0", {"kind": "msg", "text": "0", "sent_at": 1.0}))
+        self.patch(messenger_module, "MAX_INCOMING", 2 * size + size // 2)
+        self.start()
+        self.view.output = Deferred()
+        for n in range(3):
+            self.deliver(n + 1, self.bob, f"m{n}", {"kind": "msg", "text": str(n), "sent_at": 1.0})
+        self.messenger._incoming_chars -= size  # as if room were made before the next came
+        self.deliver(4, self.bob, "m3", {"kind": "msg", "text": "3", "sent_at": 1.0})
+        self.messenger.server_lost()
+        self.successResultOf(self.messenger.server_connected())
+        self.view.output.callback(None)
+        self.view.output = None
+        self.assertEqual(self.view.messages(), [("bob", "0"), ("bob", "1")])
+        self.assertEqual(self.directory.reconnects, 0)
+
     def test_late_message_says_when(self) -> None:
         """A message shown more than LATE seconds after it was written (kept by the server while
         this peer was away) carries its time, for the console to say when; a fresh one does not,
@@ -1717,16 +1736,36 @@ class KeyTests(MessengerTestCase):
         self.deliver(1, self.bob, "r-1", {"kind": "receipt", "msg_ids": [self.directory.sent[0]["msg_id"]]})
         self.assertEqual(self.links.open["bob"].sent[-1]["text"], "two")
 
-    def test_older_server_taken_at_its_word(self) -> None:
-        """A server older than key signatures passes none on, from anyone: its word is taken for the
-        envelope key (pinned, as before them) rather than nothing sealed to anyone."""
+    def test_older_server_gets_nothing_sealed(self) -> None:
+        """A server older than key signatures passes none on, from anyone; one that says so (or
+        leaves its hello's key_signatures out on purpose) gets nothing sealed to the keys it hands
+        out: the user is told once, and messages go over a direct link when there is one."""
         self.directory.key_signatures = False
-        self.bob.key_signature = None
+        self.bob.key_signature = self.carol.key_signature = None
         self.start()
         self.command("send", "bob", "hi")
-        self.assertEqual(self.open_sent(0, self.bob)["text"], "hi")
-        self.assertEqual(self.successResultOf(self.history.contacts())["bob"].envelope_key, self.bob.public)
+        self.command("send", "carol", "hi")
+        self.assertEqual((self.directory.sent, self.statuses("bob")), ([], [("hi", PENDING)]))
+        self.assertEqual(self.view.events("server_unsigned"), [{"server": "server:5000"}])
         self.assertEqual(self.view.events("keys_unsigned"), [])
+        self.assertIsNone(self.successResultOf(self.history.contacts())["bob"].envelope_key)
+        self.links.accept("bob")
+        self.assertEqual(self.links.open["bob"].sent[-1]["text"], "hi")
+
+    def test_a_receipt_does_not_unsay_an_unsigned_key(self) -> None:
+        """A receipt (which may go to an unsigned key) does not count as a signed key: what waits
+        behind the server for that contact still goes once their receipt comes."""
+        self.start()
+        self.command("send", "bob", "one")
+        self.bob.key_signature = None
+        self.directory.online.add("bob")
+        self.links.reachable.add("bob")
+        self.command("send", "bob", "two")
+        self.deliver(1, self.bob, "m1", {"kind": "msg", "text": "hi alice", "sent_at": 1.0})  # alice's receipt goes
+        self.assertEqual(self.open_receipt(1), {"kind": "receipt", "msg_ids": ["m1"]})
+        self.deliver(2, self.bob, "r-1", {"kind": "receipt", "msg_ids": [self.directory.sent[0]["msg_id"]]})
+        self.assertEqual(self.links.open["bob"].sent[-1]["text"], "two")
+        self.assertEqual(len(self.view.events("keys_unsigned")), 1)
 
     def test_keys_given_signed(self) -> None:
         """The peer gives its envelope key's signature with its keys, and at every resume (so that a

@@ -293,6 +293,9 @@ _EVENTS: dict[str, Callable[..., str]] = {
     + f", tried again every {seconds:g} s",
     "waiting_for_keys": lambda user: f"{user} has not logged in since their account was made; your messages wait until they do",
     "bad_keys": lambda user: f"the server sent unusable keys for {user}; your messages to {user} wait until it sends real ones",
+    "server_unsigned": lambda server: f"the server at {server} is older than this peer: it passes on no key signatures, so "
+    "nothing is sealed for it to keep (it could hand out keys of its own); messages go over direct links, and through "
+    "it once it is updated",
     "keys_unsigned": lambda user: f"{user}'s peer has not signed its encryption key (it is older than yours), so nothing is "
     f"sealed to it for the server to keep; your messages to {user} go when you both are online, or once {user}'s peer "
     "is updated",

@@ -136,7 +136,7 @@ PasswordCheck = Callable[[], "Deferred[str | None]"]
 
 class ServerLinkLike(Protocol):
     message_rate: tuple[float, int] | None  # the server's, once known
-    key_signatures: bool  # the server hands out envelope key signatures (newer than them)
+    key_signatures: bool  # the server hands out envelope key signatures (newer than them; for what is said)
 
     def start(self) -> None: ...
     def stop(self) -> Deferred[None]: ...
@@ -243,6 +243,7 @@ class Messenger:
         self._delays_told: dict[str, str] = {}  # user -> the refusal their outbox waits on, said once
         self._stored_told: set[str] = set()  # told that messages to them wait on the server, until they are back
         self._unsigned_told: set[str] = set()  # told that their peer signs no envelope key, until it does
+        self._server_unsigned_told = False  # told that the server passes on no key signatures
         self._bye_told = False  # the server said why it closes the connection: its loss is not told again
         self._online_seen: set[str] = set()  # who this peer last heard is online (presence, who)
         self._presence_known = False  # it has asked who is online once, after its first login
@@ -352,6 +353,7 @@ class Messenger:
 
     def server_lost(self) -> None:
         self._cancel_login_wait()  # the next connection logs in afresh
+        self._incoming_dropped = False  # the next connection sends again all that was not acked
         was_logged_in, self.logged_in = self.logged_in, False
         told, self._bye_told = self._bye_told, False
         if was_logged_in and self._online_wanted and not told:
@@ -698,7 +700,9 @@ class Messenger:
 
     def _event_envelope(self, fields: dict[str, Any]) -> None:
         size = _envelope_chars(fields)
-        if self._incoming_chars and self._incoming_chars + size > MAX_INCOMING:
+        # Once one is dropped, all that follow on this connection are: one taken after it would
+        # overtake it.
+        if self._incoming_dropped or (self._incoming_chars and self._incoming_chars + size > MAX_INCOMING):
             if not self._incoming_dropped:
                 self._incoming_dropped = True
                 log.warn("the server sent more than {n} characters of envelopes unacknowledged: the rest come again"  # noqa: G010 - twisted.logger
@@ -939,9 +943,8 @@ class Messenger:
         Compare a user's keys from the directory (C{keys}, as C{keys} or C{lookup} answers) with
         the pinned ones: pin them on first sight; a change is remembered and refused (loudly) until
         the user accepts it with /trust. An envelope key is pinned only with the identity key's
-        signature (L{crypto.sign_envelope_key}); without one (a peer older than signatures) it is
-        the server's word alone, and only the fingerprint counts (a server older than signatures
-        passes none on: its word is then taken, as before them).
+        signature (L{crypto.sign_envelope_key}); without one (a peer, or a server, older than
+        signatures) it is the server's word alone, and only the fingerprint counts.
 
         @raise CommandError: C{key_changed}, or C{bad_keys} when the server sent garbage or an
             envelope key the identity key did not sign.
@@ -950,8 +953,7 @@ class Messenger:
         if not (crypto.valid_fingerprint(fingerprint) and crypto.valid_envelope_key(envelope_key)):
             raise CommandError("bad_keys", user=user)
         if signature is None:
-            if self._server.key_signatures:
-                envelope_key = None
+            envelope_key = None
         else:
             try:
                 crypto.check_envelope_key(signature, user, fingerprint, envelope_key)
@@ -1009,9 +1011,11 @@ class Messenger:
             return contact.envelope_key
         keys = await self._server.request("keys", user=user, background=True)
         await self._check_keys(user, keys)
-        if signed and keys.get("key_signature") is None and self._server.key_signatures:
-            raise CommandError("keys_unsigned", user=user)
-        self._unsigned_told.discard(user)
+        if keys.get("key_signature") is None:
+            if signed:
+                raise CommandError("keys_unsigned", user=user)
+        else:
+            self._unsigned_told.discard(user)
         # The pinned key when there is one (signed, checked against these keys just now).
         return self._contacts[user].envelope_key or keys["envelope_key"]
 
@@ -1192,9 +1196,13 @@ class Messenger:
                 if e.code == "bad_keys":
                     self._view.show("bad_keys", user=user)
                 elif e.code == "keys_unsigned":
-                    if user not in self._unsigned_told:
-                        self._unsigned_told.add(user)
+                    if not self._server.key_signatures:  # a server older than signatures: said once
+                        if not self._server_unsigned_told:
+                            self._server_unsigned_told = True
+                            self._view.show("server_unsigned", server=self._server_name)
+                    elif user not in self._unsigned_told:
                         self._view.show("keys_unsigned", user=user)
+                    self._unsigned_told.add(user)
                 elif e.code != "key_changed":  # that one was shown loudly when it was seen
                     log.warn("outbox for {user}: {code}", user=user, code=e.code)
                 return  # waits for /trust, or for the server to send sane keys

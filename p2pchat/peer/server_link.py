@@ -208,7 +208,8 @@ class ServerLink:
         # The server's message rate and burst, once a hello has said them (None: no limit known).
         self.message_rate: tuple[float, int] | None = None
         # Whether the server keeps and hands out envelope key signatures (its hello says so; one
-        # older than them passes none on, from anyone).
+        # older than them passes none on, from anyone). Only for what the user is told: a server
+        # that leaves it out gets nothing sealed to keys it hands out all the same.
         self.key_signatures = False
         self._outage_reported = False
 
