@@ -525,10 +525,13 @@ class Directory:
                 self._check_keys(username, account.fingerprint, account.envelope_key, key_signature)
             except Refusal:
                 # For other keys than the account's: its user has logged in from another install
-                # since. This one may come back all the same (and is then the one with old keys).
-                log.info("{username} resumed with a key signature for other keys; not kept", username=username)
-            else:
-                await self._bind_keys(account, account.fingerprint, account.envelope_key, key_signature)
+                # since. Taking this one in on its token would hand it what is sealed to the other's
+                # keys, which it cannot open: its password login binds its own keys instead.
+                raise Refusal(
+                    Code.INVALID_TOKEN,
+                    "this install's keys are not the account's (it has logged in from another since): log in with your password",
+                ) from None
+            await self._bind_keys(account, account.fingerprint, account.envelope_key, key_signature)
         old = self.online.get(username)
         if old is not None:
             self._leave(old, "replaced", announce=False)
