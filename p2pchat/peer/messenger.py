@@ -136,7 +136,7 @@ PasswordCheck = Callable[[], "Deferred[str | None]"]
 
 class ServerLinkLike(Protocol):
     message_rate: tuple[float, int] | None  # the server's, once known
-    key_signatures: bool  # the server hands out envelope key signatures (newer than them; for what is said)
+    key_signatures: bool  # its hello says it hands out key signatures: only for what the user is told
 
     def start(self) -> None: ...
     def stop(self) -> Deferred[None]: ...
