@@ -682,9 +682,7 @@ class Messenger:
         if (user, sent_at) in self._broadcasts_seen:
             log.warn("dropped a broadcast from {sender} shown before", sender=user)  # noqa: G010 - twisted.logger
             return
-        self._broadcasts_seen[user, sent_at] = None
-        if len(self._broadcasts_seen) > BROADCASTS_REMEMBERED:
-            del self._broadcasts_seen[next(iter(self._broadcasts_seen))]
+        _remember(self._broadcasts_seen, [(user, sent_at)], BROADCASTS_REMEMBERED)
         self._view.show("broadcast", user=user, text=text, **self._when(sent_at))
 
     def _event_bye(self, fields: dict[str, Any]) -> None:
@@ -911,9 +909,7 @@ class Messenger:
     async def _send_again(self, user: str, msg_ids: list[str], trusted: bool) -> None:
         """C{user}'s peer could not open these (sealed to keys they had before): back to the outbox."""
         fresh = [m for m in msg_ids if (user, m) not in self._sent_again]  # once each: no ping-pong
-        self._sent_again.update(dict.fromkeys((user, m) for m in fresh))
-        while len(self._sent_again) > SENT_AGAIN_REMEMBERED:
-            del self._sent_again[next(iter(self._sent_again))]
+        _remember(self._sent_again, [(user, m) for m in fresh], SENT_AGAIN_REMEMBERED)
         count = await self._history.set_status(user, fresh, PENDING, (SENT,))
         if count:
             self._view.show("sending_again", user=user, count=count, trusted=trusted)
@@ -1598,6 +1594,14 @@ async def _halved_while_too_long(request: Callable[[list[Any]], Deferred[Any]], 
         half = len(items) // 2
         await _halved_while_too_long(request, items[:half])
         await _halved_while_too_long(request, items[half:])
+
+
+def _remember(memory: dict[Any, None], keys: list[Any], most: int) -> None:
+    """Add C{keys} to C{memory} (a set in the order things were added), forgetting the oldest
+    past C{most}: what a contact or the server causes must not grow it without end."""
+    memory.update(dict.fromkeys(keys))
+    while len(memory) > most:
+        del memory[next(iter(memory))]
 
 
 def _envelope_chars(fields: dict[str, Any]) -> int:
